@@ -1,0 +1,82 @@
+"""Where a stage's results live, and the only way to read them back.
+
+Layout of `--model-dir DIR` (one folder per stage, §II-C's 224 -> 448 -> 720 procedure):
+    DIR/stage{N}/best.keras   the best model so far (by val kappa from scores)
+    DIR/stage{N}/best.json    what it is: stage, resolution, preset, Multi-Cell path, epoch, metric
+    DIR/stage{N}/config.json  the resolved `Config` of the run
+Models load with Keras's safe_mode on, so a checkpoint from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from m2cnn_tf import cells  # noqa: F401  (registers ResidualScale for deserialisation)
+
+BEST_MODEL = "best.keras"
+BEST_META = "best.json"
+CONFIG = "config.json"
+
+
+class CheckpointMissing(FileNotFoundError):
+    """No usable checkpoint where one was expected; the message is one actionable line."""
+
+
+def stage_dir(model_dir: str | Path, stage: int) -> Path:
+    return Path(model_dir) / f"stage{stage}"
+
+
+def write_json_atomic(path: str | Path, values: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_best(model: keras.Model, directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the model then its metadata, each under a temporary name first: never half a file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / BEST_MODEL
+    tmp = directory / f"tmp.{BEST_MODEL}"  # Keras wants the .keras suffix
+    model.save(tmp)
+    os.replace(tmp, target)
+    write_json_atomic(directory / BEST_META, meta)
+    return target
+
+
+def best_model_path(model_dir: str | Path, stage: int) -> Path:
+    path = stage_dir(model_dir, stage) / BEST_MODEL
+    if not path.is_file():
+        found = sorted(Path(model_dir).glob(f"stage*/{BEST_MODEL}"))
+        there = ", ".join(p.parent.name for p in found)
+        raise CheckpointMissing(
+            f"no checkpoint for stage {stage}: {path} does not exist"
+            + (f" (stages with a checkpoint: {there})" if there else "")
+            + f"; train it first with `python train.py --stage {stage} --model-dir {model_dir}`"
+        )
+    return path
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a `.keras` checkpoint in safe mode, without its optimizer state."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMissing(f"checkpoint not found: {path}")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # corrupt zip, foreign or unsafe content
+        raise CheckpointMissing(f"cannot load checkpoint {path}: {err}") from None
+
+
+def load_stage(model_dir: str | Path, stage: int) -> tuple[keras.Model, dict[str, Any]]:
+    """The best model of a stage and its metadata (best.json)."""
+    path = best_model_path(model_dir, stage)
+    meta_path = path.with_name(BEST_META)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return load_model(path), meta

@@ -1,0 +1,192 @@
+"""M²CNN assembly (Fig. 2): IRv2 BaseNet, the resolution-gated Multi-Cell, the Multi-Task heads.
+
+`build_m2cnn` is the one way to build a model. It returns one flat functional graph for one
+input resolution, as Keras's applications do, so every layer is reachable by `get_layer`.
+
+Design choices the paper leaves open (README, "Deviations"):
+- The Multi-Cell groups sit after the BaseNet's last layer `conv_7b_ac` (1536 channels). Each
+  group is Reduction-B + N Cell-C, like IRv2's tail, and ends with a 1x1 conv back to 1536
+  channels (`medium_conv`, `large_conv`), the role `conv_7b` plays in IRv2. So `avg_pool` always
+  sees 1536 channels and the heads of stage N-1 carry over to stage N unchanged, which is what
+  "trained based on the weights of BaseNet+MT" (§III-A) asks for.
+- The last Cell-C of each group is linear with scale 1.0, as IRv2's last block8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from m2cnn_tf import cells
+from m2cnn_tf.config import NUM_CLASSES, get_preset, multi_cell_path
+
+BACKBONE_OUTPUT = "conv_7b_ac"  # the BaseNet's last layer; "before switch" in Table I
+POOL = "avg_pool"  # global average pooling that feeds both heads; "after multi-cell" in Table I
+HEAD_LAYERS = ("logits", "score")
+CELL_GROUPS = ("medium", "large")
+
+IMAGENET_NOTOP = "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/inception_resnet_v2/"
+    + IMAGENET_NOTOP
+)
+IMAGENET_HASH = "d19885ff4a710c122648d3b5c3b684e4"
+
+
+class WeightsUnavailable(RuntimeError):
+    """The backbone weights could not be found or fetched; the message is one actionable line."""
+
+
+def _backbone(x, preset):
+    """Inception-ResNet-v2 up to conv_7b_ac, with N1/N2/N_C repeats (Fig. 2, 'BaseNet')."""
+    x = cells.stem(x)
+    for i in range(1, preset.n1 + 1):
+        x = cells.inception_resnet_block(x, "block35", f"block35_{i}")
+    x = cells.reduction_a(x)
+    for i in range(1, preset.n2 + 1):
+        x = cells.inception_resnet_block(x, "block17", f"block17_{i}")
+    x = cells.reduction_b(x, "mixed_7a")
+    x = cells.cell_c_stack(x, preset.n_c, "block8")
+    return cells.conv2d_bn(x, 1536, 1, "conv_7b")
+
+
+def _multi_cell_group(x, prefix: str, count: int):
+    """§II-C Medial/large image cells: Reduction Cell-B, `count` Normal Cell-C, 1x1 to 1536."""
+    x = cells.reduction_b(x, f"{prefix}_reduction_b")
+    x = cells.cell_c_stack(x, count, f"{prefix}_block8")
+    return cells.conv2d_bn(x, 1536, 1, f"{prefix}_conv")
+
+
+def build_m2cnn(
+    image_size: int,
+    *,
+    weights: str | None = None,
+    preset: str = "paper",
+    num_classes: int = NUM_CLASSES,
+    name: str | None = None,
+) -> keras.Model:
+    """Build M²CNN for one input resolution; the cells it gets follow Table I / §II-C.
+
+    weights: None (random), "imagenet" (Keras's notop IRv2 weights, via Keras's cache) or a
+    local file path (Keras's notop `.h5`, or a `.weights.h5` of an m2cnn model). Only the
+    BaseNet is loaded; cells and heads stay freshly initialised.
+    Outputs: {"logits": (B, num_classes), "score": (B, 1)}, float32 under any dtype policy.
+    """
+    p = get_preset(preset)
+    path = multi_cell_path(image_size)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = _backbone(inputs, p)
+    if path in ("medium", "large"):
+        x = _multi_cell_group(x, "medium", p.n3)
+    if path == "large":
+        x = _multi_cell_group(x, "large", p.n4)
+    x = layers.GlobalAveragePooling2D(name=POOL)(x)
+    # §II-B Multi-Task: a 5-way classification head (CE, Eq. (2)) and a regression head (MSE,
+    # Eq. (3)). float32 so losses stay exact under a mixed-precision policy.
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    score = layers.Dense(1, name="score", dtype="float32")(x)
+    model = keras.Model(
+        inputs,
+        {"logits": logits, "score": score},
+        name=name or f"m2cnn_{preset}_{image_size}",
+    )
+    if weights is not None and weights != "none":
+        load_backbone_weights(model, weights, preset=preset)
+    return model
+
+
+def backbone_layer_names(model: keras.Model) -> list[str]:
+    """Names of the BaseNet's layers with weights: everything before the Multi-Cell and heads."""
+    skip = tuple(f"{g}_" for g in CELL_GROUPS)
+    return [
+        layer.name
+        for layer in model.layers
+        if layer.weights and not layer.name.startswith(skip) and layer.name not in HEAD_LAYERS
+    ]
+
+
+def resolve_imagenet_weights() -> str:
+    """Path of Keras's notop IRv2 file: from Keras's cache, downloading it if needed."""
+    try:
+        return keras.utils.get_file(
+            IMAGENET_NOTOP, IMAGENET_URL, cache_subdir="models", file_hash=IMAGENET_HASH
+        )
+    except Exception as err:  # no network, proxy, truncated download: all end the same way
+        raise WeightsUnavailable(
+            f"could not download ImageNet weights {IMAGENET_NOTOP} ({type(err).__name__}); "
+            f"put that file in ~/.keras/models/ or pass --weights /path/to/{IMAGENET_NOTOP} "
+            "(or --weights none)"
+        ) from None
+
+
+def load_backbone_weights(model: keras.Model, weights: str, *, preset: str = "paper") -> list[str]:
+    """Load BaseNet weights into `model` by layer name; returns the names of the loaded layers.
+
+    Keras's notop `.h5` (and a `.weights.h5` saved from Keras's IRv2) key layers by position,
+    not by our names, so the file is first loaded into a reference BaseNet at the paper's
+    counts (the same graph as Keras's IRv2), then copied by name: a `tiny` model gets the first
+    blocks of every stack.
+    """
+
+    if weights == "imagenet":
+        weights = resolve_imagenet_weights()
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"weights file not found: {weights}; pass --weights imagenet, none or an existing "
+            f"file such as {IMAGENET_NOTOP}"
+        )
+    inputs = keras.Input((None, None, 3))
+    source = keras.Model(inputs, _backbone(inputs, get_preset("paper")), name="reference")
+    try:
+        source.load_weights(str(path))
+    except (ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsUnavailable(
+            f"{weights} is not an Inception-ResNet-v2 notop weights file ({first_line})"
+        ) from None
+    return copy_weights_by_name(source, model, only=backbone_layer_names(model))
+
+
+def copy_weights_by_name(
+    source: keras.Model, target: keras.Model, only: Iterable[str] | None = None
+) -> list[str]:
+    """Copy every layer of `source` into the same-named layer of `target` if all shapes match.
+
+    This is the stage transfer of §III-A: what matches by name and shape arrives trained (LR1),
+    everything else stays new (LR2). Returns the names of the layers copied.
+    """
+    wanted = None if only is None else set(only)
+    copied = []
+    for layer in target.layers:
+        if not layer.weights or (wanted is not None and layer.name not in wanted):
+            continue
+        try:
+            src = source.get_layer(layer.name)
+        except ValueError:
+            continue
+        values = src.get_weights()
+        if [v.shape for v in values] == [tuple(w.shape) for w in layer.weights]:
+            layer.set_weights(values)
+            copied.append(layer.name)
+    return copied
+
+
+def split_lr_groups(model: keras.Model, pretrained_layers: Sequence[str]) -> tuple[list, list]:
+    """§III-A's two learning rates: (pretrained vars at LR1, new vars at LR2), trainable only."""
+    pretrained = set(pretrained_layers)
+    old, new = [], []
+    for layer in model.layers:
+        group = old if layer.name in pretrained else new
+        group.extend(layer.trainable_weights)
+    return old, new
+
+
+def spatial_sizes(model: keras.Model) -> tuple[int, int]:
+    """Table I: the feature-map side before the switch (conv_7b_ac) and after the Multi-Cell."""
+    before = model.get_layer(BACKBONE_OUTPUT).output.shape[1]
+    after = model.get_layer(POOL).input.shape[1]
+    return int(before), int(after)
