@@ -1,0 +1,187 @@
+"""The model of Fig. 2 against Keras's own IRv2, Table I and the paper's block counts."""
+
+import re
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras.src.legacy.saving import legacy_h5_format
+
+from m2cnn_tf import model as m2
+from m2cnn_tf.checkpoints import load_stage, save_best, stage_dir
+from m2cnn_tf.model import (
+    WeightsUnavailable,
+    backbone_layer_names,
+    build_m2cnn,
+    copy_weights_by_name,
+    spatial_sizes,
+    split_lr_groups,
+)
+
+KERAS_IRV2_PARAMS = 54_336_736
+PROBE = 160  # any size >= 75 works for the backbone; small keeps the test quick
+
+
+@pytest.fixture(scope="module")
+def keras_irv2():
+    return keras.applications.InceptionResNetV2(
+        include_top=False, weights=None, input_shape=(PROBE, PROBE, 3)
+    )
+
+
+@pytest.fixture(scope="module")
+def keras_weight_files(keras_irv2, tmp_path_factory):
+    """Keras's notop file format (legacy .h5, as downloaded) and a Keras 3 .weights.h5."""
+    folder = tmp_path_factory.mktemp("weights")
+    legacy = folder / m2.IMAGENET_NOTOP
+    with h5py.File(legacy, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, keras_irv2)
+    modern = folder / "irv2_notop.weights.h5"
+    keras_irv2.save_weights(modern)
+    return {"legacy": legacy, "modern": modern}
+
+
+def _features(model):
+    return keras.Model(model.input, model.get_layer(m2.BACKBONE_OUTPUT).output)
+
+
+def test_backbone_at_paper_counts_is_keras_inception_resnet_v2(keras_irv2):
+    ours = _features(build_m2cnn(PROBE, preset="paper"))
+    assert ours.count_params() == keras_irv2.count_params() == KERAS_IRV2_PARAMS
+    ours.set_weights(keras_irv2.get_weights())
+    x = np.random.default_rng(0).uniform(-1, 1, (2, PROBE, PROBE, 3)).astype("float32")
+    diff = np.abs(ours.predict(x, verbose=0) - keras_irv2.predict(x, verbose=0)).max()
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("size", "before", "after"),
+    [(224, 5, 5), (448, 12, 5), (720, 21, 4), (256, 6, 6)],  # 256: 6, not 8 (README)
+)
+def test_feature_map_sizes_reproduce_table_i(size, before, after):
+    assert spatial_sizes(build_m2cnn(size, preset="tiny")) == (before, after)
+
+
+@pytest.mark.parametrize(
+    ("size", "medium", "large"),
+    [(349, False, False), (350, True, False), (699, True, False), (700, True, True)],
+)
+def test_multi_cell_switch_follows_the_resolution(size, medium, large):
+    names = {layer.name for layer in build_m2cnn(size, preset="tiny").layers}
+    assert ("medium_reduction_b" in names) is medium
+    assert ("large_reduction_b" in names) is large
+
+
+def test_paper_preset_has_the_papers_block_counts():
+    names = [layer.name for layer in build_m2cnn(720, preset="paper").layers]
+
+    def count(pattern):
+        return sum(bool(re.fullmatch(pattern, n)) for n in names)
+
+    assert count(r"block35_\d+_mixed") == 10  # N1
+    assert count(r"block17_\d+_mixed") == 20  # N2
+    assert count(r"block8_\d+_mixed") == 10  # IRv2's own Cell-C stack
+    assert count(r"medium_block8_\d+_mixed") == 10  # N3
+    assert count(r"large_block8_\d+_mixed") == 5  # N4
+    assert count(r"(medium|large)_reduction_b") == 2
+
+
+def test_layer_names_are_stable_and_never_auto_numbered():
+    keras.layers.Dense(3)  # bump Keras's global name counters between the two builds
+    first = [layer.name for layer in build_m2cnn(448, preset="tiny").layers]
+    second = [layer.name for layer in build_m2cnn(448, preset="tiny").layers]
+    assert first == second
+    auto = re.compile(
+        r"(conv2d|batch_normalization|activation|dense|concatenate|max_pooling2d|"
+        r"average_pooling2d|residual_scale|input_layer)(_\d+)?"
+    )
+    assert [n for n in first if auto.fullmatch(n)] == []
+    assert "conv_7b_ac" in first and "avg_pool" in first and "mixed_5b" in first
+
+
+def test_model_is_one_flat_graph_with_float32_heads_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = build_m2cnn(96, preset="tiny")
+    assert not any(isinstance(layer, keras.Model) for layer in model.layers)
+    out = model(np.zeros((2, 96, 96, 3), "float32"))
+    assert out["logits"].shape == (2, 5) and out["score"].shape == (2, 1)
+    assert out["logits"].dtype == "float32" and out["score"].dtype == "float32"
+    assert model.get_layer("conv_7b").compute_dtype == "float16"
+
+
+@pytest.mark.parametrize("kind", ["legacy", "modern"])
+def test_backbone_weights_load_from_a_local_keras_file(kind, keras_irv2, keras_weight_files):
+    model = build_m2cnn(PROBE, weights=str(keras_weight_files[kind]), preset="paper")
+    x = np.random.default_rng(1).uniform(-1, 1, (1, PROBE, PROBE, 3)).astype("float32")
+    diff = np.abs(_features(model).predict(x, verbose=0) - keras_irv2.predict(x, verbose=0))
+    assert diff.max() < 1e-4
+
+
+def test_stage1_groups_imagenet_backbone_at_lr1_and_heads_at_lr2(keras_weight_files):
+    model = build_m2cnn(224, preset="tiny")
+    loaded = m2.load_backbone_weights(model, str(keras_weight_files["legacy"]), preset="tiny")
+    assert loaded == backbone_layer_names(model)
+    # tiny takes the first block of each stack from the paper-count file
+    ref = keras.applications.InceptionResNetV2(include_top=False, weights=None)
+    ref.load_weights(str(keras_weight_files["legacy"]))
+    np.testing.assert_array_equal(
+        model.get_layer("block17_1_conv").get_weights()[0],
+        ref.get_layer("block17_1_conv").get_weights()[0],
+    )
+    old, new = split_lr_groups(model, loaded)
+    assert sorted(v.path for v in new) == sorted(
+        ["logits/kernel", "logits/bias", "score/kernel", "score/bias"]
+    )
+    assert len(old) + len(new) == len(model.trainable_weights)
+
+
+def test_stage2_groups_stage1_weights_at_lr1_and_medium_cells_at_lr2():
+    stage1 = build_m2cnn(224, preset="tiny")
+    stage2 = build_m2cnn(448, preset="tiny")
+    copied = copy_weights_by_name(stage1, stage2)
+    assert sorted(copied) == sorted(layer.name for layer in stage1.layers if layer.weights)
+    for name in ("conv2d_1a", "block8_1_conv", "conv_7b_bn", "logits", "score"):
+        for a, b in zip(
+            stage1.get_layer(name).weights, stage2.get_layer(name).weights, strict=True
+        ):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    old, new = split_lr_groups(stage2, copied)
+    new_layers = {v.path.split("/")[0] for v in new}
+    assert new_layers and all(name.startswith("medium_") for name in new_layers)
+    assert len(old) == len(stage1.trainable_weights)
+
+
+def test_offline_imagenet_download_fails_with_one_actionable_line(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_network)
+    with pytest.raises(WeightsUnavailable) as err:
+        build_m2cnn(96, weights="imagenet", preset="tiny")
+    message = str(err.value)
+    assert "\n" not in message
+    assert m2.IMAGENET_NOTOP in message and "~/.keras/models" in message and "--weights" in message
+
+
+def test_missing_or_foreign_weights_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(WeightsUnavailable, match="not found"):
+        build_m2cnn(96, weights=str(tmp_path / "nope.h5"), preset="tiny")
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    foreign = tmp_path / "other.weights.h5"
+    other.save_weights(foreign)
+    with pytest.raises(WeightsUnavailable) as err:
+        build_m2cnn(96, weights=str(foreign), preset="tiny")
+    assert "\n" not in str(err.value)
+
+
+def test_checkpoint_round_trips_in_safe_mode(tmp_path):
+    model = build_m2cnn(96, preset="tiny")
+    save_best(model, stage_dir(tmp_path, 1), {"stage": 1})
+    loaded, meta = load_stage(tmp_path, 1)
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype("float32")
+    for key in ("logits", "score"):
+        np.testing.assert_allclose(
+            loaded.predict(x, verbose=0)[key], model.predict(x, verbose=0)[key], atol=1e-6
+        )
+    assert meta == {"stage": 1}
