@@ -81,12 +81,26 @@ class Config:
     epochs: int = 30
     steps_per_epoch: int | None = None
     batch_size: int = 32
+    # Input pipeline (m2cnn_tf.data). Augmentation: the fundus has no "up", so any rotation.
+    augment: bool = True  # master switch for the train split; val/test are never augmented
+    flip: bool = True  # left-right and up-down
+    rotation: float = 180.0  # max |angle| in degrees
+    zoom: float = 0.1  # max relative zoom in or out
+    shift: float = 0.05  # max shift, fraction of the side
+    brightness: float = 0.1  # max additive shift on the [-1, 1] scale
+    contrast: float = 0.1  # max relative contrast change around γ (0 on the [-1, 1] scale)
+    fill_value: int = 128  # γ of Eq. (1): the grey of the masked background
+    shuffle_buffer: int = 2048
+    balance: bool = False  # resample grades, decaying toward the natural distribution
+    balance_decay: float = 0.975  # per-epoch factor of the balanced part (team o_O, 2015)
     # Runtime
     mixed_precision: bool = False
     xla: bool = False
     strategy: str = "default"
     seed: int | None = None
     resume: bool = True
+    backup_steps: int | None = None  # also back up every N steps (None: each epoch)
+    log_steps: int = 50  # TensorBoard batch-level logging interval
 
     def resolved_image_size(self) -> int:
         if self.image_size:

@@ -1,0 +1,268 @@
+"""The tf.data input pipeline over data_prep's TFRecords (one image size per pipeline).
+
+Order: interleave shards → (train: shuffle the serialized records) → parse + decode (parallel)
+→ batch → augment + scale (parallel, one vectorised op per batch) → prefetch.
+
+Why this order: shuffling serialized records instead of decoded images keeps the buffer ~20×
+smaller at the same depth; batching before augmenting runs one projective-transform op per
+batch instead of one per image. Everything is TF graph code: no py_function, no numpy.
+
+Augmentation (train only, each a `Config` setting): flips in both axes, rotation by any angle
+(the fundus has no up), a small zoom and shift, all composed into ONE affine map and applied by
+one bilinear `ImageProjectiveTransformV3` on the uint8 images with γ fill (Eq. (1): the masked
+background is γ=128); then brightness and contrast, fused with the [-1, 1] scaling into one
+multiply-add per pixel. Contrast pivots on γ (0 after scaling), the level Eq. (1) centres every
+image on, so no per-image mean is needed. This keeps the heavy geometric work in tf.data at
+uint8 cost (benchmarks/input_pipeline.py compares it with float32 Keras layers).
+
+Randomness is stateless and keyed by (seed, batch index), so `--seed` makes the whole stream
+reproducible; without a seed a random one is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from m2cnn_tf import records
+from m2cnn_tf.config import NUM_CLASSES, Config
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DataError(ValueError):
+    """The data cannot feed the requested run; the message is one actionable line."""
+
+
+def scale_image(images: tf.Tensor) -> tf.Tensor:
+    """uint8 [0, 255] → float32 [-1, 1], Inception-ResNet-v2's input scaling (x / 127.5 − 1)."""
+    return tf.cast(images, tf.float32) / 127.5 - 1.0
+
+
+def split_files(data_dir: str | os.PathLike, image_size: int, split: str) -> list[str]:
+    """The shards of one split at one size, or a DataError that lists what is there."""
+    size_dir = os.path.join(str(data_dir), str(int(image_size)))
+    if not os.path.isdir(size_dir):
+        sizes = records.available_sizes(data_dir)
+        there = ", ".join(map(str, sizes)) if sizes else "none"
+        raise DataError(
+            f"no {image_size} px records: {size_dir} does not exist (sizes in {data_dir}: "
+            f"{there}); convert that size with data_prep or pass --image-size"
+        )
+    try:
+        files = records.shard_paths(data_dir, image_size, split)
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
+    if not files:
+        raise DataError(f"no {split} shards in {size_dir}")
+    return files
+
+
+def count_records(files: Sequence[str]) -> int:
+    """Records in the shards (one pass over the bytes, no parsing)."""
+    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=AUTOTUNE)
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+def grade_counts(files: Sequence[str]) -> list[int]:
+    """Records per grade; parses only the grade feature."""
+    spec = {"image/grade": records.FEATURES["image/grade"]}
+    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=AUTOTUNE).map(
+        lambda s: tf.io.parse_single_example(s, spec)["image/grade"], num_parallel_calls=AUTOTUNE
+    )
+    counts = ds.reduce(
+        tf.zeros([NUM_CLASSES], tf.int64),
+        lambda acc, g: acc + tf.one_hot(g, NUM_CLASSES, dtype=tf.int64),
+    )
+    return [int(c) for c in counts.numpy()]
+
+
+def balance_weights(counts: Sequence[int], epoch, decay: float) -> tf.Tensor:
+    """Sampling weights per grade at `epoch`: uniform over present grades at epoch 0, decaying
+    toward the natural distribution as decay**epoch (team o_O's schedule, Kaggle DR 2015)."""
+    counts = tf.constant(counts, tf.float64)
+    present = tf.cast(counts > 0, tf.float64)
+    natural = counts / tf.reduce_sum(counts)
+    uniform = present / tf.reduce_sum(present)
+    r = tf.pow(tf.constant(decay, tf.float64), tf.cast(epoch, tf.float64))
+    return r * uniform + (1.0 - r) * natural
+
+
+def _parse_and_decode(image_size: int):
+    def fn(serialized):
+        features = records.parse_example(serialized)
+        image = records.decode_image(features)
+        image = tf.cond(
+            tf.reduce_all(tf.shape(image)[:2] == image_size),
+            lambda: image,
+            lambda: tf.cast(
+                tf.clip_by_value(tf.image.resize(image, [image_size, image_size]), 0, 255),
+                tf.uint8,
+            ),
+        )
+        image = tf.ensure_shape(image, [image_size, image_size, 3])
+        meta = {
+            "grade": tf.cast(features["image/grade"], tf.int32),
+            "id": features["image/id"],
+            "patient": features["image/patient"],
+            "eye": features["image/eye"],
+        }
+        return image, meta
+
+    return fn
+
+
+def affine_transforms(seeds: tf.Tensor, batch: int, image_size: int, config: Config) -> tf.Tensor:
+    """[batch, 8] output→input maps: flips, rotation, zoom and shift composed about the centre."""
+    keys = tf.random.experimental.stateless_split(seeds, 6)
+    u = [
+        tf.random.stateless_uniform([batch], seed=keys[i], minval=-1.0, maxval=1.0)
+        for i in range(5)
+    ]
+    if config.flip:
+        flips = tf.sign(
+            tf.random.stateless_uniform([batch, 2], seed=keys[5], minval=-1.0, maxval=1.0)
+        )
+        fx, fy = flips[:, 0], flips[:, 1]
+    else:
+        fx = fy = tf.ones([batch])
+    theta = u[0] * (config.rotation * math.pi / 180.0)
+    zoom = tf.exp(u[1] * math.log1p(config.zoom))  # symmetric in and out
+    tx = u[2] * config.shift * image_size
+    ty = u[3] * config.shift * image_size
+    cos, sin = tf.cos(theta) / zoom, tf.sin(theta) / zoom
+    # input = A (output - c) + c + t, with A = R(θ) · diag(fx, fy) / zoom
+    a00, a01 = cos * fx, -sin * fy
+    a10, a11 = sin * fx, cos * fy
+    c = (image_size - 1) / 2.0
+    a2 = c + tx - a00 * c - a01 * c
+    b2 = c + ty - a10 * c - a11 * c
+    zeros = tf.zeros([batch])
+    return tf.stack([a00, a01, a2, a10, a11, b2, zeros, zeros], axis=1)
+
+
+def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: Config) -> tf.Tensor:
+    """uint8 batch → augmented float32 batch in [-1, 1] (geometry at uint8, then one FMA)."""
+    batch = tf.shape(images)[0]
+    size = images.shape[1]
+    keys = tf.random.experimental.stateless_split(seeds, 3)
+    if config.flip or config.rotation or config.zoom or config.shift:
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=affine_transforms(keys[0], batch, size, config),
+            output_shape=tf.shape(images)[1:3],
+            fill_value=float(config.fill_value),
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        )
+    gain = 1.0 + config.contrast * tf.random.stateless_uniform(
+        [batch, 1, 1, 1], seed=keys[1], minval=-1.0, maxval=1.0
+    )
+    offset = config.brightness * tf.random.stateless_uniform(
+        [batch, 1, 1, 1], seed=keys[2], minval=-1.0, maxval=1.0
+    )
+    # ((x / 127.5 - 1) * gain + offset), clipped to the input range, as one multiply-add.
+    out = tf.cast(images, tf.float32) * (gain / 127.5) + (offset - gain)
+    return tf.clip_by_value(out, -1.0, 1.0)
+
+
+def _records(files: list[str], *, shuffle: bool, seed: int, deterministic: bool) -> tf.data.Dataset:
+    names = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        names = names.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return names.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 8),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic,
+    )
+
+
+def make_dataset(
+    data_dir: str | os.PathLike,
+    image_size: int,
+    split: str,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int | None = None,
+    config: Config | None = None,
+    start_epoch: int = 0,
+    steps_per_epoch: int | None = None,
+) -> tf.data.Dataset:
+    """(images float32 [B, S, S, 3] in [-1, 1], meta {"grade", "id", "patient", "eye"}).
+
+    training=True: shuffled, augmented (if config.augment), repeated forever, remainder dropped;
+    with config.balance, grades are resampled (weights from `balance_weights`, the epoch counted
+    from `start_epoch` in units of `steps_per_epoch` batches). training=False: the records in
+    file order, unaugmented, once, remainder kept.
+    """
+    config = config or Config()
+    files = split_files(data_dir, image_size, split)
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
+    decode = _parse_and_decode(image_size)
+    options = tf.data.Options()
+
+    if not training:
+        options.deterministic = True
+        ds = tf.data.TFRecordDataset(files).map(decode, num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=False)
+        ds = ds.map(lambda x, m: (scale_image(x), m), num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE).with_options(options)
+
+    deterministic = seed is not None
+    options.deterministic = deterministic
+    seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+    if config.balance:
+        counts = grade_counts(files)
+        total = sum(counts)
+    else:
+        counts, total = [], count_records(files)
+    if batch_size > total:
+        raise DataError(
+            f"--batch-size {batch_size} is larger than the {split} split ({total} images in "
+            f"{os.path.dirname(files[0])}); use a batch of at most {total}"
+        )
+
+    raw = _records(files, shuffle=True, seed=seed, deterministic=deterministic)
+    if config.balance:
+        grade_spec = {"image/grade": records.FEATURES["image/grade"]}
+
+        def of_grade(g):
+            ds = raw.filter(
+                lambda s: tf.equal(tf.io.parse_single_example(s, grade_spec)["image/grade"], g)
+            )
+            return ds.repeat().shuffle(max(1, config.shuffle_buffer // NUM_CLASSES), seed=seed + g)
+
+        per_epoch = (steps_per_epoch or total // batch_size) * batch_size
+        weights = tf.data.Dataset.range(start_epoch * per_epoch, 2**62).map(
+            lambda i: balance_weights(counts, i // per_epoch, config.balance_decay)
+        )
+        present = [g for g in range(NUM_CLASSES) if counts[g] > 0]
+        raw = tf.data.Dataset.sample_from_datasets(
+            [of_grade(g) for g in present],
+            weights=weights.map(lambda w: tf.gather(w, present)),
+            seed=seed,
+        )
+    else:
+        raw = raw.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+    ds = raw.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if config.augment:
+        ds = ds.enumerate().map(
+            lambda i, xm: (
+                augment_batch(xm[0], tf.stack([tf.cast(seed, tf.int64), i]), config),
+                xm[1],
+            ),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic,
+        )
+    else:
+        ds = ds.map(lambda x, m: (scale_image(x), m), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE).with_options(options)
