@@ -1,0 +1,99 @@
+"""Evaluate a trained stage as in Table II / III (quadratic kappa from scores and from prob.).
+
+    python evaluate.py --model-dir DIR --stage N --data OUT --split val|test --out REPORT_DIR \
+        [--thresholds fit] [--tta] [--tta-rotations] [--per-patient]
+    python evaluate.py --compare REPORT_DIR1 REPORT_DIR2 ...
+
+Usage errors and missing checkpoints/records end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model-dir", None, "Folder holding stage{N}/best.keras (train.py --model-dir).")
+flags.DEFINE_integer("stage", None, "Stage to evaluate: 1 (224 px), 2 (448 px), 3 (720 px).")
+flags.DEFINE_string("data", None, "data_prep's OUT folder (OUT/<size>/<split>-*.tfrecord).")
+flags.DEFINE_enum("split", None, ["val", "test"], "Split to evaluate.")
+flags.DEFINE_string("out", None, "Report folder: report.json, predictions.csv, plots.")
+flags.DEFINE_enum(
+    "thresholds", "round", ["round", "fit"], "Score cut points: round, or fit on val."
+)
+flags.DEFINE_bool("tta", False, "Average the outputs over the 4 flips.")
+flags.DEFINE_bool("tta-rotations", False, "With --tta, also over 90° rotations (8 views).")
+flags.DEFINE_bool("per-patient", False, "Blend each eye with the fellow eye (weight fit on val).")
+flags.DEFINE_integer("batch-size", 16, "Images per model call.")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap replicates for the kappa 95% CI.")
+flags.DEFINE_list("compare", [], "Report folders to print side by side (space or comma separated).")
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        _fail(str(err))
+
+
+def _fail(message: str) -> None:
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    compare = [*FLAGS.compare, *argv[1:]] if FLAGS.compare else []
+    if len(argv) > 1 and not FLAGS.compare:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    evaluating = FLAGS["model-dir"].value is not None
+    if not evaluating and not compare:
+        _fail("pass --model-dir, --stage, --data, --split and --out (or --compare DIR ...)")
+
+    from m2cnn_tf import evaluation
+
+    if evaluating:
+        missing = [f"--{n}" for n in ("stage", "data", "split", "out") if FLAGS[n].value is None]
+        if missing:
+            _fail(f"missing {', '.join(missing)}")
+        if FLAGS["tta-rotations"].value and not FLAGS.tta:
+            _fail("--tta-rotations needs --tta")
+        from m2cnn_tf.checkpoints import CheckpointMissing
+
+        tta = "none"
+        if FLAGS.tta:
+            tta = "flips+rot90" if FLAGS["tta-rotations"].value else "flips"
+        try:
+            report = evaluation.run_evaluation(
+                FLAGS["model-dir"].value,
+                FLAGS.stage,
+                FLAGS.data,
+                FLAGS.split,
+                FLAGS.out,
+                fit_thresholds=FLAGS.thresholds == "fit",
+                tta=tta,
+                per_patient=FLAGS["per-patient"].value,
+                batch_size=FLAGS["batch-size"].value,
+                n_boot=FLAGS.bootstrap,
+            )
+        except (CheckpointMissing, FileNotFoundError, ValueError) as err:
+            _fail(str(err).splitlines()[0])
+        label = evaluation.run_label(FLAGS.out, report)
+        print(evaluation.table_ii([(label, report)]))
+        print()
+        print(evaluation.details_table([(label, report)]))
+        print(f"\nreport written to {FLAGS.out}")
+        if compare:
+            compare.append(FLAGS.out)
+    if compare:
+        try:
+            print(evaluation.compare_reports(compare))
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            _fail(str(err).splitlines()[0])
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

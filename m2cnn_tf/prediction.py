@@ -1,0 +1,267 @@
+"""Grading new fundus photographs, explaining the grade, and exporting a serving model.
+
+Raw images go through `preprocessing.preprocess_file`, the very function data_prep used for the
+TFRecords (§II-A, Eq. (1)), with the parameters recorded in the training data's manifest, so
+training and prediction cannot drift. Files stream through a bounded window of worker threads
+(OpenCV releases the GIL) into batches for one compiled model call each; a file that cannot be
+read or shows no fundus becomes an error row and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from m2cnn_tf.config import NUM_CLASSES
+from m2cnn_tf.metrics import DEFAULT_CUTPOINTS, scores_to_grades
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+CSV_COLUMNS = (
+    "path", "grade", "grade_prob", "score", *(f"p{k}" for k in range(NUM_CLASSES)), "error",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, and every image file under each folder (recursive, sorted).
+
+    A path that does not exist is kept, so that it becomes an error row like any bad file.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                )
+            )
+        else:
+            paths.append(path)
+    return paths
+
+
+def preprocess_params_for(model_dir: str | Path, stage: int, data_dir: str | None = None):
+    """The PreprocessParams the training data was made with, and where they came from.
+
+    Looked up in DATA/manifest.json, DATA being `data_dir` or the `data` of the stage's
+    config.json (train.py saves it); the defaults of `PreprocessParams` (the paper's Eq. (1)
+    constants) otherwise.
+    """
+    from m2cnn_tf.checkpoints import CONFIG, stage_dir
+    from m2cnn_tf.preprocessing import PreprocessParams
+
+    if data_dir is None:
+        config_path = stage_dir(model_dir, stage) / CONFIG
+        if config_path.is_file():
+            data_dir = json.loads(config_path.read_text()).get("data") or None
+    if data_dir:
+        manifest = Path(data_dir) / "manifest.json"
+        if manifest.is_file():
+            values = _find_params(json.loads(manifest.read_text()))
+            if values is not None:
+                known = PreprocessParams.__dataclass_fields__
+                params = PreprocessParams(**{k: v for k, v in values.items() if k in known})
+                return params, str(manifest)
+    return PreprocessParams(), "defaults (no manifest.json of the training data found)"
+
+
+def _find_params(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing block of a manifest: under a 'preprocess*' key, possibly nested."""
+    for key, value in manifest.items():
+        if isinstance(value, dict):
+            if key.startswith("preprocess") and "alpha" in value:
+                return value
+            found = _find_params(value)
+            if found is not None:
+                return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming prediction
+
+
+def _preprocess_one(path: Path, size: int, params) -> np.ndarray:
+    from m2cnn_tf.preprocessing import preprocess_file
+
+    return preprocess_file(path, [size], params)[size]
+
+
+def _bounded_map(fn: Callable, items: Sequence, workers: int, window: int) -> Iterator[tuple]:
+    """(item, result, error) in input order, with at most `window` items in flight."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: collections.deque[tuple[Any, Future]] = collections.deque()
+        it = iter(items)
+        for item in it:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, future = pending.popleft()
+            try:
+                yield item, future.result(), None
+            except Exception as err:  # one bad file must never stop the stream
+                yield item, None, err
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fn, nxt)))
+
+
+def _error_text(err: BaseException) -> str:
+    reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+    return " ".join(str(reason).split())
+
+
+class Predictor:
+    """A loaded model ready to grade raw fundus images (optionally with Grad-CAM panels)."""
+
+    def __init__(
+        self,
+        model,
+        params,
+        *,
+        tta: str = "none",
+        cutpoints: Sequence[float] = DEFAULT_CUTPOINTS,
+        batch_size: int = 16,
+        workers: int | None = None,
+        preprocess: Callable[[Path], np.ndarray] | None = None,
+    ):
+        from m2cnn_tf.evaluation import make_predict_fn
+
+        self.model = model
+        self.image_size = int(model.input_shape[1])
+        self.params = params
+        self.cutpoints = tuple(sorted(cutpoints))
+        self.batch_size = batch_size
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.predict_fn = make_predict_fn(model, tta)
+        self.preprocess = preprocess or (lambda p: _preprocess_one(p, self.image_size, params))
+        self._gradcam = None
+
+    def rows(
+        self, paths: Sequence[Path], *, gradcam_dir: str | Path | None = None, progress=None
+    ) -> Iterator[dict[str, Any]]:
+        """One row per path, in input order: the grade etc., or an `error` and empty values."""
+        from m2cnn_tf.data import scale_image
+
+        if gradcam_dir is not None:
+            Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
+        window = 2 * self.batch_size
+        batch: list[tuple[Path, np.ndarray | None, str]] = []
+
+        def flush():
+            good = [(p, img) for p, img, err in batch if img is not None]
+            outputs: dict[Path, dict] = {}
+            if good:
+                images = scale_image(np.stack([img for _, img in good]))
+                out = {k: v.numpy() for k, v in self.predict_fn(images).items()}
+                cams = self._cams(images) if gradcam_dir is not None else None
+                for i, (path, img) in enumerate(good):
+                    outputs[path] = self._row(path, out["score"][i], out["probabilities"][i])
+                    if cams is not None:
+                        self._write_gradcam(gradcam_dir, path, img, cams[i], outputs[path])
+            for path, img, err in batch:
+                yield outputs[path] if img is not None else self._error_row(path, err)
+            if progress is not None:
+                progress.update(len(batch))
+            batch.clear()
+
+        for path, img, err in _bounded_map(self.preprocess, paths, self.workers, window):
+            batch.append((path, img, "" if err is None else _error_text(err)))
+            if len(batch) >= self.batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+
+    def _row(self, path: Path, score: float, probs: np.ndarray) -> dict[str, Any]:
+        return {
+            "path": str(path),
+            "grade": int(scores_to_grades([score], self.cutpoints)[0]),
+            "grade_prob": int(np.argmax(probs)),
+            "score": float(score),
+            **{f"p{k}": float(p) for k, p in enumerate(probs)},
+            "error": "",
+        }
+
+    @staticmethod
+    def _error_row(path: Path, error: str) -> dict[str, Any]:
+        return {**dict.fromkeys(CSV_COLUMNS, ""), "path": str(path), "error": error}
+
+    def _cams(self, images) -> np.ndarray:
+        from m2cnn_tf.gradcam import GradCam
+
+        if self._gradcam is None:
+            self._gradcam = GradCam(self.model)
+        return self._gradcam.cams(images)
+
+    def _write_gradcam(self, out_dir, path: Path, rgb: np.ndarray, cam, row) -> None:
+        from m2cnn_tf.gradcam import write_panel
+
+        caption = f"{path.name}: grade {row['grade']} (score {row['score']:.2f})"
+        write_panel(Path(out_dir) / f"{path.stem}_gradcam.png", rgb, cam, caption)
+
+
+def write_rows(rows: Iterable[dict[str, Any]], out) -> tuple[int, int]:
+    """Stream rows as CSV to a file object, flushing per row; returns (written, failed)."""
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    written = failed = 0
+    for row in rows:
+        formatted = {k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
+        writer.writerow(formatted)
+        out.flush()
+        written += 1
+        failed += bool(row["error"])
+        if row["error"]:
+            print(f"error: {row['path']}: {row['error']}", file=sys.stderr)
+    return written, failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def export_saved_model(model, export_dir: str | Path) -> Path:
+    """A TF SavedModel whose `serving_default` maps a preprocessed batch to the outputs.
+
+    Input `image`: float32 (B, S, S, 3), already preprocessed and scaled to [-1, 1] (as
+    `data.scale_image`). Outputs: `logits` (B, 5), `score` (B, 1), `probabilities` (B, 5).
+    Serving systems outside Python get the model without Keras and without any Python code.
+    """
+    import keras
+
+    size = int(model.input_shape[1])
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(image):
+        out = model(image, training=False)
+        return {
+            "logits": out["logits"],
+            "score": out["score"],
+            "probabilities": tf.nn.softmax(out["logits"], axis=-1),
+        }
+
+    archive.add_endpoint(
+        name="serving_default",
+        fn=serve,
+        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name="image")],
+    )
+    archive.write_out(str(export_dir), verbose=False)
+    return Path(export_dir)
