@@ -10,6 +10,10 @@ Design choices the paper leaves open (README, "Deviations"):
   sees 1536 channels and the heads of stage N-1 carry over to stage N unchanged, which is what
   "trained based on the weights of BaseNet+MT" (§III-A) asks for.
 - The last Cell-C of each group is linear with scale 1.0, as IRv2's last block8.
+- New groups start near identity (`cell_init="identity"`): every Cell-C's residual conv is zero
+  and the 1x1 projection passes Reduction-B's max-pool branch through. A new group is then a
+  3x3/2 max-pool of the features the heads already know, instead of noise between a trained
+  backbone and trained heads, so stage N starts close to stage N-1's accuracy.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 from m2cnn_tf import cells
@@ -60,12 +65,25 @@ def _multi_cell_group(x, prefix: str, count: int):
     return cells.conv2d_bn(x, 1536, 1, f"{prefix}_conv")
 
 
+def _init_group_near_identity(model: keras.Model, prefix: str, count: int) -> None:
+    """Zero residuals and a pass-through projection of the max-pool branch (module docstring)."""
+    for i in range(1, count + 1):
+        conv = model.get_layer(f"{prefix}_block8_{i}_conv")
+        conv.set_weights([np.zeros(w.shape, "float32") for w in conv.weights])
+    proj = model.get_layer(f"{prefix}_conv")
+    kernel = np.zeros(proj.kernel.shape, "float32")  # (1, 1, 992 + C, C), pool branch last
+    channels = kernel.shape[-1]
+    kernel[0, 0, -channels:, :] = np.eye(channels, dtype="float32")
+    proj.set_weights([kernel])
+
+
 def build_m2cnn(
     image_size: int,
     *,
     weights: str | None = None,
     preset: str = "paper",
     num_classes: int = NUM_CLASSES,
+    cell_init: str = "identity",
     name: str | None = None,
 ) -> keras.Model:
     """Build M²CNN for one input resolution; the cells it gets follow Table I / §II-C.
@@ -73,16 +91,20 @@ def build_m2cnn(
     weights: None (random), "imagenet" (Keras's notop IRv2 weights, via Keras's cache) or a
     local file path (Keras's notop `.h5`, or a `.weights.h5` of an m2cnn model). Only the
     BaseNet is loaded; cells and heads stay freshly initialised.
+    cell_init: "identity" (new Multi-Cell groups start as a max-pool, see above) or "random".
     Outputs: {"logits": (B, num_classes), "score": (B, 1)}, float32 under any dtype policy.
     """
+    if cell_init not in ("identity", "random"):
+        raise ValueError(f"cell_init must be 'identity' or 'random', got {cell_init!r}")
     p = get_preset(preset)
     path = multi_cell_path(image_size)
+    groups = {"small": [], "medium": [("medium", p.n3)]}.get(
+        path, [("medium", p.n3), ("large", p.n4)]
+    )
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = _backbone(inputs, p)
-    if path in ("medium", "large"):
-        x = _multi_cell_group(x, "medium", p.n3)
-    if path == "large":
-        x = _multi_cell_group(x, "large", p.n4)
+    for prefix, count in groups:
+        x = _multi_cell_group(x, prefix, count)
     x = layers.GlobalAveragePooling2D(name=POOL)(x)
     # §II-B Multi-Task: a 5-way classification head (CE, Eq. (2)) and a regression head (MSE,
     # Eq. (3)). float32 so losses stay exact under a mixed-precision policy.
@@ -93,6 +115,9 @@ def build_m2cnn(
         {"logits": logits, "score": score},
         name=name or f"m2cnn_{preset}_{image_size}",
     )
+    if cell_init == "identity":
+        for prefix, count in groups:
+            _init_group_near_identity(model, prefix, count)
     if weights is not None and weights != "none":
         load_backbone_weights(model, weights, preset=preset)
     return model
