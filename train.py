@@ -120,6 +120,7 @@ def config_from_flags() -> Config:
 
 
 def main(argv: list[str]) -> int:
+    FLAGS.unparse_flags()  # main() may run twice in one process (tests)
     try:
         rest = FLAGS(argv)
     except flags.Error as err:

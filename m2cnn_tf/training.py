@@ -366,6 +366,8 @@ def run(config: Config, log=print) -> dict[str, Any]:
     """Train one stage as `config` says; returns the final epoch's logs and the best value."""
     check_config(config)
     size = config.resolved_image_size()
+    if config.stage > 1 and not config.init:  # fail before any work when the start is missing
+        checkpoints.best_model_path(config.model_dir, config.stage - 1)
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
@@ -447,11 +449,10 @@ def run(config: Config, log=print) -> dict[str, Any]:
         double_checkpoint=True,
         delete_checkpoint=False,
     )
-    callbacks: list[keras.callbacks.Callback] = [
-        StopOnNonFinite(steps),
-        KeepBest(net, directory, meta, best, write=chief, log=log),
-        backup,
-    ]
+    keep_best = KeepBest(net, directory, meta, best, write=chief, log=log)
+    # Order matters: the NaN check runs before anything is saved, and the epoch is logged and
+    # the best model kept before the backup marks the epoch as done.
+    callbacks: list[keras.callbacks.Callback] = [StopOnNonFinite(steps), keep_best]
     if chief:
         callbacks += [
             keras.callbacks.CSVLogger(str(directory / "epochs.csv"), append=start_epoch > 0),
@@ -459,6 +460,7 @@ def run(config: Config, log=print) -> dict[str, Any]:
                 str(directory / "tensorboard"), update_freq=max(1, config.log_steps)
             ),
         ]
+    callbacks.append(backup)
     try:
         history = trainer.fit(
             train_ds,
@@ -481,7 +483,7 @@ def run(config: Config, log=print) -> dict[str, Any]:
             f"(e.g. {max(1, config.batch_size // 2)})"
         ) from None
     final = {k: float(v[-1]) for k, v in history.history.items() if v}
-    return {"final": final, "best_val_kappa_scores": callbacks[1].best, "stage_dir": str(directory)}
+    return {"final": final, "best_val_kappa_scores": keep_best.best, "stage_dir": str(directory)}
 
 
 def describe(config: Config) -> str:

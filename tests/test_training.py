@@ -1,0 +1,224 @@
+"""Two-learning-rate training (m2cnn_tf.training, train.py): update rule, stage transfer, CLI.
+
+The slower, multi-process checks (resume after kill, distribution, learning) live in
+test_training_runs.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from _tfrecords import grade_images, write_split
+
+import train
+from m2cnn_tf import checkpoints, training
+from m2cnn_tf.config import Config
+from m2cnn_tf.model import backbone_layer_names, build_m2cnn
+
+SIZE = 80
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("records")
+    grades = [i % 5 for i in range(20)]
+    write_split(out, SIZE, "train", grade_images(grades, SIZE, seed=1), grades)
+    write_split(out, SIZE, "val", grade_images(grades[:10], SIZE, seed=2), grades[:10])
+    return out
+
+
+def _reference_gradients(net, images, grades, weight_decay):
+    """Eq. (4) written independently: softmax CE + MSE + wd * Σ‖kernel‖²/2 (tf.nn.l2_loss)."""
+    variables = net.trainable_variables
+    with tf.GradientTape() as tape:
+        out = net(images, training=True)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(grades, out["logits"]))
+        mse = tf.reduce_mean(tf.square(out["score"][:, 0] - tf.cast(grades, tf.float32)))
+        kernels = [v for v in variables if v.path.endswith("/kernel")]
+        reg = weight_decay * tf.add_n([tf.nn.l2_loss(k) for k in kernels])
+        loss = ce + mse + reg
+    return {
+        v.path: g.numpy() for v, g in zip(variables, tape.gradient(loss, variables), strict=True)
+    }
+
+
+def test_one_sgd_step_moves_each_variable_by_its_groups_rate_times_its_gradient():
+    net = build_m2cnn(75, preset="tiny")
+    backbone = backbone_layer_names(net)
+    pretrained = backbone[: len(backbone) // 2]  # any split will do; both groups non-empty
+    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=0.01)
+    lr_pre, lr_new = 1.0, 0.1
+    trainer.compile_two_rates(
+        training.make_optimizer("sgd", lr_pre),
+        training.make_optimizer("sgd", lr_new),
+        mixed_precision=False,
+        jit_compile=False,
+    )
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(-1, 1, (4, 75, 75, 3)), tf.float32)
+    grades = tf.constant([0, 1, 3, 4], tf.int32)
+    grads = _reference_gradients(net, images, grades, 0.01)
+    before = {v.path: v.numpy() for v in net.trainable_variables}
+    trainer.train_step((images, {"grade": grades}))
+
+    in_pretrained = {v.path for name in pretrained for v in net.get_layer(name).trainable_weights}
+    assert 0 < len(in_pretrained) < len(net.trainable_variables)
+    for v in net.trainable_variables:
+        lr = lr_pre if v.path in in_pretrained else lr_new
+        expected = -lr * grads[v.path]
+        # The delta is a difference of float32 weights: allow a few ulps of the weights.
+        ulps = 4 * np.finfo(np.float32).eps * float(np.abs(before[v.path]).max())
+        np.testing.assert_allclose(
+            v.numpy() - before[v.path], expected, rtol=1e-3, atol=ulps, err_msg=v.path
+        )
+    assert trainer.optimizer.iterations.numpy() == 1
+    assert trainer.optimizer_new.iterations.numpy() == 1
+
+
+def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path, capsys):
+    stage1 = build_m2cnn(SIZE, preset="tiny")
+    rng = np.random.default_rng(3)
+    for v in stage1.weights:  # distinctive values, not an initialiser's
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    checkpoints.save_best(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
+
+    config = Config(stage=2, image_size=448, preset="tiny", model_dir=str(tmp_path))
+    net, loaded, origin = training.initialise(config)
+    stage1_layers = {layer.name for layer in stage1.layers if layer.weights}
+    assert set(loaded) == stage1_layers  # every stage-1 layer, heads included, carries over
+    for name in stage1_layers:
+        for a, b in zip(net.get_layer(name).weights, stage1.get_layer(name).weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    new_layers = {layer.name for layer in net.layers if layer.weights} - stage1_layers
+    assert new_layers and all(n.startswith("medium_") for n in new_layers)
+
+    trainer = training.TwoRateTrainer(net, loaded, weight_decay=4e-5)
+    old, new = trainer.groups()
+    assert {v.path for v in old} == {
+        v.path for n in stage1_layers for v in net.get_layer(n).trainable_weights
+    }
+    assert {v.path for v in new} == {
+        v.path for n in new_layers for v in net.get_layer(n).trainable_weights
+    }
+    n_loaded = sum(len(stage1.get_layer(n).weights) for n in stage1_layers)
+    printed = capsys.readouterr().out
+    assert f"init: {n_loaded} variables" in printed
+    assert f"{len(net.weights) - n_loaded} variables new" in printed
+    assert "stage1/best.keras" in origin
+
+
+BASE = ("--preset", "tiny", "--weights", "none", "--image-size", str(SIZE), "--batch-size", "4")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "stage"),
+        (("--stage", "4", "--data", "{data}", "--model-dir", "{dir}"), "stage"),
+        (("--stage", "1", "--data", "{data}", "--model-dir", "{dir}", "--bogus"), "bogus"),
+        (("--stage", "1", "--data", "/nonexistent", "--model-dir", "{dir}"), "not a directory"),
+        (
+            (
+                "--stage",
+                "1",
+                "--data",
+                "{data}",
+                "--model-dir",
+                "{dir}",
+                *BASE,
+                "--batch-size",
+                "0",
+            ),
+            "--batch-size must be positive",
+        ),
+        (
+            (
+                "--stage",
+                "1",
+                "--data",
+                "{data}",
+                "--model-dir",
+                "{dir}",
+                *BASE,
+                "--image-size",
+                "64",
+            ),
+            "at least 75",
+        ),
+        (
+            (
+                "--stage",
+                "1",
+                "--data",
+                "{data}",
+                "--model-dir",
+                "{dir}",
+                *BASE,
+                "--image-size",
+                "224",
+            ),
+            "no 224 px records",
+        ),
+        (
+            (
+                "--stage",
+                "1",
+                "--data",
+                "{data}",
+                "--model-dir",
+                "{dir}",
+                *BASE,
+                "--batch-size",
+                "64",
+            ),
+            "larger than the train split",
+        ),
+        (
+            ("--stage", "2", "--data", "{data}", "--model-dir", "{dir}", *BASE),
+            "no checkpoint for stage 1",
+        ),
+        (
+            (
+                "--stage",
+                "1",
+                "--data",
+                "{data}",
+                "--model-dir",
+                "{dir}",
+                *BASE,
+                "--weights",
+                "/no.h5",
+            ),
+            "weights file not found",
+        ),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(capsys, tmp_path, records_dir, args, message):
+    args = [a.format(data=records_dir, dir=tmp_path) for a in args]
+    code = train.main(["train.py", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
+    assert message in err
+
+
+def test_nan_loss_stops_training_naming_the_step(tmp_path, records_dir):
+    config = Config(
+        stage=1,
+        image_size=SIZE,
+        preset="tiny",
+        data=str(records_dir),
+        model_dir=str(tmp_path),
+        weights="none",
+        optimizer="sgd",
+        lr_new=1e35,
+        epochs=1,
+        steps_per_epoch=4,
+        batch_size=4,
+        seed=0,
+        augment=False,
+    )
+    with pytest.raises(training.TrainingError, match=r"loss became (nan|inf) at step [2-4] "):
+        training.run(config, log=lambda *_: None)
+    assert not (tmp_path / "stage1" / "best.keras").exists()
