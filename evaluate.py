@@ -53,14 +53,19 @@ def main(argv: list[str]) -> None:
     if not evaluating and not compare:
         _fail("pass --model-dir, --stage, --data, --split and --out (or --compare DIR ...)")
 
-    from m2cnn_tf import evaluation
-
     if evaluating:
         missing = [f"--{n}" for n in ("stage", "data", "split", "out") if FLAGS[n].value is None]
         if missing:
             _fail(f"missing {', '.join(missing)}")
         if FLAGS["tta-rotations"].value and not FLAGS.tta:
             _fail("--tta-rotations needs --tta")
+    missing_reports = [d for d in compare if not os.path.isfile(os.path.join(d, "report.json"))]
+    if missing_reports:
+        _fail(f"no report.json in {missing_reports[0]}")
+
+    from m2cnn_tf import evaluation
+
+    if evaluating:
         from m2cnn_tf.checkpoints import CheckpointMissing
 
         tta = "none"
