@@ -121,7 +121,7 @@ def parse_grade(text: str) -> int | str:
     if not math.isfinite(value) or value != int(value):
         return f"grade {text!r} is not an integer"
     if not 0 <= value <= 4:
-        return f"grade {text} is outside 0–4"
+        return f"grade {text!r} is outside 0–4"
     return int(value)
 
 

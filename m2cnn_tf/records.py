@@ -80,7 +80,8 @@ def make_example(
         "image/patient": _bytes((default_patient if patient is None else patient).encode()),
         "image/eye": _bytes((default_eye if eye is None else eye).encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)  # map order fixed: resume is byte-exact
 
 
 def parse_example(serialized: tf.Tensor | bytes) -> dict[str, tf.Tensor]:

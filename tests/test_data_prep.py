@@ -1,0 +1,404 @@
+"""data_prep.kaggle / data_prep.folder: splits, bad inputs, strictness, usage errors, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+import tensorflow as tf
+from synthetic_fundus import fundus, kaggle_dir, write_fundus
+
+from data_prep import folder, kaggle
+from m2cnn_tf import records
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--sizes", "32,64", "--base-size", "64", "--workers", "1", "--no-progress"]
+
+
+def read_split(out: Path, size: int, split: str) -> list[dict]:
+    rows = []
+    for path in records.shard_paths(out, size, split):
+        for ser in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            f = {k: v.numpy() for k, v in records.parse_example(ser).items()}
+            f["raw"] = ser
+            rows.append(f)
+    return rows
+
+
+def ids(rows: list[dict]) -> set[str]:
+    return {r["image/id"].decode() for r in rows}
+
+
+def csv_rows(path: Path) -> list[list[str]]:
+    return [line.split(",") for line in path.read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def kaggle_src(tmp_path_factory) -> Path:
+    return kaggle_dir(tmp_path_factory.mktemp("kaggle"), patients=10, test_patients=4)
+
+
+@pytest.fixture(scope="module")
+def kaggle_out(kaggle_src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "records"
+    assert kaggle.main(["--kaggle-dir", str(kaggle_src), "--out", str(out), *FAST]) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_kaggle_splits_follow_the_two_csvs(kaggle_src, kaggle_out):
+    train = {r[0]: int(r[1]) for r in csv_rows(kaggle_src / "trainLabels.csv")}
+    solution = csv_rows(kaggle_src / "retinopathy_solution.csv")
+    public = {r[0]: int(r[1]) for r in solution if r[2] == "Public"}
+    private = {r[0]: int(r[1]) for r in solution if r[2] == "Private"}
+    for size in (32, 64):
+        for split, expected in (("train", train), ("val", public), ("test", private)):
+            rows = read_split(kaggle_out, size, split)
+            got = {r["image/id"].decode(): int(r["image/grade"]) for r in rows}
+            assert got == expected, (size, split)
+            assert all(r["image/height"] == r["image/width"] == size for r in rows)
+            decoded = tf.io.decode_jpeg(rows[0]["image/encoded"]).numpy()
+            assert decoded.shape == (size, size, 3)
+    first = read_split(kaggle_out, 64, "train")[0]
+    patient, eye = first["image/id"].decode().split("_")
+    assert first["image/patient"].decode() == patient and first["image/eye"].decode() == eye
+
+
+def test_manifest_records_counts_shards_params_and_versions(kaggle_src, kaggle_out):
+    m = json.loads((kaggle_out / "manifest.json").read_text())
+    train = csv_rows(kaggle_src / "trainLabels.csv")
+    grades = [int(r[1]) for r in train]
+    assert m["counts"]["train"]["records"] == len(train)
+    assert m["counts"]["train"]["grades"] == {str(g): grades.count(g) for g in range(5)}
+    assert m["params"]["preprocess"]["alpha"] == 4.0 and m["params"]["sizes"] == [32, 64]
+    assert m["params"]["jpeg_quality"] == 95
+    assert m["source"]["kind"] == "kaggle" and set(m["source"]["csv"]) == {
+        "trainLabels.csv",
+        "retinopathy_solution.csv",
+    }
+    assert {"tensorflow", "opencv", "numpy", "python"} <= set(m["versions"])
+    assert m["timings"]["this_run_images"] == 28 and m["skipped"] == []
+    for size in ("32", "64"):
+        listed = {s["path"] for s in m["shards"][size]}
+        on_disk = {p.relative_to(kaggle_out).as_posix() for p in (kaggle_out / size).iterdir()}
+        assert listed == on_disk
+        for shard in m["shards"][size]:
+            path = kaggle_out / shard["path"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+            assert sum(1 for _ in tf.data.TFRecordDataset(str(path))) == shard["records"]
+    assert not (kaggle_out / ".state").exists()
+
+
+def test_val_from_train_keeps_both_eyes_of_a_patient_in_one_split(kaggle_src, tmp_path):
+    def carve(seed: int, out: Path) -> tuple[set[str], set[str]]:
+        argv = ["--kaggle-dir", str(kaggle_src), "--out", str(out), "--val-from-train", "0.3"]
+        assert kaggle.main([*argv, "--seed", str(seed), *FAST, "--sizes", "32"]) == 0
+        return ids(read_split(out, 32, "train")), ids(read_split(out, 32, "val"))
+
+    train, val = carve(0, tmp_path / "a")
+    train_patients = {i.split("_")[0] for i in train}
+    val_patients = {i.split("_")[0] for i in val}
+    assert not train_patients & val_patients
+    assert len(val_patients) == 3  # round(0.3 × 10 patients)
+    assert all(f"{p}_left" in val and f"{p}_right" in val for p in val_patients)
+    assert train | val == {r[0] for r in csv_rows(kaggle_src / "trainLabels.csv")}
+    # test stays Usage=Private; the Public rows are left out, not mixed in
+    private = {r[0] for r in csv_rows(kaggle_src / "retinopathy_solution.csv") if r[2] == "Private"}
+    assert ids(read_split(tmp_path / "a", 32, "test")) == private
+    # deterministic under --seed, and the seed matters
+    assert carve(0, tmp_path / "b") == (train, val)
+    others = [carve(s, tmp_path / f"s{s}")[1] for s in (1, 2)]
+    assert any(o != val for o in others)
+
+
+def test_without_solution_file_only_train_is_converted(tmp_path):
+    src = kaggle_dir(tmp_path / "k", patients=3, solution=False)
+    out = tmp_path / "out"
+    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(out), *FAST]) == 0
+    assert len(read_split(out, 64, "train")) == 6
+    assert records.shard_paths(out, 64, "val") == [] == records.shard_paths(out, 64, "test")
+
+
+def test_folder_split_column_and_patient_level_ratio(tmp_path):
+    images = tmp_path / "imgs"
+    lines = ["id_code,diagnosis,subset,pid"]
+    for i in range(12):
+        write_fundus(images / "nested" / f"img{i}.png", seed=i)
+        lines.append(f"img{i},{i % 5},{['train', 'Validation', 'test'][i % 3]},p{i // 2}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(lines) + "\n")
+    common = ["--images", str(images), "--labels", str(labels), "--id-column", "id_code"]
+    common += ["--grade-column", "diagnosis", *FAST, "--sizes", "32"]
+    out = tmp_path / "by_column"
+    assert folder.main([*common, "--out", str(out), "--split-column", "subset"]) == 0
+    for k, split in enumerate(("train", "val", "test")):
+        rows = read_split(out, 32, split)
+        assert ids(rows) == {f"img{i}" for i in range(12) if i % 3 == k}
+        assert all(int(r["image/grade"]) == int(r["image/id"][3:]) % 5 for r in rows)
+
+    out = tmp_path / "by_ratio"
+    argv = [*common, "--out", str(out), "--split-ratio", "0.5,0.5", "--patient-column", "pid"]
+    assert folder.main(argv) == 0
+    train, val = read_split(out, 32, "train"), read_split(out, 32, "val")
+    assert len(train) == len(val) == 6
+    assert not {r["image/patient"] for r in train} & {r["image/patient"] for r in val}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+@pytest.fixture(scope="module")
+def bad_src(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A Kaggle layout with one of every bad input the issue lists, plus good images."""
+    root = tmp_path_factory.mktemp("bad")
+    train = root / "train"
+    rows = []
+    for i in range(1, 4):
+        write_fundus(train / f"{i}_left.jpeg", seed=i)
+        rows.append(f"{i}_left,{i}")
+    expected = {
+        "20_left": "missing file",
+        "21_left": "empty file",
+        "22_left": "not an image",
+        "23_left": "truncated JPEG",
+        "24_left": "no fundus visible (all dark)",
+        "25_left": "no fundus visible (blown out)",
+        "26_left": "grade '7' is outside 0–4",
+        "27_left": "grade 'x' is not an integer",
+        "28_left": "grade '2.5' is not an integer",
+        "29_left": "duplicate id with conflicting grades (2 rows)",
+        "30_left": "duplicate id (first row kept)",
+    }
+    (train / "21_left.jpeg").write_bytes(b"")
+    (train / "22_left.jpeg").write_text("this is not a JPEG\n")
+    write_fundus(train / "23_left.jpeg", seed=23)
+    data = (train / "23_left.jpeg").read_bytes()
+    (train / "23_left.jpeg").write_bytes(data[: len(data) // 2])
+    cv2.imwrite(str(train / "24_left.jpeg"), np.zeros((96, 128, 3), np.uint8))
+    cv2.imwrite(str(train / "25_left.jpeg"), np.full((96, 128, 3), 255, np.uint8))
+    for i in (26, 27, 28, 29, 30):
+        write_fundus(train / f"{i}_left.jpeg", seed=i)
+    rows += ["20_left,1", "21_left,1", "22_left,1", "23_left,1", "24_left,1", "25_left,1"]
+    rows += ["26_left,7", "27_left,x", "28_left,2.5", "29_left,1", "29_left,2"]
+    rows += ["30_left,3", "30_left,3"]
+    (root / "trainLabels.csv").write_text("image,level\n" + "\n".join(rows) + "\n")
+    return root, expected
+
+
+def test_every_bad_input_is_skipped_with_its_reason(bad_src, tmp_path, capsys):
+    src, expected = bad_src
+    out = tmp_path / "out"
+    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(out), *FAST]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    reasons: dict[str, list[str]] = {}
+    for s in m["skipped"]:
+        reasons.setdefault(s["image_id"], []).append(s["reason"])
+    assert set(reasons) == set(expected)
+    for image_id, reason in expected.items():
+        assert reason in reasons[image_id], image_id
+    assert len(reasons["29_left"]) == 2  # conflicting grades: neither copy is trusted
+    assert len(reasons["30_left"]) == 1  # same grade: the first copy is kept
+    assert ids(read_split(out, 64, "train")) == {"1_left", "2_left", "3_left", "30_left"}
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("data_prep.kaggle: skipped 12 input(s):")
+    assert "1 truncated JPEG" in summary and "manifest.json" in summary
+
+
+def test_strict_exits_nonzero_and_writes_nothing(bad_src, tmp_path, capsys):
+    src, _ = bad_src
+    out = tmp_path / "out"
+    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(out), *FAST, "--strict"]) == 1
+    assert not out.exists()
+    assert "missing file" in capsys.readouterr().err
+
+
+def test_strict_checks_every_image_before_writing(tmp_path, capsys):
+    # CSV-level checks pass; only decoding finds the truncated JPEG, which is the last item.
+    src = kaggle_dir(tmp_path / "k", patients=3, solution=False)
+    data = (src / "train" / "3_right.jpeg").read_bytes()
+    (src / "train" / "3_right.jpeg").write_bytes(data[:-200])
+    out = tmp_path / "out"
+    argv = ["--kaggle-dir", str(src), "--out", str(out), *FAST, "--strict"]
+    assert kaggle.main(argv) == 1
+    assert not out.exists()
+    assert "3_right: truncated JPEG" in capsys.readouterr().err
+    assert kaggle.main([a for a in argv if a != "--strict"]) == 0
+    assert len(read_split(out, 64, "train")) == 5
+
+
+def test_greyscale_rgba_and_16_bit_inputs_are_converted_not_skipped(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    bgr = fundus(seed=4)
+    cv2.imwrite(str(images / "grey.png"), cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(images / "rgba.png"), cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA))
+    cv2.imwrite(str(images / "deep.png"), bgr.astype(np.uint16) * 257)
+    (tmp_path / "l.csv").write_text("image,level\ngrey.png,0\nrgba.png,1\ndeep.png,2\n")
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--labels", str(tmp_path / "l.csv"), "--out", str(out)]
+    assert folder.main([*argv, *FAST, "--split-ratio", "1,0"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skipped"] == []
+    assert ids(read_split(out, 64, "train")) == {"grey", "rgba", "deep"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage errors (exit 2, one line)
+
+
+def test_csv_without_required_columns_is_a_usage_error(tmp_path, capsys):
+    src = tmp_path / "k"
+    (src / "train").mkdir(parents=True)
+    (src / "trainLabels.csv").write_text("name,grade\n1_left,0\n")
+    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "lacks required column(s) 'image', 'level'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_with_wrong_grade_column_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "l.csv").write_text("id_code,diagnosis\na,0\n")
+    argv = ["--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "l.csv")]
+    assert folder.main([*argv, "--out", str(tmp_path / "o"), "--id-column", "id_code"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'level'" in err and "id_code, diagnosis" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sizes", "32,abc"], "--sizes must be integers"),
+        (["--sizes", "128"], "exceeds --base-size"),
+        (["--val-from-train", "1.5"], "--val-from-train must be between 0 and 1"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
+def test_bad_flags_are_usage_errors(kaggle_src, tmp_path, capsys, extra, message):
+    argv = ["--kaggle-dir", str(kaggle_src), "--out", str(tmp_path / "o"), *FAST, *extra]
+    assert kaggle.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_kaggle_dir_and_missing_flag_exit_2(tmp_path, capsys):
+    assert kaggle.main(["--kaggle-dir", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        kaggle.main(["--kaggle-dir", str(tmp_path)])  # no --out
+    assert e.value.code == 2
+
+
+def test_other_settings_on_a_finished_output_are_refused(kaggle_src, kaggle_out, capsys):
+    argv = ["--kaggle-dir", str(kaggle_src), "--out", str(kaggle_out), *FAST]
+    assert kaggle.main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert kaggle.main([*argv, "--gamma", "100"]) == 2
+    assert "another --out" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags reach the preprocessing
+
+
+def test_processing_flags_and_png_format_reach_the_records(tmp_path):
+    src = kaggle_dir(tmp_path / "k", patients=2, solution=False)
+    out = tmp_path / "out"
+    argv = ["--kaggle-dir", str(src), "--out", str(out), *FAST, "--format", "png"]
+    assert kaggle.main([*argv, "--gamma", "100"]) == 0
+    row = read_split(out, 64, "train")[0]
+    assert row["image/format"] == b"png"
+    image = tf.io.decode_png(row["image/encoded"]).numpy()
+    assert (image[0, 0] == 100).all() and (image[-1, -1] == 100).all()  # the mask is γ
+    out2 = tmp_path / "out2"
+    assert kaggle.main([*argv[:3], str(out2), *argv[4:], "--no-mask"]) == 0
+    unmasked = tf.io.decode_png(read_split(out2, 64, "train")[0]["image/encoded"]).numpy()
+    assert not (unmasked[0, 0] == 128).all() or not (unmasked[-1, -1] == 128).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after kill -9
+
+
+def _shard_records(out: Path) -> dict[str, list[bytes]]:
+    return {
+        p.relative_to(out).as_posix(): list(tf.data.TFRecordDataset(str(p)).as_numpy_iterator())
+        for p in sorted(out.glob("*/*.tfrecord"))
+    }
+
+
+def test_resume_after_kill_9_gives_byte_identical_records(tmp_path):
+    src = tmp_path / "k"
+    lines = ["image,level"]
+    for i in range(160):
+        name = f"{i // 2}_{'left' if i % 2 else 'right'}"
+        write_fundus(src / "train" / f"{name}.jpeg", seed=i, height=240, width=320)
+        lines.append(f"{name},{i % 5}")
+    (src / "trainLabels.csv").write_text("\n".join(lines) + "\n")
+    # 5 kB shards: one image per chunk, so the kill lands between many small commits
+    common = ["--kaggle-dir", str(src), "--sizes", "64,128", "--base-size", "128"]
+    common += ["--shard-mb", "0.005", "--no-progress", "--val-from-train", "0.2"]
+
+    reference = tmp_path / "reference"
+    assert kaggle.main([*common, "--out", str(reference), "--workers", "1"]) == 0
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, "-m", "data_prep.kaggle", *common, "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        chunks = out / ".state" / "chunks"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if chunks.is_dir() and len(list(chunks.glob("*.json"))) >= 20:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "conversion ended before it could be killed"
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the running conversion
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, "worker processes outlived the killed conversion"
+    finally:  # never leave a conversion running, whatever failed above
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "manifest.json").exists()
+    done = len(list(chunks.glob("*.json")))
+    assert 20 <= done < 160
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed:" in resumed.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["timings"]["resumed_images"] >= 20
+    assert m["timings"]["this_run_images"] == 160 - m["timings"]["resumed_images"]
+
+    expected, got = _shard_records(reference), _shard_records(out)
+    assert list(got) == list(expected)  # same shard files
+    for name, recs in expected.items():
+        assert got[name] == recs, name  # same records, byte for byte, in the same order
+    assert not list(out.rglob("*.tmp*"))
+    ref_manifest = json.loads((reference / "manifest.json").read_text())
+    assert m["shards"] == ref_manifest["shards"]  # hence identical shard checksums
