@@ -153,6 +153,7 @@ class Predictor:
         self.predict_fn = make_predict_fn(model, tta)
         self.preprocess = preprocess or (lambda p: _preprocess_one(p, self.image_size, params))
         self._gradcam = None
+        self._panel_names: set[str] = set()
 
     def rows(
         self, paths: Sequence[Path], *, gradcam_dir: str | Path | None = None, progress=None
@@ -214,7 +215,12 @@ class Predictor:
         from m2cnn_tf.gradcam import write_panel
 
         caption = f"{path.name}: grade {row['grade']} (score {row['score']:.2f})"
-        write_panel(Path(out_dir) / f"{path.stem}_gradcam.png", rgb, cam, caption)
+        name, n = f"{path.stem}_gradcam.png", 1
+        while name in self._panel_names:  # same stem from another folder or extension
+            n += 1
+            name = f"{path.stem}_gradcam_{n}.png"
+        self._panel_names.add(name)
+        write_panel(Path(out_dir) / name, rgb, cam, caption)
 
 
 def write_rows(rows: Iterable[dict[str, Any]], out) -> tuple[int, int]:

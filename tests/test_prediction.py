@@ -1,0 +1,286 @@
+"""predict.py / m2cnn_tf.prediction / m2cnn_tf.gradcam: grading raw images, explaining, exporting.
+
+References: data_prep's own worker for the preprocessed arrays, Keras's model.predict for the
+outputs, a constructed network whose evidence location is known for Grad-CAM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_prep import worker
+from m2cnn_tf import checkpoints, gradcam, prediction
+from m2cnn_tf.checkpoints import CheckpointMissing, save_best, stage_dir
+from m2cnn_tf.model import build_m2cnn
+from m2cnn_tf.preprocessing import PreprocessParams, preprocess_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 128  # the tiny model's last feature map is 2×2 here (1×1 at 96)
+
+
+def _fundus(seed: int, width: int = 360, height: int = 240) -> np.ndarray:
+    """BGR: a textured orange disc with a few bright and dark spots on a black field."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((height, width, 3), np.uint8)
+    centre, radius = (width // 2, height // 2), int(0.45 * height)
+    cv2.circle(img, centre, radius, (40, 90, 190), -1)
+    for _ in range(8):
+        p = (int(centre[0] + rng.integers(-80, 80)), int(centre[1] + rng.integers(-70, 70)))
+        colour = (200, 230, 250) if rng.random() < 0.5 else (10, 20, 60)
+        cv2.circle(img, p, int(rng.integers(2, 6)), colour, -1)
+    noise = rng.normal(0, 4, img.shape) * (img > 0)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    model = build_m2cnn(SIZE, preset="tiny")
+    model_dir = root / "model"
+    save_best(model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"})
+    images = root / "images"
+    images.mkdir()
+    for i in range(3):
+        ext = ".png" if i == 2 else ".jpeg"
+        cv2.imwrite(str(images / f"{i}_left{ext}"), _fundus(i))
+    return {"root": root, "model": model, "model_dir": model_dir, "images": images}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_predict_arrays_identical_to_data_prep_with_the_manifest_params(workspace, tmp_path):
+    # Training data made with non-default Eq. (1) constants; the stage's config.json points there.
+    params = PreprocessParams(alpha=3.0, beta=-3.0, rho=6.0, base_size=256)
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = {"params": worker.Settings(sizes=(SIZE,), params=params).output_key()}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    model_dir = tmp_path / "model"
+    stage = stage_dir(model_dir, 1)
+    stage.mkdir(parents=True)
+    (stage / checkpoints.CONFIG).write_text(json.dumps({"data": str(data)}))
+    found, source = prediction.preprocess_params_for(model_dir, 1)
+    assert found == params and source.endswith("manifest.json")
+
+    # data_prep's worker writes exactly these pixels into the TFRecords (PNG: lossless).
+    worker.init_worker(
+        worker.Settings(sizes=(SIZE,), params=params, image_format="png"), in_process=True
+    )
+    paths = sorted(workspace["images"].iterdir())
+    expected = []
+    for path in paths:
+        encoded = worker.encode_image(str(path))[SIZE]
+        bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+        expected.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 127.5 - 1)
+
+    seen = []
+    predictor = prediction.Predictor(workspace["model"], found, batch_size=2)
+    inner = predictor.predict_fn
+    predictor.predict_fn = lambda images: (seen.append(np.asarray(images)), inner(images))[1]
+    rows = list(predictor.rows(paths))
+    assert [r["error"] for r in rows] == ["", "", ""]
+    np.testing.assert_array_equal(np.concatenate(seen), np.stack(expected))
+    # ... and the defaults would have given different arrays.
+    default = preprocess_file(paths[0], [SIZE], PreprocessParams())[SIZE]
+    assert not np.array_equal(default.astype(np.float32) / 127.5 - 1, expected[0])
+
+
+def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(workspace):
+    root = workspace["root"]
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "notes.png").write_bytes(b"this is not an image")
+    good_jpeg = (workspace["images"] / "0_left.jpeg").read_bytes()
+    (bad / "cut.jpeg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    cv2.imwrite(str(bad / "black.png"), np.zeros((200, 300, 3), np.uint8))
+    out, cams, images = root / "preds.csv", root / "cams", workspace["images"]
+    proc = _run(
+        "--model-dir", str(workspace["model_dir"]), "--stage", "1", "--out", str(out),
+        "--gradcam", str(cams), "--batch-size", "2",
+        str(images / "0_left.jpeg"), str(bad), str(images / "1_left.jpeg"),
+        str(root / "missing.jpeg"), str(images / "2_left.png"),
+        cwd=root,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = _read_csv(out)
+    names = [Path(r["path"]).name for r in rows]
+    assert names == [
+        "0_left.jpeg", "black.png", "cut.jpeg", "notes.png", "1_left.jpeg", "missing.jpeg",
+        "2_left.png",
+    ]  # fmt: skip
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"black.png", "cut.jpeg", "notes.png", "missing.jpeg"}
+    assert all("\n" not in e and e for e in errors.values())
+    assert all(r["score"] == "" for r in rows if r["error"])
+
+    # The graded rows equal Keras's model on the same preprocessed arrays.
+    good = [r for r in rows if not r["error"]]
+    arrays = (
+        np.stack(
+            [preprocess_file(r["path"], [SIZE], PreprocessParams())[SIZE] for r in good]
+        ).astype(np.float32)
+        / 127.5
+        - 1
+    )
+    expected = workspace["model"].predict(arrays, verbose=0)
+    np.testing.assert_allclose([float(r["score"]) for r in good], expected["score"].ravel(),
+                               atol=1e-5)  # fmt: skip
+    probs = tf.nn.softmax(expected["logits"]).numpy()
+    got = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in good])
+    np.testing.assert_allclose(got, probs, atol=1e-5)
+    assert [int(r["grade_prob"]) for r in good] == np.argmax(probs, axis=1).tolist()
+    # One Grad-CAM panel per graded image: the preprocessed image beside its overlay.
+    panels = sorted(p.name for p in cams.iterdir())
+    assert panels == ["0_left_gradcam.png", "1_left_gradcam.png", "2_left_gradcam.png"]
+    panel = cv2.imread(str(cams / panels[0]))
+    assert panel.shape[1] == 2 * SIZE and panel.shape[0] >= SIZE
+
+
+def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
+    rng = np.random.default_rng(0)
+    arrays = {f"f{i}": rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8) for i in range(9)}
+    calls = []
+
+    def preprocess(path):
+        calls.append(path)
+        if path.name in ("f2", "f5"):
+            raise ValueError(f"cannot read {path.name}")
+        return arrays[path.name]
+
+    predictor = prediction.Predictor(
+        workspace["model"], PreprocessParams(), batch_size=2, workers=1, preprocess=preprocess
+    )
+    paths = [Path(name) for name in arrays]
+    stream = predictor.rows(paths)
+    first = next(stream)
+    assert len(calls) <= 2 * predictor.batch_size + 1  # a bounded window, not the whole list
+    rows = [first, *stream]
+    assert [Path(r["path"]).name for r in rows] == list(arrays)
+    assert [bool(r["error"]) for r in rows] == [n in ("f2", "f5") for n in arrays]
+    good = [n for n in arrays if n not in ("f2", "f5")]
+    x = np.stack([arrays[n] for n in good]).astype(np.float32) / 127.5 - 1
+    expected = workspace["model"].predict(x, verbose=0)["score"].ravel()
+    got = [r["score"] for r in rows if not r["error"]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
+    model = workspace["model"]
+    export = prediction.export_saved_model(model, tmp_path / "export")
+    loaded = tf.saved_model.load(str(export))
+    serve = loaded.signatures["serving_default"]
+    x = np.random.default_rng(1).uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
+    got = serve(image=tf.constant(x))
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(got["logits"].numpy(), expected["logits"], atol=1e-5)
+    np.testing.assert_allclose(got["score"].numpy(), expected["score"], atol=1e-5)
+    np.testing.assert_allclose(
+        got["probabilities"].numpy(), tf.nn.softmax(expected["logits"]).numpy(), atol=1e-6
+    )
+
+
+def test_checkpoint_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path, monkeypatch):
+    # The lambda writes a marker file when it runs: loading must never run it.
+    marker = tmp_path / "code_ran"
+    monkeypatch.setenv("M2CNN_TEST_MARKER", str(marker))
+
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.Lambda(
+        lambda t: (open(__import__("os").environ["M2CNN_TEST_MARKER"], "w").close(), t)[1]
+    )(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    model = keras.Model(
+        inputs, {"logits": keras.layers.Dense(5)(x), "score": keras.layers.Dense(1)(x)}
+    )
+    save_best(model, stage_dir(tmp_path / "m", 1), {"stage": 1})
+    marker.unlink()
+    with pytest.raises(CheckpointMissing, match="Lambda"):
+        checkpoints.load_stage(tmp_path / "m", 1)
+    assert not marker.exists()
+    proc = _run("--model-dir", str(tmp_path / "m"), "--stage", "1", "--export", "e", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert len([ln for ln in proc.stderr.splitlines() if "predict.py: error" in ln]) == 1
+    assert "Traceback" not in proc.stderr and not marker.exists()
+    assert not (tmp_path / "e").exists()
+
+
+def test_gradcam_heatmap_shape_and_range_on_the_model(workspace):
+    model = workspace["model"]
+    x = np.random.default_rng(2).uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
+    for target in ("score", "class"):
+        cams = gradcam.GradCam(model, target).cams(x)
+        side = model.get_layer("avg_pool").input.shape[1]
+        assert cams.shape == (3, side, side)
+        assert cams.min() >= 0 and cams.max() <= 1
+        assert all(c.max() in (0.0, 1.0) for c in cams)  # normalised per image (or all zero)
+    rgb = np.full((SIZE, SIZE, 3), 100, np.uint8)
+    assert gradcam.overlay(rgb, cams[0]).shape == rgb.shape
+
+
+def _evidence_model() -> keras.Model:
+    """Score = mean over 8×8 cells of ReLU(brightness - 0.5): a bright patch is the evidence."""
+    inputs = keras.Input((64, 64, 3), name="image")
+    conv = keras.layers.Conv2D(1, 8, strides=8, name="feature", activation="relu")
+    x = conv(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    score = keras.layers.Dense(1, name="score")(x)
+    logits = keras.layers.Dense(5, name="logits")(x)
+    model = keras.Model(inputs, {"logits": logits, "score": score})
+    conv.set_weights([np.full((8, 8, 3, 1), 1 / 192, np.float32), np.array([-0.5], np.float32)])
+    model.get_layer("score").set_weights([np.ones((1, 1), np.float32), np.zeros(1, np.float32)])
+    return model
+
+
+def test_gradcam_points_at_the_evidence():
+    model = _evidence_model()
+    cam = gradcam.GradCam(model)
+    for top, left in ((8, 8), (40, 48), (16, 40)):
+        x = np.zeros((1, 64, 64, 3), np.float32)
+        x[0, top : top + 16, left : left + 16] = 1.0
+        heat = cam.cams(x)[0]
+        assert heat.shape == (8, 8)
+        peak = np.unravel_index(np.argmax(heat), heat.shape)
+        assert (top // 8 <= peak[0] < (top + 16) // 8) and (left // 8 <= peak[1] < (left + 16) // 8)
+        outside = np.ones_like(heat, bool)
+        outside[top // 8 : (top + 16) // 8, left // 8 : (left + 16) // 8] = False
+        assert heat[outside].max() == 0 and heat.max() == 1
+        big = gradcam.upsample(heat, 64)
+        assert big[top + 8, left + 8] > 0.9 and big[(top + 40) % 64, (left + 40) % 64] < 0.1
+
+
+def test_predict_cli_usage_errors_exit_2_with_one_line(tmp_path):
+    cases = [
+        [],
+        ["--stage", "1", "x.jpeg"],
+        ["--model-dir", "m", "--stage", "1"],
+        ["--model-dir", "m", "--stage", "1", "--export", "e", "x.jpeg"],
+        ["--model-dir", "m", "--stage", "1", "--cutpoints", "1,2", "x.jpeg"],
+        ["--model-dir", "m", "--stage", "one", "x.jpeg"],
+        ["--model-dir", "m", "--stage", "1", "--no-such-flag", "x.jpeg"],
+    ]
+    for args in cases:
+        proc = _run(*args, cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+        assert proc.stderr.startswith("predict.py: error:"), proc.stderr
