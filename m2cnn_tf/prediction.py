@@ -142,6 +142,7 @@ class Predictor:
         workers: int | None = None,
         preprocess: Callable[[Path], np.ndarray] | None = None,
     ):
+        from m2cnn_tf.data import scale_image
         from m2cnn_tf.evaluation import make_predict_fn
 
         self.model = model
@@ -150,7 +151,9 @@ class Predictor:
         self.cutpoints = tuple(sorted(cutpoints))
         self.batch_size = batch_size
         self.workers = workers or min(4, os.cpu_count() or 1)
-        self.predict_fn = make_predict_fn(model, tta)
+        scaled = make_predict_fn(model, tta)
+        # uint8 batches in, scaled inside the graph: one call per batch, no float copy on host.
+        self.predict_fn = tf.function(lambda images: scaled(scale_image(images)))
         self.preprocess = preprocess or (lambda p: _preprocess_one(p, self.image_size, params))
         self._gradcam = None
         self._panel_names: set[str] = set()
@@ -159,8 +162,6 @@ class Predictor:
         self, paths: Sequence[Path], *, gradcam_dir: str | Path | None = None, progress=None
     ) -> Iterator[dict[str, Any]]:
         """One row per path, in input order: the grade etc., or an `error` and empty values."""
-        from m2cnn_tf.data import scale_image
-
         if gradcam_dir is not None:
             Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
         window = 2 * self.batch_size
@@ -170,7 +171,7 @@ class Predictor:
             good = [(p, img) for p, img, err in batch if img is not None]
             outputs: dict[Path, dict] = {}
             if good:
-                images = scale_image(np.stack([img for _, img in good]))
+                images = np.stack([img for _, img in good])
                 out = {k: v.numpy() for k, v in self.predict_fn(images).items()}
                 cams = self._cams(images) if gradcam_dir is not None else None
                 for i, (path, img) in enumerate(good):
@@ -204,12 +205,13 @@ class Predictor:
     def _error_row(path: Path, error: str) -> dict[str, Any]:
         return {**dict.fromkeys(CSV_COLUMNS, ""), "path": str(path), "error": error}
 
-    def _cams(self, images) -> np.ndarray:
+    def _cams(self, images: np.ndarray) -> np.ndarray:
+        from m2cnn_tf.data import scale_image
         from m2cnn_tf.gradcam import GradCam
 
         if self._gradcam is None:
             self._gradcam = GradCam(self.model)
-        return self._gradcam.cams(images)
+        return self._gradcam.cams(scale_image(images))
 
     def _write_gradcam(self, out_dir, path: Path, rgb: np.ndarray, cam, row) -> None:
         from m2cnn_tf.gradcam import write_panel

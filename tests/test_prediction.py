@@ -91,7 +91,7 @@ def test_predict_arrays_identical_to_data_prep_with_the_manifest_params(workspac
     for path in paths:
         encoded = worker.encode_image(str(path))[SIZE]
         bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
-        expected.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 127.5 - 1)
+        expected.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
     seen = []
     predictor = prediction.Predictor(workspace["model"], found, batch_size=2)
@@ -102,7 +102,7 @@ def test_predict_arrays_identical_to_data_prep_with_the_manifest_params(workspac
     np.testing.assert_array_equal(np.concatenate(seen), np.stack(expected))
     # ... and the defaults would have given different arrays.
     default = preprocess_file(paths[0], [SIZE], PreprocessParams())[SIZE]
-    assert not np.array_equal(default.astype(np.float32) / 127.5 - 1, expected[0])
+    assert not np.array_equal(default, expected[0])
 
 
 def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(workspace):
