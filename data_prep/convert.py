@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -45,6 +46,7 @@ STATE = ".state"
 MANIFEST = "manifest.json"
 PLAN_VERSION = 1
 _PILOT_IMAGES = 8
+_TASK_TIMEOUT = 300  # seconds; one image takes well under one
 _FALLBACK_BYTES_PER_PIXEL = {"jpeg": 0.6, "png": 2.0}
 
 
@@ -171,11 +173,18 @@ class _Executor:
         for task in tasks:
             window.append((task, self.pool.apply_async(fn, (path(task),))))
             if len(window) >= 4 * self.workers:
-                head, result = window.popleft()
-                yield head, result.get()
+                yield self._next(window)
         while window:
-            head, result = window.popleft()
-            yield head, result.get()
+            yield self._next(window)
+
+    @staticmethod
+    def _next(window: collections.deque) -> tuple[Any, Any]:
+        # A worker killed by a crashing decoder never answers; Pool would wait forever.
+        head, result = window.popleft()
+        try:
+            return head, result.get(timeout=_TASK_TIMEOUT)
+        except multiprocessing.TimeoutError:
+            return head, f"worker crashed or took over {_TASK_TIMEOUT} s"
 
     def close(self) -> None:
         if self.pool is not None:
@@ -197,7 +206,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    _atomic_write_bytes(path, text.encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -450,14 +460,10 @@ def convert(
             )
         )
 
-    if settings.strict and listing.skipped:
-        _print_problems(prog, listing.skipped)
-        return 1
-
     executor = _Executor(settings)
     try:
-        if settings.strict:
-            problems = []
+        if settings.strict:  # every problem at once, so one fix-up round is enough
+            problems = list(listing.skipped)
             flat = [it for items in by_split.values() for it in items]
             with _progress(settings, len(flat), 0, "checking") as bar:
                 for item, reason in executor.map(check_image, flat, path=_path):
@@ -467,10 +473,10 @@ def convert(
             if problems:
                 _print_problems(prog, problems)
                 return 1
+        (out / STATE).mkdir(parents=True, exist_ok=True)
+        lock = _lock(out / STATE / "lock")
         if plan is None:
             plan = _make_plan(by_split, settings, executor, key)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / STATE).mkdir(exist_ok=True)
             _write_json(plan_path, plan)
         layout = _Layout(out, plan)
         layout.mkdirs(settings.sizes)
@@ -478,7 +484,20 @@ def convert(
         stats = _run_chunks(layout, by_split, settings, executor)
     finally:
         executor.close()
-    return _write_manifest(layout, by_split, listing, settings, key, started, stats, command)
+    code = _write_manifest(layout, by_split, listing, settings, key, started, stats, command)
+    lock.close()
+    return code
+
+
+def _lock(path: Path) -> Any:
+    """One conversion per OUT at a time; the kernel drops the lock if the process dies."""
+    f = open(path, "w")  # noqa: SIM115 (held until the conversion ends)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UsageError(f"another conversion is writing to {path.parents[1]}") from None
+    return f
 
 
 def _run_chunks(

@@ -200,7 +200,7 @@ def kaggle_listing(
     With `val_from_train`, val is carved from train by patient instead, and the Public rows are
     left out so that test stays the Private set the paper reports on.
     """
-    root = Path(kaggle_dir)
+    root = Path(kaggle_dir).resolve()
     if not root.is_dir():
         raise UsageError(f"--kaggle-dir {root} is not a directory")
     train_csv = root / "trainLabels.csv"
@@ -209,7 +209,7 @@ def kaggle_listing(
     if val_from_train is not None and not 0 < val_from_train < 1:
         raise UsageError(f"--val-from-train must be between 0 and 1, got {val_from_train}")
     train = read_labels(train_csv, ["image", "level"])
-    source = {"kind": "kaggle", "kaggle_dir": str(root.resolve()), "csv": {}}
+    source = {"kind": "kaggle", "kaggle_dir": str(root), "csv": {}}
     source["csv"]["trainLabels.csv"] = sha256_file(train_csv)
     rows = [
         Row("train", i.strip(), g, str(root / "train" / f"{i.strip()}.jpeg"))
@@ -290,7 +290,7 @@ def folder_listing(
     seed: int,
 ) -> Listing:
     """Images named by an id column, graded by a grade column, split by a column or a ratio."""
-    images = Path(images_dir)
+    images = Path(images_dir).resolve()
     if not images.is_dir():
         raise UsageError(f"--images {images} is not a directory")
     if split_column and split_ratio:
@@ -331,7 +331,7 @@ def folder_listing(
         items = assign_by_patient(items, ratio, seed)
     source = {
         "kind": "folder",
-        "images": str(images.resolve()),
+        "images": str(images),
         "labels": str(Path(labels_csv).resolve()),
         "labels_sha256": sha256_file(labels_csv),
     }

@@ -224,7 +224,9 @@ def test_strict_exits_nonzero_and_writes_nothing(bad_src, tmp_path, capsys):
     out = tmp_path / "out"
     assert kaggle.main(["--kaggle-dir", str(src), "--out", str(out), *FAST, "--strict"]) == 1
     assert not out.exists()
-    assert "missing file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--strict: 12 bad input(s); nothing written" in err  # all of them, in one go
+    assert "20_left: missing file" in err and "23_left: truncated JPEG" in err
 
 
 def test_strict_checks_every_image_before_writing(tmp_path, capsys):
