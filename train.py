@@ -61,6 +61,13 @@ flags.DEFINE_enum(
 flags.DEFINE_float(
     "weight-decay", _defaults.weight_decay, "L_reg coefficient (Eq. (4)).", flag_values=FLAGS
 )
+flags.DEFINE_float(
+    "bn-momentum",
+    None,
+    "BatchNorm moving-average momentum for this run "
+    "(default: the model's 0.99; ~0.9 suits short runs).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_bool("mixed-precision", False, "mixed_float16 with loss scaling.", flag_values=FLAGS)
 flags.DEFINE_bool("xla", False, "Compile the train step with XLA.", flag_values=FLAGS)
 flags.DEFINE_enum(
@@ -105,6 +112,7 @@ def config_from_flags() -> Config:
         lr_new=f["lr-new"],
         optimizer=f["optimizer"],
         weight_decay=f["weight-decay"],
+        bn_momentum=f["bn-momentum"],
         epochs=f["epochs"],
         steps_per_epoch=f["steps-per-epoch"],
         batch_size=f["batch-size"],

@@ -78,6 +78,7 @@ class Config:
     lr_new: float = 1e-3
     optimizer: str = "adam"
     weight_decay: float = 4e-5  # L_reg of Eq. (4); TF-slim's IRv2 value
+    bn_momentum: float | None = None  # None: the model's (Keras IRv2: 0.99); lower for short runs
     epochs: int = 30
     steps_per_epoch: int | None = None
     batch_size: int = 32

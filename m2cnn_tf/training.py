@@ -106,6 +106,13 @@ class TwoRateTrainer(keras.Model):
         self.optimizer_new.build(new)
         self._mixed = mixed_precision
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build: net, optimizers and metrics are built in `compile_two_rates`.
+
+        Keras's version all-reduces a data batch to trace a symbolic step, which fails on
+        MultiWorkerMirroredStrategy's PerReplica batches (Keras 3.15); skipping it is safe here.
+        """
+
     @property
     def metrics(self):
         return [
@@ -160,7 +167,7 @@ class TwoRateTrainer(keras.Model):
             self.optimizer.apply(g_old, old)
         if new:
             self.optimizer_new.apply(g_new, new)
-        return self._track(grades, outputs, parts)
+        return self._logs(self._track(grades, outputs, parts))
 
     def test_step(self, batch):
         images, meta = batch
@@ -171,6 +178,13 @@ class TwoRateTrainer(keras.Model):
         logs = self._track(grades, outputs, parts)
         logs["kappa_scores"] = self.kappa_scores.result()
         logs["kappa_probs"] = self.kappa_probs.result()
+        return self._logs(logs)
+
+    def _logs(self, logs: dict) -> dict:
+        """Keras 3.15 reduces each log over workers with `reduce(MEAN, axis=0)`, which needs a
+        batch axis: give scalars one under MultiWorkerMirroredStrategy only."""
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
         return logs
 
 
@@ -211,6 +225,17 @@ def initialise(config: Config, log=print) -> tuple[keras.Model, list[str], str]:
     return net, loaded, origin
 
 
+def set_bn_momentum(net: keras.Model, momentum: float) -> None:
+    """Moving-statistics momentum of every BatchNormalization layer, for this run only.
+
+    At Keras's 0.99 the inference-mode statistics need a few hundred steps to catch up with
+    weights that move fast; short runs (the demo, smoke tests) validate better at ~0.9.
+    """
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "default":
         return tf.distribute.get_strategy()
@@ -248,6 +273,17 @@ def versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # Callbacks
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore, knowing the epoch it is in after a resume.
+
+    Keras only counts epochs as they end, so a step-level (or Ctrl-C) backup taken in the first
+    epoch after a resume would record epoch 0 and restart the schedule.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -337,7 +373,10 @@ def check_config(config: Config) -> None:
             f"--image-size must be at least 75 (Inception-ResNet-v2's stem), got {size}"
         )
     get_preset(config.preset)
-    make_optimizer(config.optimizer, 1.0)
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}"
+        )
     if config.strategy not in STRATEGIES:
         raise ValueError(
             f"--strategy must be one of {', '.join(STRATEGIES)}, got {config.strategy!r}"
@@ -354,6 +393,8 @@ def check_config(config: Config) -> None:
             raise ValueError(
                 f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}"
             )
+    if config.bn_momentum is not None and not 0 <= config.bn_momentum < 1:
+        raise ValueError(f"--bn-momentum must be in [0, 1), got {config.bn_momentum}")
     if config.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not config.data or not os.path.isdir(config.data):
@@ -368,11 +409,13 @@ def run(config: Config, log=print) -> dict[str, Any]:
     size = config.resolved_image_size()
     if config.stage > 1 and not config.init:  # fail before any work when the start is missing
         checkpoints.best_model_path(config.model_dir, config.stage - 1)
+    # First TF work of the process: MultiWorkerMirroredStrategy must configure collective ops
+    # before anything initialises the TF context.
+    strategy = make_strategy(config.strategy)
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = make_strategy(config.strategy)
     chief = is_chief(strategy)
     directory = checkpoints.stage_dir(config.model_dir, config.stage)
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -416,9 +459,15 @@ def run(config: Config, log=print) -> dict[str, Any]:
         opts = tf.data.Options()
         opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         train_ds, val_ds = train_ds.with_options(opts), val_ds.with_options(opts)
+    # The step needs only the grade; string ids cannot be reduced across replicas.
+    train_ds, val_ds = (
+        ds.map(lambda x, m: (x, {"grade": m["grade"]})) for ds in (train_ds, val_ds)
+    )
 
     with strategy.scope():
         net, loaded, origin = initialise(config, log=log)
+        if config.bn_momentum is not None:
+            set_bn_momentum(net, config.bn_momentum)
         trainer = TwoRateTrainer(net, loaded, config.weight_decay)
         trainer.compile_two_rates(
             make_optimizer(config.optimizer, config.lr_pretrained),
@@ -443,7 +492,7 @@ def run(config: Config, log=print) -> dict[str, Any]:
         "versions": versions(),
     }
     best = _previous_best(directory) if start_epoch > 0 else None
-    backup = keras.callbacks.BackupAndRestore(
+    backup = Backup(
         str(backup_dir),
         save_freq=config.backup_steps or "epoch",
         double_checkpoint=True,
