@@ -404,3 +404,15 @@ def test_resume_after_kill_9_gives_byte_identical_records(tmp_path):
     assert not list(out.rglob("*.tmp*"))
     ref_manifest = json.loads((reference / "manifest.json").read_text())
     assert m["shards"] == ref_manifest["shards"]  # hence identical shard checksums
+
+
+def test_a_second_conversion_into_the_same_out_is_refused(kaggle_src, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    (out / ".state").mkdir(parents=True)
+    with open(out / ".state" / "lock", "w") as held:  # as a running conversion holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert kaggle.main(["--kaggle-dir", str(kaggle_src), "--out", str(out), *FAST]) == 2
+    assert "another conversion is writing to" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists()
