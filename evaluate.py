@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
                 batch_size=FLAGS["batch-size"].value,
                 n_boot=FLAGS.bootstrap,
             )
-        except (CheckpointMissing, FileNotFoundError, ValueError) as err:
+        except (CheckpointMissing, OSError, ValueError) as err:
             _fail(str(err).splitlines()[0])
         label = evaluation.run_label(FLAGS.out, report)
         print(evaluation.table_ii([(label, report)]))

@@ -100,11 +100,19 @@ def main(argv: list[str]) -> None:
     )
     from tqdm import tqdm
 
-    out = open(FLAGS.out, "w", newline="") if FLAGS.out else sys.stdout  # noqa: SIM115
+    try:
+        out = open(FLAGS.out, "w", newline="") if FLAGS.out else sys.stdout  # noqa: SIM115
+        if FLAGS.gradcam:
+            os.makedirs(FLAGS.gradcam, exist_ok=True)
+    except OSError as err:
+        _fail(f"cannot write output: {err}")
     try:
         with tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr) as bar:
             rows = predictor.rows(paths, gradcam_dir=FLAGS.gradcam, progress=bar)
             written, failed = prediction.write_rows(rows, out)
+    except KeyboardInterrupt:
+        print("predict.py: interrupted; the rows written so far are complete", file=sys.stderr)
+        sys.exit(130)
     finally:
         if out is not sys.stdout:
             out.close()
