@@ -84,6 +84,7 @@ def build_m2cnn(
     preset: str = "paper",
     num_classes: int = NUM_CLASSES,
     cell_init: str = "identity",
+    bn_momentum: float = 0.99,
     name: str | None = None,
 ) -> keras.Model:
     """Build M²CNN for one input resolution; the cells it gets follow Table I / §II-C.
@@ -92,6 +93,9 @@ def build_m2cnn(
     local file path (Keras's notop `.h5`, or a `.weights.h5` of an m2cnn model). Only the
     BaseNet is loaded; cells and heads stay freshly initialised.
     cell_init: "identity" (new Multi-Cell groups start as a max-pool, see above) or "random".
+    bn_momentum: of every BatchNorm's moving averages. Keras's 0.99 suits the paper's 10k+
+    steps; a run of a few hundred steps needs ~0.9, or inference-mode statistics lag so far
+    behind the weights that every prediction collapses to one grade.
     Outputs: {"logits": (B, num_classes), "score": (B, 1)}, float32 under any dtype policy.
     """
     if cell_init not in ("identity", "random"):
@@ -118,6 +122,9 @@ def build_m2cnn(
     if cell_init == "identity":
         for prefix, count in groups:
             _init_group_near_identity(model, prefix, count)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = bn_momentum
     if weights is not None and weights != "none":
         load_backbone_weights(model, weights, preset=preset)
     return model

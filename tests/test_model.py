@@ -210,3 +210,13 @@ def test_new_cells_start_as_a_max_pool_of_the_features_the_heads_know():
 def test_random_cell_init_keeps_keras_default_initialisers():
     conv = build_m2cnn(448, preset="tiny", cell_init="random").get_layer("medium_block8_1_conv")
     assert np.abs(conv.kernel.numpy()).sum() > 0
+
+
+def test_bn_momentum_is_set_on_every_batchnorm_and_survives_saving(tmp_path):
+    model = build_m2cnn(96, preset="tiny", bn_momentum=0.9)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.momentum == 0.9 for layer in norms)
+    save_best(model, stage_dir(tmp_path, 1), {})
+    loaded, _ = load_stage(tmp_path, 1)
+    assert loaded.get_layer("conv_7b_bn").momentum == 0.9
+    assert build_m2cnn(96, preset="tiny").get_layer("conv_7b_bn").momentum == 0.99
