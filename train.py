@@ -88,6 +88,13 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool("resume", True, "Resume from DIR/stageN/backup if present.", flag_values=FLAGS)
 flags.DEFINE_bool("augment", _defaults.augment, "Augment the train split.", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "augment-on",
+    _defaults.augment_on,
+    ["step", "pipeline"],
+    "Augment in the train step on the accelerator, or in tf.data on the CPU.",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("backup-steps", None, "Also back up every N steps.", flag_values=FLAGS)
 for _name in ("stage", "data", "model-dir"):
     flags.mark_flag_as_required(_name, flag_values=FLAGS)
@@ -123,6 +130,7 @@ def config_from_flags() -> Config:
         resume=f["resume"],
         balance=f["balance"],
         augment=f["augment"],
+        augment_on=f["augment-on"],
         backup_steps=f["backup-steps"],
     )
 

@@ -84,6 +84,9 @@ class Config:
     batch_size: int = 32
     # Input pipeline (m2cnn_tf.data). Augmentation: the fundus has no "up", so any rotation.
     augment: bool = True  # master switch for the train split; val/test are never augmented
+    # Where: "step" = in the train step on the accelerator (default: tf.data cannot feed a GPU
+    # at 720 px otherwise, benchmarks/input_pipeline.py), "pipeline" = in tf.data on the CPU.
+    augment_on: str = "step"
     flip: bool = True  # left-right and up-down
     rotation: float = 180.0  # max |angle| in degrees
     zoom: float = 0.1  # max relative zoom in or out

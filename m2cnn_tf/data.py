@@ -8,15 +8,19 @@ smaller at the same depth; batching before augmenting runs one projective-transf
 batch instead of one per image. Everything is TF graph code: no py_function, no numpy.
 
 Augmentation (train only, each a `Config` setting): flips in both axes, rotation by any angle
-(the fundus has no up), a small zoom and shift, all composed into ONE affine map and applied by
-one bilinear `ImageProjectiveTransformV3` on the uint8 images with γ fill (Eq. (1): the masked
-background is γ=128); then brightness and contrast, fused with the [-1, 1] scaling into one
-multiply-add per pixel. Contrast pivots on γ (0 after scaling), the level Eq. (1) centres every
-image on, so no per-image mean is needed. This keeps the heavy geometric work in tf.data at
-uint8 cost (benchmarks/input_pipeline.py compares it with float32 Keras layers).
+(the fundus has no up), a small zoom and shift, all composed into ONE affine map applied by one
+bilinear `ImageProjectiveTransformV3` with γ fill (Eq. (1): the masked background is γ=128);
+then brightness and contrast as one multiply-add. Contrast pivots on γ (0 after scaling), the
+level Eq. (1) centres every image on, so no per-image mean is needed.
 
-Randomness is stateless and keyed by (seed, batch index), so `--seed` makes the whole stream
-reproducible; without a seed a random one is drawn.
+Where it runs (`config.augment_on`): by default ("step") the trainer applies `augment_scaled`
+inside the train step, on the accelerator, and tf.data only decodes and scales: measured on one
+core at 720 px, the transform costs several times the JPEG decode (benchmarks/input_pipeline.py),
+so CPU-side geometry cannot feed a GPU, while on the GPU it is negligible next to the network.
+"pipeline" runs `augment_batch` here instead, on uint8 (a CPU-only machine loses nothing).
+
+Randomness is stateless and keyed by (seed, batch index or training step), so `--seed` makes
+the whole stream reproducible; without a seed a random one is drawn.
 """
 
 from __future__ import annotations
@@ -145,29 +149,54 @@ def affine_transforms(seeds: tf.Tensor, batch: int, image_size: int, config: Con
     return tf.stack([a00, a01, a2, a10, a11, b2, zeros, zeros], axis=1)
 
 
-def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: Config) -> tf.Tensor:
-    """uint8 batch → augmented float32 batch in [-1, 1] (geometry at uint8, then one FMA)."""
-    batch = tf.shape(images)[0]
-    size = images.shape[1]
-    keys = tf.random.experimental.stateless_split(seeds, 3)
-    if config.flip or config.rotation or config.zoom or config.shift:
-        images = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images,
-            transforms=affine_transforms(keys[0], batch, size, config),
-            output_shape=tf.shape(images)[1:3],
-            fill_value=float(config.fill_value),
-            interpolation="BILINEAR",
-            fill_mode="CONSTANT",
-        )
+def _geometry(images: tf.Tensor, key: tf.Tensor, config: Config, fill: float) -> tf.Tensor:
+    if not (config.flip or config.rotation or config.zoom or config.shift):
+        return images
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=affine_transforms(key, tf.shape(images)[0], images.shape[1], config),
+        output_shape=tf.shape(images)[1:3],
+        fill_value=fill,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+
+def _photometric(key: tf.Tensor, batch, config: Config) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-image (gain, offset): contrast around γ and brightness, on the [-1, 1] scale."""
+    keys = tf.random.experimental.stateless_split(key, 2)
     gain = 1.0 + config.contrast * tf.random.stateless_uniform(
-        [batch, 1, 1, 1], seed=keys[1], minval=-1.0, maxval=1.0
+        [batch, 1, 1, 1], seed=keys[0], minval=-1.0, maxval=1.0
     )
     offset = config.brightness * tf.random.stateless_uniform(
-        [batch, 1, 1, 1], seed=keys[2], minval=-1.0, maxval=1.0
+        [batch, 1, 1, 1], seed=keys[1], minval=-1.0, maxval=1.0
     )
+    return gain, offset
+
+
+def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: Config) -> tf.Tensor:
+    """uint8 batch → augmented float32 batch in [-1, 1] (geometry at uint8, then one FMA).
+
+    The tf.data variant (config.augment_on == "pipeline"): cheapest on a CPU.
+    """
+    keys = tf.random.experimental.stateless_split(seeds, 2)
+    images = _geometry(images, keys[0], config, float(config.fill_value))
+    gain, offset = _photometric(keys[1], tf.shape(images)[0], config)
     # ((x / 127.5 - 1) * gain + offset), clipped to the input range, as one multiply-add.
     out = tf.cast(images, tf.float32) * (gain / 127.5) + (offset - gain)
     return tf.clip_by_value(out, -1.0, 1.0)
+
+
+def augment_scaled(images: tf.Tensor, seeds: tf.Tensor, config: Config) -> tf.Tensor:
+    """The same augmentation on a float batch already in [-1, 1]: for the accelerator, inside
+    the train step (config.augment_on == "step"), where the projective transform has a GPU
+    kernel and costs little next to the network. Same seeds → same transform as augment_batch.
+    """
+    keys = tf.random.experimental.stateless_split(seeds, 2)
+    fill = config.fill_value / 127.5 - 1.0  # γ on the [-1, 1] scale, as scale_image maps it
+    images = _geometry(images, keys[0], config, fill)
+    gain, offset = _photometric(keys[1], tf.shape(images)[0], config)
+    return tf.clip_by_value(images * gain + offset, -1.0, 1.0)
 
 
 def _records(files: list[str], *, shuffle: bool, seed: int, deterministic: bool) -> tf.data.Dataset:
@@ -196,7 +225,8 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """(images float32 [B, S, S, 3] in [-1, 1], meta {"grade", "id", "patient", "eye"}).
 
-    training=True: shuffled, augmented (if config.augment), repeated forever, remainder dropped;
+    training=True: shuffled, augmented (if config.augment and config.augment_on == "pipeline";
+    with "step" the trainer augments on the accelerator), repeated forever, remainder dropped;
     with config.balance, grades are resampled (weights from `balance_weights`, the epoch counted
     from `start_epoch` in units of `steps_per_epoch` batches). training=False: the records in
     file order, unaugmented, once, remainder kept.
@@ -254,7 +284,7 @@ def make_dataset(
 
     ds = raw.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
-    if config.augment:
+    if config.augment and config.augment_on == "pipeline":
         ds = ds.enumerate().map(
             lambda i, xm: (
                 augment_batch(xm[0], tf.stack([tf.cast(seed, tf.int64), i]), config),

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,18 @@ class TwoRateTrainer(keras.Model):
     """
 
     def __init__(
-        self, net: keras.Model, pretrained_layers: Sequence[str], weight_decay: float, **kwargs
+        self,
+        net: keras.Model,
+        pretrained_layers: Sequence[str],
+        weight_decay: float,
+        augment: Config | None = None,
+        seed: int = 0,
+        **kwargs,
     ):
         super().__init__(name="trainer", **kwargs)
         self.net = net
+        self.augment = augment  # augment on the accelerator (data.augment_scaled), or None
+        self.seed = int(seed)
         self.weight_decay = float(weight_decay)
         self.pretrained_layers = tuple(pretrained_layers)
         self.optimizer_new = None
@@ -151,6 +160,8 @@ class TwoRateTrainer(keras.Model):
         images, meta = batch
         grades = meta["grade"]
         old, new = self.groups()
+        if self.augment is not None:
+            images = self._augment(images, (self.optimizer_new if new else self.optimizer))
         with tf.GradientTape() as tape:
             outputs, parts = self._loss(images, grades, training=True)
             # Gradients are summed over replicas, so each replica's loss is divided by their number.
@@ -168,6 +179,17 @@ class TwoRateTrainer(keras.Model):
         if new:
             self.optimizer_new.apply(g_new, new)
         return self._logs(self._track(grades, outputs, parts))
+
+    def _augment(self, images, optimizer):
+        """Stateless per (seed, step, replica): reproducible, and it resumes with the optimizer."""
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        seeds = tf.stack(
+            [
+                tf.cast(self.seed, tf.int64) + 7919 * tf.cast(replica, tf.int64),
+                tf.cast(optimizer.iterations, tf.int64),
+            ]
+        )
+        return data.augment_scaled(images, seeds, self.augment)
 
     def test_step(self, batch):
         images, meta = batch
@@ -395,6 +417,8 @@ def check_config(config: Config) -> None:
             )
     if config.bn_momentum is not None and not 0 <= config.bn_momentum < 1:
         raise ValueError(f"--bn-momentum must be in [0, 1), got {config.bn_momentum}")
+    if config.augment_on not in ("step", "pipeline"):
+        raise ValueError(f"--augment-on must be step or pipeline, got {config.augment_on!r}")
     if config.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not config.data or not os.path.isdir(config.data):
@@ -468,7 +492,14 @@ def run(config: Config, log=print) -> dict[str, Any]:
         net, loaded, origin = initialise(config, log=log)
         if config.bn_momentum is not None:
             set_bn_momentum(net, config.bn_momentum)
-        trainer = TwoRateTrainer(net, loaded, config.weight_decay)
+        on_device = config.augment and config.augment_on == "step"
+        trainer = TwoRateTrainer(
+            net,
+            loaded,
+            config.weight_decay,
+            augment=config if on_device else None,
+            seed=config.seed if config.seed is not None else random.SystemRandom().randrange(2**31),
+        )
         trainer.compile_two_rates(
             make_optimizer(config.optimizer, config.lr_pretrained),
             make_optimizer(config.optimizer, config.lr_new),

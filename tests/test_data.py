@@ -13,7 +13,15 @@ from m2cnn_tf import data
 from m2cnn_tf.config import Config
 
 SIZE = 32
-NO_AUG = dict(flip=False, rotation=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=0.0)
+NO_AUG = dict(
+    flip=False,
+    rotation=0.0,
+    zoom=0.0,
+    shift=0.0,
+    brightness=0.0,
+    contrast=0.0,
+    augment_on="pipeline",
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +88,15 @@ def test_same_seed_gives_the_same_stream_and_another_seed_does_not(dataset):
     out = dataset[0]
 
     def stream(seed):
-        ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=seed)
+        ds = data.make_dataset(
+            out,
+            SIZE,
+            "train",
+            batch_size=8,
+            training=True,
+            seed=seed,
+            config=Config(augment_on="pipeline"),
+        )
         return [x.numpy() for x, _ in ds.take(3)]
 
     a, b, c = stream(5), stream(5), stream(6)
@@ -207,8 +223,27 @@ def test_no_python_in_the_per_example_path(dataset):
         batch_size=4,
         training=True,
         seed=0,
-        config=dataclasses.replace(Config(), balance=True),
+        config=dataclasses.replace(Config(), balance=True, augment_on="pipeline"),
     )
     graph = ds._as_serialized_graph().numpy()
     assert b"PyFunc" not in graph and b"EagerPyFunc" not in graph
     assert b"ImageProjectiveTransformV3" in graph and b"ParallelMapDataset" in graph
+
+
+def test_the_accelerator_variant_applies_the_same_augmentation_to_scaled_images(dataset):
+    train = dataset[1][:8]
+    seeds = tf.constant([11, 3], tf.int64)
+    cfg = Config(rotation=180.0, zoom=0.2, shift=0.1, brightness=0.1, contrast=0.2)
+    on_cpu = data.augment_batch(tf.constant(train), seeds, cfg).numpy()
+    on_device = data.augment_scaled(data.scale_image(train), seeds, cfg).numpy()
+    assert np.abs(on_cpu - train / 127.5 + 1.0).max() > 0.5  # it did augment
+    # Only the uint8 output of the interpolation differs (it truncates): under one grey level,
+    # times the contrast gain (at most 1.2).
+    np.testing.assert_allclose(on_device, on_cpu, atol=1.2 / 127.5 + 1e-5)
+
+
+def test_default_training_pipeline_leaves_augmentation_to_the_train_step(dataset):
+    out, train = dataset[0], dataset[1]
+    ds = data.make_dataset(out, SIZE, "train", batch_size=40, training=True, seed=0)
+    images = _unscale(next(iter(ds))[0].numpy())
+    assert sorted(im.tobytes() for im in images) == sorted(im.tobytes() for im in train)
