@@ -16,6 +16,8 @@ import tensorflow as tf
 
 from m2cnn_tf.model import POOL
 
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
 
 class GradCam:
     """Batched Grad-CAM: `cams(images)` -> (B, h, w) in [0, 1] at the feature map's size.
@@ -80,9 +82,13 @@ def write_panel(path, rgb: np.ndarray, cam: np.ndarray, caption: str = "") -> No
     """PNG: the preprocessed image beside its Grad-CAM overlay, with a one-line caption."""
     panel = np.concatenate([rgb, overlay(rgb, cam)], axis=1)
     if caption:
-        bar = np.full((28, panel.shape[1], 3), 255, np.uint8)
-        cv2.putText(bar, caption, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1,
-                    cv2.LINE_AA)  # fmt: skip
+        width = panel.shape[1]
+        scale = max(0.3, width / 1200)  # shrink until the caption fits the panel's width
+        while scale > 0.3 and cv2.getTextSize(caption, _FONT, scale, 1)[0][0] > width - 12:
+            scale -= 0.05
+        (_, text_h), _ = cv2.getTextSize(caption, _FONT, scale, 1)
+        bar = np.full((text_h + 14, width, 3), 255, np.uint8)
+        cv2.putText(bar, caption, (6, text_h + 6), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
         panel = np.concatenate([panel, bar], axis=0)
     if not cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)):
         raise OSError(f"cannot write {path}")
