@@ -12,6 +12,7 @@ checkpoint, so it loads anywhere in safe mode.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -121,6 +122,15 @@ class TwoRateTrainer(keras.Model):
         Keras's version all-reduces a data batch to trace a symbolic step, which fails on
         MultiWorkerMirroredStrategy's PerReplica batches (Keras 3.15); skipping it is safe here.
         """
+
+    def make_test_function(self, force=False):
+        """--xla compiles the train step only: the kappa metric's bincount has no XLA kernel,
+        and validation runs once an epoch."""
+        jit, self._jit_compile = self._jit_compile, False
+        try:
+            return super().make_test_function(force)
+        finally:
+            self._jit_compile = jit
 
     @property
     def metrics(self):
@@ -431,6 +441,10 @@ def run(config: Config, log=print) -> dict[str, Any]:
     """Train one stage as `config` says; returns the final epoch's logs and the best value."""
     check_config(config)
     size = config.resolved_image_size()
+    if config.xla and config.augment and config.augment_on == "step":
+        # ImageProjectiveTransformV3 has no XLA kernel, so it cannot sit in a jit-compiled step.
+        log("--xla: the projective transform cannot be XLA-compiled; augmenting in tf.data")
+        config = dataclasses.replace(config, augment_on="pipeline")
     if config.stage > 1 and not config.init:  # fail before any work when the start is missing
         checkpoints.best_model_path(config.model_dir, config.stage - 1)
     # First TF work of the process: MultiWorkerMirroredStrategy must configure collective ops

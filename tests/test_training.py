@@ -222,3 +222,42 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, records_dir):
     with pytest.raises(training.TrainingError, match=r"loss became (nan|inf) at step [2-4] "):
         training.run(config, log=lambda *_: None)
     assert not (tmp_path / "stage1" / "best.keras").exists()
+
+
+def test_mixed_precision_step_updates_both_groups_and_skips_an_overflowing_step():
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16")  # conftest restores float32
+    net = build_m2cnn(75, preset="tiny")
+    pretrained = backbone_layer_names(net)[:10]
+    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=4e-5)
+    trainer.compile_two_rates(
+        training.make_optimizer("sgd", 0.1),
+        training.make_optimizer("sgd", 0.01),
+        mixed_precision=True,
+        jit_compile=False,
+    )
+    rng = np.random.default_rng(0)
+    batch = (
+        tf.constant(rng.uniform(-1, 1, (4, 75, 75, 3)), tf.float32),
+        {"grade": tf.constant([0, 1, 3, 4], tf.int32)},
+    )
+    old, new = trainer.groups()
+    for opt in (trainer.optimizer, trainer.optimizer_new):
+        opt.dynamic_scale.assign(1.0)  # a random net's float16 gradients overflow at 2**15
+    first = [v.numpy() for v in old + new]
+    trainer.train_step(batch)
+    moved = [not np.array_equal(v.numpy(), f) for v, f in zip(old + new, first, strict=True)]
+    assert any(moved[: len(old)]) and any(moved[len(old) :])
+    assert all(np.isfinite(v.numpy()).all() for v in old + new)
+
+    # A loss scale so large that the scaled loss overflows: no variable may change, and both
+    # scales halve for the next step.
+    for opt in (trainer.optimizer, trainer.optimizer_new):
+        opt.dynamic_scale.assign(3e38)
+    second = [v.numpy() for v in old + new]
+    trainer.train_step(batch)
+    for v, s in zip(old + new, second, strict=True):
+        np.testing.assert_array_equal(v.numpy(), s)
+    for opt in (trainer.optimizer, trainer.optimizer_new):
+        assert float(opt.dynamic_scale.numpy()) == pytest.approx(1.5e38, rel=1e-6)
