@@ -623,17 +623,17 @@ def run_label(report_dir: str | Path, report: dict[str, Any]) -> str:
 
 
 def compare_reports(report_dirs: Sequence[str | Path]) -> str:
-    """Table II over several report dirs, plus the details table. Reports whose (run, row)
-    would collide are labelled by their report dir instead."""
+    """Table II over several report dirs, plus the details table. When two reports of a run
+    would share a cell (same split and size), that run's reports are labelled by their dirs."""
     loaded = [(d, load_report(d)) for d in report_dirs]
     labels = [run_label(d, r) for d, r in loaded]
     keys = [
         (lab, r.get("split"), r.get("image_size"))
         for lab, (_, r) in zip(labels, loaded, strict=True)
     ]
+    clashing = {k[0] for k in keys if keys.count(k) > 1}
     labels = [
-        Path(d).name if keys.count(k) > 1 else lab
-        for lab, k, (d, _) in zip(labels, keys, loaded, strict=True)
+        Path(d).name if lab in clashing else lab for lab, (d, _) in zip(labels, loaded, strict=True)
     ]
     pairs = [(lab, r) for lab, (_, r) in zip(labels, loaded, strict=True)]
     return table_ii(pairs) + "\n\n" + details_table(pairs)
