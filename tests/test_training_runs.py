@@ -100,7 +100,7 @@ def test_a_killed_run_and_an_interrupted_run_both_resume_where_they_stopped(tmp_
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and f"Epoch {killed_epoch + 1}/" not in log.read_text():
             time.sleep(0.05)
-        time.sleep(4.0)  # into the epoch's steps (the first one traces the step function)
+        time.sleep(1.0)  # into the resumed epoch (tracing or the first steps)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     text = log.read_text()
