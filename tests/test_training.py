@@ -261,3 +261,28 @@ def test_mixed_precision_step_updates_both_groups_and_skips_an_overflowing_step(
         np.testing.assert_array_equal(v.numpy(), s)
     for opt in (trainer.optimizer, trainer.optimizer_new):
         assert float(opt.dynamic_scale.numpy()) == pytest.approx(1.5e38, rel=1e-6)
+
+
+def test_out_of_memory_stops_with_a_smaller_batch_size_suggestion(
+    tmp_path, records_dir, monkeypatch
+):
+    def oom(self, *args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    monkeypatch.setattr(training.TwoRateTrainer, "fit", oom)
+    config = Config(
+        stage=1,
+        image_size=SIZE,
+        preset="tiny",
+        data=str(records_dir),
+        model_dir=str(tmp_path),
+        weights="none",
+        epochs=1,
+        batch_size=8,
+    )
+    with pytest.raises(
+        training.TrainingError,
+        match=r"out of memory at --batch-size 8; try a "
+        r"smaller --batch-size \(e.g. 4\)",
+    ):
+        training.run(config, log=lambda *_: None)
