@@ -183,14 +183,10 @@ def _reference_bootstrap(y_true, y_pred, groups, n_boot, seed, level=0.95):
         picked = rng.integers(0, len(names), size=len(names))
         idx = [i for k in picked for i in members[names[k]]]
         t, p = y_true[idx], y_pred[idx]
-        if len(set(t.tolist()) | set(p.tolist())) < 2 or len(set(t.tolist())) < 2:
-            # sklearn's kappa is nan (or undefined) when the expected disagreement is zero
-            denominator_zero = True
-            expected = np.outer(np.bincount(t, minlength=5), np.bincount(p, minlength=5))
-            w = (np.arange(5)[:, None] - np.arange(5)[None, :]) ** 2
-            denominator_zero = (w * expected).sum() == 0
-            if denominator_zero:
-                continue
+        # Kappa is undefined (sklearn: nan) when the expected disagreement is zero: skip.
+        expected = np.outer(np.bincount(t, minlength=5), np.bincount(p, minlength=5))
+        if ((np.arange(5)[:, None] - np.arange(5)[None, :]) ** 2 * expected).sum() == 0:
+            continue
         values.append(qwk(t, p))
     tail = (1 - level) / 2 * 100
     return tuple(np.percentile(values, [tail, 100 - tail]))
