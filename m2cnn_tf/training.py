@@ -30,7 +30,12 @@ from m2cnn_tf import checkpoints, data
 from m2cnn_tf.config import Config, get_preset, multi_cell_path
 from m2cnn_tf.losses import multitask_loss, regularized_variables
 from m2cnn_tf.metrics import QuadraticKappa
-from m2cnn_tf.model import build_m2cnn, copy_weights_by_name, load_backbone_weights
+from m2cnn_tf.model import (
+    build_m2cnn,
+    copy_weights_by_name,
+    load_backbone_weights,
+    split_lr_groups,
+)
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "rmsprop")
 STRATEGIES = ("default", "mirrored", "multiworker")
@@ -95,12 +100,8 @@ class TwoRateTrainer(keras.Model):
         return self.net(images, training=training)
 
     def groups(self) -> tuple[list, list]:
-        """(pretrained vars at LR1, new vars at LR2), as `model.split_lr_groups`."""
-        pre = set(self.pretrained_layers)
-        old, new = [], []
-        for layer in self.net.layers:
-            (old if layer.name in pre else new).extend(layer.trainable_weights)
-        return old, new
+        """(pretrained vars at LR1, new vars at LR2)."""
+        return split_lr_groups(self.net, self.pretrained_layers)
 
     def compile_two_rates(
         self, optimizer_pre, optimizer_new, *, mixed_precision: bool, jit_compile: bool
