@@ -137,6 +137,9 @@ def config_from_flags() -> Config:
 
 def main(argv: list[str]) -> int:
     FLAGS.unparse_flags()  # main() may run twice in one process (tests)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.get_help())
+        return 0
     try:
         rest = FLAGS(argv)
     except flags.Error as err:
