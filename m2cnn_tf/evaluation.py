@@ -19,7 +19,7 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def tta_views(images: tf.Tensor, mode: str) -> list[tf.Tensor]:
     return views
 
 
-def make_predict_fn(model, tta: str = "none"):
+def make_predict_fn(model, tta: str = "none") -> Callable[[Any], dict[str, tf.Tensor]]:
     """A compiled batch function: images -> {"logits", "score", "probabilities"}.
 
     With TTA, the softmax probabilities, the logits and the score are each the mean over views
@@ -120,7 +120,9 @@ def _text(values) -> np.ndarray:
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in np.ravel(values)])
 
 
-def predict_dataset(model, dataset: tf.data.Dataset, *, tta: str = "none", progress=None):
+def predict_dataset(
+    model, dataset: tf.data.Dataset, *, tta: str = "none", progress=None
+) -> Predictions:
     """Run the model over a `data.make_dataset(..., training=False)` dataset of (images, meta)."""
     predict = make_predict_fn(model, tta)
     parts: dict[str, list] = {k: [] for k in ("id", "patient", "eye", "grade", "score", "probs")}
@@ -526,7 +528,9 @@ def plot_roc(path: str | Path, report: dict[str, Any], title: str = "") -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: str | Path, report: dict[str, Any], preds: Predictions, extra=None):
+def write_report(
+    out_dir: str | Path, report: dict[str, Any], preds: Predictions, extra=None
+) -> None:
     """report.json, predictions.csv and the two plots into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from m2cnn_tf.config import NUM_CLASSES
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS, scores_to_grades
+from m2cnn_tf.preprocessing import PreprocessParams
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 CSV_COLUMNS = (
@@ -56,7 +57,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def preprocess_params_for(model_dir: str | Path, stage: int, data_dir: str | None = None):
+def preprocess_params_for(
+    model_dir: str | Path, stage: int, data_dir: str | None = None
+) -> tuple[PreprocessParams, str]:
     """The PreprocessParams the training data was made with, and where they came from.
 
     Looked up in DATA/manifest.json, DATA being `data_dir` or the `data` of the stage's
@@ -64,7 +67,6 @@ def preprocess_params_for(model_dir: str | Path, stage: int, data_dir: str | Non
     constants) otherwise.
     """
     from m2cnn_tf.checkpoints import CONFIG, stage_dir
-    from m2cnn_tf.preprocessing import PreprocessParams
 
     if data_dir is None:
         config_path = stage_dir(model_dir, stage) / CONFIG
@@ -97,7 +99,7 @@ def _find_params(manifest: dict[str, Any]) -> dict[str, Any] | None:
 # Streaming prediction
 
 
-def _preprocess_one(path: Path, size: int, params) -> np.ndarray:
+def _preprocess_one(path: Path, size: int, params: PreprocessParams) -> np.ndarray:
     from m2cnn_tf.preprocessing import preprocess_file
 
     return preprocess_file(path, [size], params)[size]
@@ -134,7 +136,7 @@ class Predictor:
     def __init__(
         self,
         model,
-        params,
+        params: PreprocessParams,
         *,
         tta: str = "none",
         cutpoints: Sequence[float] = DEFAULT_CUTPOINTS,
