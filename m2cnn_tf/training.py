@@ -238,7 +238,10 @@ def initialise(config: Config, log=print) -> tuple[keras.Model, list[str], str]:
     Returns (model, names of layers that arrived trained = the LR1 group, description).
     """
     size = config.resolved_image_size()
-    net = build_m2cnn(size, weights=None, preset=config.preset, num_classes=config.num_classes)
+    extra = {} if config.bn_momentum is None else {"bn_momentum": config.bn_momentum}
+    net = build_m2cnn(
+        size, weights=None, preset=config.preset, num_classes=config.num_classes, **extra
+    )
     if config.init or config.stage > 1:
         path = config.init or checkpoints.best_model_path(config.model_dir, config.stage - 1)
         source = checkpoints.load_model(path)
@@ -256,17 +259,6 @@ def initialise(config: Config, log=print) -> tuple[keras.Model, list[str], str]:
         f"{n_new} variables new"
     )
     return net, loaded, origin
-
-
-def set_bn_momentum(net: keras.Model, momentum: float) -> None:
-    """Moving-statistics momentum of every BatchNormalization layer, for this run only.
-
-    At Keras's 0.99 the inference-mode statistics need a few hundred steps to catch up with
-    weights that move fast; short runs (the demo, smoke tests) validate better at ~0.9.
-    """
-    for layer in net.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = momentum
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -505,8 +497,6 @@ def run(config: Config, log=print) -> dict[str, Any]:
 
     with strategy.scope():
         net, loaded, origin = initialise(config, log=log)
-        if config.bn_momentum is not None:
-            set_bn_momentum(net, config.bn_momentum)
         on_device = config.augment and config.augment_on == "step"
         trainer = TwoRateTrainer(
             net,
