@@ -85,6 +85,7 @@ def build_m2cnn(
     num_classes: int = NUM_CLASSES,
     cell_init: str = "identity",
     bn_momentum: float = 0.99,
+    multi_cell: bool = True,
     name: str | None = None,
 ) -> keras.Model:
     """Build M²CNN for one input resolution; the cells it gets follow Table I / §II-C.
@@ -96,12 +97,14 @@ def build_m2cnn(
     bn_momentum: of every BatchNorm's moving averages. Keras's 0.99 suits the paper's 10k+
     steps; a run of a few hundred steps needs ~0.9, or inference-mode statistics lag so far
     behind the weights that every prediction collapses to one grade.
+    multi_cell: False builds the plain BaseNet+MT at any resolution, Table II's "Multi-Task"
+    column at 448 and 720 px, the ablation against which M²CNN is compared.
     Outputs: {"logits": (B, num_classes), "score": (B, 1)}, float32 under any dtype policy.
     """
     if cell_init not in ("identity", "random"):
         raise ValueError(f"cell_init must be 'identity' or 'random', got {cell_init!r}")
     p = get_preset(preset)
-    path = multi_cell_path(image_size)
+    path = multi_cell_path(image_size) if multi_cell else "small"
     groups = {"small": [], "medium": [("medium", p.n3)]}.get(
         path, [("medium", p.n3), ("large", p.n4)]
     )

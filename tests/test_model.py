@@ -220,3 +220,9 @@ def test_bn_momentum_is_set_on_every_batchnorm_and_survives_saving(tmp_path):
     loaded, _ = load_stage(tmp_path, 1)
     assert loaded.get_layer("conv_7b_bn").momentum == 0.9
     assert build_m2cnn(96, preset="tiny").get_layer("conv_7b_bn").momentum == 0.99
+
+
+def test_without_multi_cell_any_resolution_is_the_plain_basenet():
+    model = build_m2cnn(448, preset="tiny", multi_cell=False)
+    assert not any(layer.name.startswith(("medium_", "large_")) for layer in model.layers)
+    assert spatial_sizes(model) == (12, 12)
