@@ -31,6 +31,9 @@ flags.DEFINE_bool("per-patient", False, "Blend each eye with the fellow eye (wei
 flags.DEFINE_integer("batch-size", 16, "Images per model call.")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap replicates for the kappa 95% CI.")
 flags.DEFINE_list("compare", [], "Report folders to print side by side (space or comma separated).")
+flags.DEFINE_float(
+    "min-kappa", None, "Exit 1 if the kappa from scores is below this: a gate for scripts and CI."
+)
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -91,6 +94,15 @@ def main(argv: list[str]) -> None:
         print()
         print(evaluation.details_table([(label, report)]))
         print(f"\nreport written to {FLAGS.out}")
+        gate = FLAGS["min-kappa"].value
+        if gate is not None:
+            kappa = report["scores"]["kappa"]
+            passed = kappa is not None and kappa >= gate
+            shown = "undefined" if kappa is None else f"{kappa:.3f}"
+            verdict = f">= {gate} (pass)" if passed else f"< {gate} (FAIL)"
+            print(f"check: kappa from scores {shown} {verdict}")
+            if not passed:
+                sys.exit(1)
         if compare:
             compare.append(FLAGS.out)
     if compare:

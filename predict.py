@@ -101,6 +101,8 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
 
     try:
+        if FLAGS.out:
+            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         out = open(FLAGS.out, "w", newline="") if FLAGS.out else sys.stdout  # noqa: SIM115
         if FLAGS.gradcam:
             os.makedirs(FLAGS.gradcam, exist_ok=True)

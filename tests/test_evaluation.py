@@ -331,3 +331,18 @@ def test_evaluate_cli_usage_errors_exit_2_with_one_line(tmp_path, workspace):
         assert proc.returncode == 2, proc.stderr
         message = [line for line in proc.stderr.splitlines() if "evaluate.py: error" in line]
         assert len(message) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_min_kappa_gate_exits_1_below_and_0_at_or_above(tmp_path, workspace):
+    common = [
+        "evaluate.py", "--model-dir", str(workspace["model_dir"]), "--stage", "1",
+        "--data", str(workspace["data"]), "--split", "test", "--bootstrap", "50",
+    ]  # fmt: skip
+    failing = _run(*common, "--out", str(tmp_path / "a"), "--min-kappa", "1.01", cwd=tmp_path)
+    assert failing.returncode == 1, failing.stderr
+    rows = _read_csv(tmp_path / "a" / "predictions.csv")
+    kappa = qwk([int(r["grade"]) for r in rows], [int(r["pred_score"]) for r in rows])
+    assert f"check: kappa from scores {kappa:.3f} < 1.01 (FAIL)" in failing.stdout
+    passing = _run(*common, "--out", str(tmp_path / "b"), "--min-kappa", "-1", cwd=tmp_path)
+    assert passing.returncode == 0, passing.stderr
+    assert "(pass)" in passing.stdout

@@ -113,7 +113,8 @@ def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(w
     good_jpeg = (workspace["images"] / "0_left.jpeg").read_bytes()
     (bad / "cut.jpeg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
     cv2.imwrite(str(bad / "black.png"), np.zeros((200, 300, 3), np.uint8))
-    out, cams, images = root / "preds.csv", root / "cams", workspace["images"]
+    # --out and --gradcam name folders that do not exist yet: predict.py creates them.
+    out, cams, images = root / "new" / "preds.csv", root / "cams", workspace["images"]
     proc = _run(
         "--model-dir", str(workspace["model_dir"]), "--stage", "1", "--out", str(out),
         "--gradcam", str(cams), "--batch-size", "2",
