@@ -32,7 +32,10 @@ flags.DEFINE_integer("batch-size", 16, "Images per model call.")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap replicates for the kappa 95% CI.")
 flags.DEFINE_list("compare", [], "Report folders to print side by side (space or comma separated).")
 flags.DEFINE_float(
-    "min-kappa", None, "Exit 1 if the kappa from scores is below this: a gate for scripts and CI."
+    "min-kappa",
+    None,
+    "Exit 1 if the kappa from scores is below this: a gate for scripts and CI. With --compare, "
+    "the last report listed is checked.",
 )
 
 
@@ -94,15 +97,8 @@ def main(argv: list[str]) -> None:
         print()
         print(evaluation.details_table([(label, report)]))
         print(f"\nreport written to {FLAGS.out}")
-        gate = FLAGS["min-kappa"].value
-        if gate is not None:
-            kappa = report["scores"]["kappa"]
-            passed = kappa is not None and kappa >= gate
-            shown = "undefined" if kappa is None else f"{kappa:.3f}"
-            verdict = f">= {gate} (pass)" if passed else f"< {gate} (FAIL)"
-            print(f"check: kappa from scores {shown} {verdict}")
-            if not passed:
-                sys.exit(1)
+        if not compare:
+            _check_gate(report)
         if compare:
             compare.append(FLAGS.out)
     if compare:
@@ -110,6 +106,21 @@ def main(argv: list[str]) -> None:
             print(evaluation.compare_reports(compare))
         except (FileNotFoundError, ValueError, KeyError) as err:
             _fail(str(err).splitlines()[0])
+        _check_gate(evaluation.load_report(compare[-1]))
+
+
+def _check_gate(report: dict) -> None:
+    """--min-kappa: print the verdict, exit 1 below the bar."""
+    gate = FLAGS["min-kappa"].value
+    if gate is None:
+        return
+    kappa = report["scores"]["kappa"]
+    passed = kappa is not None and kappa >= gate
+    shown = "undefined" if kappa is None else f"{kappa:.3f}"
+    verdict = f">= {gate} (pass)" if passed else f"< {gate} (FAIL)"
+    print(f"check: kappa from scores {shown} {verdict}")
+    if not passed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
