@@ -22,6 +22,9 @@ LARGE_MIN = 700
 
 NUM_CLASSES = 5  # grades 0-4: none, mild, moderate, severe NPDR, PDR
 
+# Table II's training objectives: Eq. (4) in full, or one task's loss (Eq. (2) or (3)) + L_reg.
+LOSSES = ("multitask", "ce", "mse")
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -68,6 +71,8 @@ class Config:
     image_size: int | None = None  # None: the stage's resolution from STAGE_SIZES
     preset: str = "paper"
     num_classes: int = NUM_CLASSES
+    multi_cell: bool = True  # False: the plain BaseNet+MT at any size (Table II "Multi-Task")
+    loss: str = "multitask"  # one of LOSSES (Table II's MSE / CE / Multi-Task columns)
     # Where things are
     data: str = ""
     model_dir: str = ""

@@ -620,10 +620,28 @@ def load_report(report_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def run_kind(meta: dict[str, Any]) -> str | None:
+    """Table II's column name of a run from its best.json: "MSE", "CE", "Multi-Task" (no
+    Multi-Cell) or "M²CNN"; "+MC" marks a single-task run with cells. None for checkpoints
+    that predate the --loss/--multi-cell switches."""
+    flags = meta.get("flags", {})
+    loss = meta.get("loss", flags.get("loss"))
+    if loss is None:
+        return None
+    multi_cell = bool(meta.get("multi_cell", flags.get("multi_cell", True)))
+    if loss == "multitask":
+        return "M²CNN" if multi_cell else "Multi-Task"
+    return loss.upper() + ("+MC" if multi_cell else "")
+
+
 def run_label(report_dir: str | Path, report: dict[str, Any]) -> str:
-    """The column a report goes in: the name of its --model-dir (one run, several stages)."""
-    model_dir = report.get("checkpoint", {}).get("model_dir")
-    return Path(model_dir).name if model_dir else Path(report_dir).name
+    """The column a report goes in: the name of its --model-dir (one run, several stages),
+    prefixed by the run's Table II column (loss, Multi-Cell) when best.json records it."""
+    checkpoint = report.get("checkpoint", {})
+    model_dir = checkpoint.get("model_dir")
+    name = Path(model_dir).name if model_dir else Path(report_dir).name
+    kind = run_kind(checkpoint.get("meta") or {})
+    return f"{kind}: {name}" if kind else name
 
 
 def compare_reports(report_dirs: Sequence[str | Path]) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from m2cnn_tf import checkpoints, data
-from m2cnn_tf.config import Config, get_preset, multi_cell_path
+from m2cnn_tf.config import LOSSES, Config, get_preset, multi_cell_path
 from m2cnn_tf.losses import multitask_loss, regularized_variables
 from m2cnn_tf.metrics import QuadraticKappa
 from m2cnn_tf.model import (
@@ -69,6 +69,9 @@ class TwoRateTrainer(keras.Model):
     scaled once by the smaller of their scales; each group's gradients are then rescaled to
     its own optimizer's scale, so each unscales and skips non-finite steps on its own, and a
     group that overflows lowers the common scale for the next step.
+
+    `loss` picks Table II's objective: "multitask" optimises Eq. (4), "ce" Eq. (2) + L_reg, "mse"
+    Eq. (3) + L_reg. All parts are still logged, so the untrained head's loss stays visible.
     """
 
     def __init__(
@@ -78,9 +81,13 @@ class TwoRateTrainer(keras.Model):
         weight_decay: float,
         augment: Config | None = None,
         seed: int = 0,
+        loss: str = "multitask",
         **kwargs,
     ):
         super().__init__(name="trainer", **kwargs)
+        if loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        self.loss_mode = loss
         self.net = net
         self.augment = augment  # augment on the accelerator (data.augment_scaled), or None
         self.seed = int(seed)
@@ -148,6 +155,8 @@ class TwoRateTrainer(keras.Model):
     def _loss(self, images, grades, training: bool):
         outputs = self.net(images, training=training)
         parts = multitask_loss(grades, outputs, regularized_variables(self.net), self.weight_decay)
+        if self.loss_mode != "multitask":
+            parts = {**parts, "loss": parts[self.loss_mode] + parts["reg"]}
         return outputs, parts
 
     def _track(self, grades, outputs, parts) -> dict:
@@ -180,7 +189,12 @@ class TwoRateTrainer(keras.Model):
             if self._mixed:
                 scale = tf.minimum(self.optimizer.dynamic_scale, self.optimizer_new.dynamic_scale)
                 loss = loss * scale
-        grads = tape.gradient(loss, old + new)  # once, for both groups
+        # Once, for both groups. A single-task loss leaves the other head's bias unconnected:
+        # a zero gradient keeps it still under every optimizer and loss scaling.
+        grads = tape.gradient(loss, old + new)
+        grads = [
+            tf.zeros_like(v) if g is None else g for v, g in zip(old + new, grads, strict=True)
+        ]
         g_old, g_new = grads[: len(old)], grads[len(old) :]
         if self._mixed:
             g_old = [g * (self.optimizer.dynamic_scale / scale) for g in g_old]
@@ -240,7 +254,12 @@ def initialise(config: Config, log=print) -> tuple[keras.Model, list[str], str]:
     size = config.resolved_image_size()
     extra = {} if config.bn_momentum is None else {"bn_momentum": config.bn_momentum}
     net = build_m2cnn(
-        size, weights=None, preset=config.preset, num_classes=config.num_classes, **extra
+        size,
+        weights=None,
+        preset=config.preset,
+        num_classes=config.num_classes,
+        multi_cell=config.multi_cell,
+        **extra,
     )
     if config.init or config.stage > 1:
         path = config.init or checkpoints.best_model_path(config.model_dir, config.stage - 1)
@@ -333,8 +352,14 @@ class StopOnNonFinite(keras.callbacks.Callback):
             )
 
 
+def best_metric(loss: str) -> str:
+    """The val kappa a run is judged by: from scores (Table II's preferred test), except for a
+    CE-only run, whose regression head is never trained, so it is judged by its probabilities."""
+    return "val_kappa_probs" if loss == "ce" else "val_kappa_scores"
+
+
 class KeepBest(keras.callbacks.Callback):
-    """Keep the functional model with the best val kappa from scores (Table II's preferred test)."""
+    """Keep the functional model with the best val kappa by `metric` (see `best_metric`)."""
 
     def __init__(
         self,
@@ -344,14 +369,15 @@ class KeepBest(keras.callbacks.Callback):
         best: float,
         write: bool,
         log=print,
+        metric: str = "val_kappa_scores",
     ):
         super().__init__()
         self.net, self.directory, self.meta, self.best = net, directory, meta, best
-        self.write, self.log = write, log
+        self.write, self.log, self.metric = write, log, metric
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        value = float(logs.get("val_kappa_scores", float("nan")))
+        value = float(logs.get(self.metric, float("nan")))
         comparable = value if math.isfinite(value) else -math.inf
         if self.best is not None and comparable <= self.best:
             return
@@ -360,13 +386,15 @@ class KeepBest(keras.callbacks.Callback):
             meta = {
                 **self.meta,
                 "epoch": epoch + 1,
-                "val_kappa_scores": value,
+                "best_metric": self.metric,
+                "val_kappa_scores": float(logs.get("val_kappa_scores", float("nan"))),
                 "val_kappa_probs": float(logs.get("val_kappa_probs", float("nan"))),
                 "val_loss": float(logs.get("val_loss", float("nan"))),
             }
             checkpoints.save_best(self.net, self.directory, meta)
+            way = "prob." if self.metric == "val_kappa_probs" else "scores"
             self.log(
-                f"\nepoch {epoch + 1}: val kappa (scores) {value:.4f}, new best -> "
+                f"\nepoch {epoch + 1}: val kappa ({way}) {value:.4f}, new best -> "
                 f"{self.directory / checkpoints.BEST_MODEL}"
             )
 
@@ -382,11 +410,11 @@ def _backup_epoch(backup_dir: Path) -> int:
     return 0
 
 
-def _previous_best(directory: Path) -> float | None:
+def _previous_best(directory: Path, metric: str) -> float | None:
     meta = directory / checkpoints.BEST_META
     if not meta.is_file():
         return None
-    value = json.loads(meta.read_text()).get("val_kappa_scores")
+    value = json.loads(meta.read_text()).get(metric)
     return float(value) if value is not None and math.isfinite(float(value)) else -math.inf
 
 
@@ -398,6 +426,8 @@ def check_config(config: Config) -> None:
             f"--image-size must be at least 75 (Inception-ResNet-v2's stem), got {size}"
         )
     get_preset(config.preset)
+    if config.loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(
             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}"
@@ -504,6 +534,7 @@ def run(config: Config, log=print) -> dict[str, Any]:
             config.weight_decay,
             augment=config if on_device else None,
             seed=config.seed if config.seed is not None else random.SystemRandom().randrange(2**31),
+            loss=config.loss,
         )
         trainer.compile_two_rates(
             make_optimizer(config.optimizer, config.lr_pretrained),
@@ -522,19 +553,22 @@ def run(config: Config, log=print) -> dict[str, Any]:
         "stage": config.stage,
         "resolution": size,
         "preset": config.preset,
-        "multi_cell_path": multi_cell_path(size),
+        "multi_cell_path": run_path(config),
+        "multi_cell": config.multi_cell,
+        "loss": config.loss,
         "init": origin,
         "flags": config.to_dict(),
         "versions": versions(),
     }
-    best = _previous_best(directory) if start_epoch > 0 else None
+    metric = best_metric(config.loss)
+    best = _previous_best(directory, metric) if start_epoch > 0 else None
     backup = Backup(
         str(backup_dir),
         save_freq=config.backup_steps or "epoch",
         double_checkpoint=True,
         delete_checkpoint=False,
     )
-    keep_best = KeepBest(net, directory, meta, best, write=chief, log=log)
+    keep_best = KeepBest(net, directory, meta, best, write=chief, log=log, metric=metric)
     # Order matters: the NaN check runs before anything is saved, and the epoch is logged and
     # the best model kept before the backup marks the epoch as done.
     callbacks: list[keras.callbacks.Callback] = [StopOnNonFinite(steps), keep_best]
@@ -568,12 +602,22 @@ def run(config: Config, log=print) -> dict[str, Any]:
             f"(e.g. {max(1, config.batch_size // 2)})"
         ) from None
     final = {k: float(v[-1]) for k, v in history.history.items() if v}
-    return {"final": final, "best_val_kappa_scores": keep_best.best, "stage_dir": str(directory)}
+    return {
+        "final": final,
+        "best_metric": metric,
+        "best_val_kappa": keep_best.best,
+        "stage_dir": str(directory),
+    }
+
+
+def run_path(config: Config) -> str:
+    """§II-C's Multi-Cell path of the run's model: 'small' whenever the cells are switched off."""
+    return multi_cell_path(config.resolved_image_size()) if config.multi_cell else "small"
 
 
 def describe(config: Config) -> str:
     """The resolved configuration, printed at start."""
     values = config.to_dict()
     values["resolved_image_size"] = config.resolved_image_size()
-    values["multi_cell_path"] = multi_cell_path(values["resolved_image_size"])
+    values["multi_cell_path"] = run_path(config)
     return json.dumps(values, indent=2, sort_keys=True)

@@ -301,6 +301,30 @@ def test_compare_prints_runs_side_by_side_like_table_ii(tmp_path):
     assert row448.replace("|", " ").split()[-4:] == ["-", "-", "0.812", "0.782"]
 
 
+def test_compare_labels_runs_by_their_table_ii_column_from_best_json(tmp_path):
+    metas = {
+        "a": {"loss": "mse", "multi_cell": False},
+        "b": {"loss": "ce", "multi_cell": True},
+        "c": {"flags": {"loss": "multitask", "multi_cell": False}},
+        "d": {"loss": "multitask", "multi_cell": True},
+        "e": {},  # a checkpoint from before the switches: the folder name alone
+    }
+    for name, meta in metas.items():
+        _fake_report(tmp_path / name, f"/runs/{name}", "val", 448, 0.8, 0.7)
+        path = tmp_path / name / "report.json"
+        report = json.loads(path.read_text())
+        report["checkpoint"]["meta"] = meta
+        path.write_text(json.dumps(report))
+    header = evaluation.compare_reports([tmp_path / d for d in metas]).splitlines()[0]
+    assert [c.strip() for c in header.split("|")[1:]] == [
+        "MSE: a",
+        "CE+MC: b",
+        "Multi-Task: c",
+        "M²CNN: d",
+        "e",
+    ]
+
+
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],

@@ -6,6 +6,9 @@ test_training_runs.py.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,18 +31,28 @@ def records_dir(tmp_path_factory):
     return out
 
 
-def _reference_gradients(net, images, grades, weight_decay):
-    """Eq. (4) written independently: softmax CE + MSE + wd * Σ‖kernel‖²/2 (tf.nn.l2_loss)."""
+def _reference_parts(net, images, grades, weight_decay, training):
+    """Eq. (2)-(4) written independently: softmax CE, MSE, wd * Σ‖kernel‖²/2 (tf.nn.l2_loss)."""
+    out = net(images, training=training)
+    ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(grades, out["logits"]))
+    mse = tf.reduce_mean(tf.square(out["score"][:, 0] - tf.cast(grades, tf.float32)))
+    kernels = [v for v in net.trainable_variables if v.path.endswith("/kernel")]
+    reg = weight_decay * tf.add_n([tf.nn.l2_loss(k) for k in kernels])
+    return {"ce": ce, "mse": mse, "reg": reg}
+
+
+# Table II's objectives: which of Eq. (2) and (3) each --loss adds to L_reg.
+TERMS = {"multitask": ("ce", "mse"), "ce": ("ce",), "mse": ("mse",)}
+
+
+def _reference_gradients(net, images, grades, weight_decay, loss="multitask"):
     variables = net.trainable_variables
     with tf.GradientTape() as tape:
-        out = net(images, training=True)
-        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(grades, out["logits"]))
-        mse = tf.reduce_mean(tf.square(out["score"][:, 0] - tf.cast(grades, tf.float32)))
-        kernels = [v for v in variables if v.path.endswith("/kernel")]
-        reg = weight_decay * tf.add_n([tf.nn.l2_loss(k) for k in kernels])
-        loss = ce + mse + reg
+        parts = _reference_parts(net, images, grades, weight_decay, training=True)
+        total = parts["reg"] + tf.add_n([parts[t] for t in TERMS[loss]])
     return {
-        v.path: g.numpy() for v, g in zip(variables, tape.gradient(loss, variables), strict=True)
+        v.path: np.zeros(v.shape, "float32") if g is None else g.numpy()
+        for v, g in zip(variables, tape.gradient(total, variables), strict=True)
     }
 
 
@@ -74,6 +87,108 @@ def test_one_sgd_step_moves_each_variable_by_its_groups_rate_times_its_gradient(
         )
     assert trainer.optimizer.iterations.numpy() == 1
     assert trainer.optimizer_new.iterations.numpy() == 1
+
+
+@pytest.mark.parametrize(
+    ("loss", "frozen_head", "trained_head"), [("ce", "score", "logits"), ("mse", "logits", "score")]
+)
+def test_single_task_step_leaves_the_other_head_to_weight_decay_alone(
+    loss, frozen_head, trained_head
+):
+    net = build_m2cnn(75, preset="tiny")
+    pretrained = backbone_layer_names(net)[:10]
+    wd, lr = 0.01, 0.1
+    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=wd, loss=loss)
+    trainer.compile_two_rates(
+        training.make_optimizer("sgd", lr),
+        training.make_optimizer("sgd", lr),
+        mixed_precision=False,
+        jit_compile=False,
+    )
+    rng = np.random.default_rng(1)
+    images = tf.constant(rng.uniform(-1, 1, (4, 75, 75, 3)), tf.float32)
+    grades = tf.constant([0, 2, 3, 4], tf.int32)
+    grads = _reference_gradients(net, images, grades, wd, loss)
+    before = {v.path: v.numpy() for v in net.trainable_variables}
+    trainer.train_step((images, {"grade": grades}))
+
+    frozen = net.get_layer(frozen_head)
+    # No task loss reaches the untrained head: its bias stays put, its kernel only decays.
+    np.testing.assert_array_equal(frozen.bias.numpy(), before[frozen.bias.path])
+    np.testing.assert_allclose(
+        frozen.kernel.numpy(), (1 - lr * wd) * before[frozen.kernel.path], rtol=1e-6, atol=1e-9
+    )
+    trained = net.get_layer(trained_head)
+    assert np.abs(trained.bias.numpy() - before[trained.bias.path]).max() > 1e-4
+    for v in net.trainable_variables:  # every variable follows this objective's gradient
+        ulps = 4 * np.finfo(np.float32).eps * float(np.abs(before[v.path]).max())
+        np.testing.assert_allclose(
+            v.numpy() - before[v.path], -lr * grads[v.path], rtol=1e-3, atol=ulps, err_msg=v.path
+        )
+
+
+def test_each_loss_mode_optimises_its_parts_of_eq_4_and_logs_all_of_them():
+    net = build_m2cnn(75, preset="tiny")
+    rng = np.random.default_rng(2)
+    images = tf.constant(rng.uniform(-1, 1, (3, 75, 75, 3)), tf.float32)
+    grades = tf.constant([1, 0, 4], tf.int32)
+    ref = {k: float(v) for k, v in _reference_parts(net, images, grades, 0.02, False).items()}
+    assert min(ref.values()) > 0
+    for loss, terms in TERMS.items():
+        trainer = training.TwoRateTrainer(net, [], weight_decay=0.02, loss=loss)
+        _, parts = trainer._loss(images, grades, training=False)
+        for key in ("ce", "mse", "reg"):
+            assert float(parts[key]) == pytest.approx(ref[key], rel=1e-5), (loss, key)
+        expected = ref["reg"] + sum(ref[t] for t in terms)
+        assert float(parts["loss"]) == pytest.approx(expected, rel=1e-5), loss
+    with pytest.raises(ValueError, match="--loss must be one of multitask, ce, mse"):
+        training.TwoRateTrainer(net, [], weight_decay=0.0, loss="foo")
+
+
+def test_keep_best_judges_a_ce_run_by_probabilities_and_others_by_scores(tmp_path):
+    net = build_m2cnn(75, preset="tiny")
+    epochs = [
+        {"val_kappa_scores": 0.9, "val_kappa_probs": 0.1},
+        {"val_kappa_scores": 0.2, "val_kappa_probs": 0.5},
+    ]
+    for loss, best_epoch in (("ce", 2), ("mse", 1)):
+        directory = tmp_path / loss
+        metric = training.best_metric(loss)
+        keep = training.KeepBest(
+            net, directory, {"loss": loss}, None, True, lambda *_: None, metric
+        )
+        for epoch, logs in enumerate(epochs):
+            keep.on_epoch_end(epoch, logs)
+        meta = json.loads((directory / checkpoints.BEST_META).read_text())
+        assert (meta["epoch"], meta["best_metric"], meta["loss"]) == (best_epoch, metric, loss)
+
+
+def test_stage_two_without_multi_cell_loads_all_of_stage_one_and_builds_no_cells(tmp_path):
+    stage1 = build_m2cnn(SIZE, preset="tiny")
+    checkpoints.save_best(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
+    config = Config(
+        stage=2, image_size=352, preset="tiny", model_dir=str(tmp_path), multi_cell=False
+    )
+    net, loaded, _ = training.initialise(config, log=lambda *_: None)
+    assert net.input_shape[1] == 352
+    assert not [layer.name for layer in net.layers if layer.name.startswith("medium_")]
+    assert set(loaded) == {layer.name for layer in net.layers if layer.weights}
+    assert training.run_path(config) == "small"
+    assert training.run_path(dataclasses.replace(config, multi_cell=True)) == "medium"
+
+
+def test_loss_and_multi_cell_flags_reach_the_config():
+    args = ["train.py", "--stage", "2", "--data", "d", "--model-dir", "m"]
+    train.FLAGS.unparse_flags()
+    train.FLAGS([*args, "--loss", "mse", "--nomulti-cell"])
+    assert (train.config_from_flags().loss, train.config_from_flags().multi_cell) == ("mse", False)
+    train.FLAGS.unparse_flags()
+    train.FLAGS(args)
+    assert (train.config_from_flags().loss, train.config_from_flags().multi_cell) == (
+        "multitask",
+        True,
+    )
+    train.FLAGS.unparse_flags()
 
 
 def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path, capsys):
@@ -117,6 +232,7 @@ BASE = ("--preset", "tiny", "--weights", "none", "--image-size", str(SIZE), "--b
         ((), "stage"),
         (("--stage", "4", "--data", "{data}", "--model-dir", "{dir}"), "stage"),
         (("--stage", "1", "--data", "{data}", "--model-dir", "{dir}", "--bogus"), "bogus"),
+        (("--stage", "1", "--data", "{data}", "--model-dir", "{dir}", "--loss", "foo"), "--loss"),
         (("--stage", "1", "--data", "/nonexistent", "--model-dir", "{dir}"), "not a directory"),
         (
             (
