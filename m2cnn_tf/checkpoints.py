@@ -1,7 +1,7 @@
 """Where a stage's results live, and the only way to read them back.
 
 Layout of `--model-dir DIR` (one folder per stage, §II-C's 224 -> 448 -> 720 procedure):
-    DIR/stage{N}/best.keras   the best model so far (by val kappa from scores)
+    DIR/stage{N}/best.keras   the best model so far (by val kappa; from scores unless --loss ce)
     DIR/stage{N}/best.json    what it is: stage, resolution, preset, Multi-Cell path, epoch, metric
     DIR/stage{N}/config.json  the resolved `Config` of the run
 Models load with Keras's safe_mode on, so a checkpoint from elsewhere cannot run code.
