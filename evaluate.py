@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
+
+from m2cnn_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model-dir", None, "Folder holding stage{N}/best.keras (train.py --model-dir).")
@@ -39,16 +42,8 @@ flags.DEFINE_float(
 )
 
 
-def _parse(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        _fail(str(err))
-
-
-def _fail(message: str) -> None:
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str) -> NoReturn:
+    cli.fail("evaluate.py", message)
 
 
 def main(argv: list[str]) -> None:
@@ -124,4 +119,4 @@ def _check_gate(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=cli.flags_parser("evaluate.py"))

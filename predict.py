@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
+
+from m2cnn_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model-dir", None, "Folder holding stage{N}/best.keras (train.py --model-dir).")
@@ -35,16 +38,8 @@ flags.DEFINE_bool("tta-rotations", False, "With --tta, also over 90° rotations 
 flags.DEFINE_list("cutpoints", None, "Four score cut points, e.g. from evaluate.py's report.json.")
 
 
-def _parse(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        _fail(str(err))
-
-
-def _fail(message: str) -> None:
-    print(f"predict.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str) -> NoReturn:
+    cli.fail("predict.py", message)
 
 
 def main(argv: list[str]) -> None:
@@ -127,4 +122,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=cli.flags_parser("predict.py"))
