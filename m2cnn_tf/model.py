@@ -5,16 +5,15 @@ input resolution, as Keras's applications do, so every layer is reachable by `ge
 
 Design choices the paper leaves open (README, "Deviations"):
 - The Multi-Cell groups sit after the BaseNet's last layer `conv_7b_ac` (1536 channels). Each
-  group is Reduction-B + N Cell-C, like IRv2's tail, and ends with a 1x1 conv + ReLU back to
-  1536 channels (`medium_conv`, `large_conv`), the role `conv_7b` plays in IRv2. So `avg_pool`
-  always sees 1536 channels and the heads of stage N-1 carry over to stage N unchanged, which
-  is what "trained based on the weights of BaseNet+MT" (§III-A) asks for.
+  group is Reduction-B + N Cell-C, like IRv2's tail, and ends with a 1x1 conv back to 1536
+  channels (`medium_conv`, `large_conv`), the role `conv_7b` plays in IRv2. So `avg_pool` always
+  sees 1536 channels and the heads of stage N-1 carry over to stage N unchanged, which is what
+  "trained based on the weights of BaseNet+MT" (§III-A) asks for.
 - The last Cell-C of each group is linear with scale 1.0, as IRv2's last block8.
 - New groups start near identity (`cell_init="identity"`): every Cell-C's residual conv is zero
-  and the 1x1 projection passes Reduction-B's max-pool branch through. A new group is then
-  exactly a 3x3/2 max-pool of the features the heads already know (in training mode too),
-  instead of noise between a trained backbone and trained heads, so stage N starts close to
-  stage N-1's accuracy.
+  and the 1x1 projection passes Reduction-B's max-pool branch through. A new group is then a
+  3x3/2 max-pool of the features the heads already know, instead of noise between a trained
+  backbone and trained heads, so stage N starts close to stage N-1's accuracy.
 """
 
 from __future__ import annotations
@@ -63,9 +62,7 @@ def _multi_cell_group(x, prefix: str, count: int):
     """§II-C Medial/large image cells: Reduction Cell-B, `count` Normal Cell-C, 1x1 to 1536."""
     x = cells.reduction_b(x, f"{prefix}_reduction_b")
     x = cells.cell_c_stack(x, count, f"{prefix}_block8")
-    # Biased conv + ReLU, no BatchNorm: in training mode a BN would renormalise the features
-    # with batch statistics, so the near-identity start below would not survive the first step.
-    return cells.conv2d_bn(x, 1536, 1, f"{prefix}_conv", use_bias=True)
+    return cells.conv2d_bn(x, 1536, 1, f"{prefix}_conv")
 
 
 def _init_group_near_identity(model: keras.Model, prefix: str, count: int) -> None:
@@ -77,7 +74,7 @@ def _init_group_near_identity(model: keras.Model, prefix: str, count: int) -> No
     kernel = np.zeros(proj.kernel.shape, "float32")  # (1, 1, 992 + C, C), pool branch last
     channels = kernel.shape[-1]
     kernel[0, 0, -channels:, :] = np.eye(channels, dtype="float32")
-    proj.set_weights([kernel, np.zeros(channels, "float32")])
+    proj.set_weights([kernel])
 
 
 def build_m2cnn(
