@@ -1,0 +1,78 @@
+"""The demo recipe end to end, in miniature: the real Makefile targets on a tiny data set.
+
+`make demo` itself takes ~12 minutes; this runs the same steps (data_prep.demo ->
+data_prep.kaggle -> train.py stages 1-3 -> evaluate.py -> predict.py --gradcam -> compare) with
+small images and one short epoch per stage, so every CLI and every hand-over between them is
+exercised on each CI run. Learning itself is tested in test_training_runs.py.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (80, 352, 704)  # one per Multi-Cell path: small, medium, large
+
+
+def _make(tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:
+    variables = {
+        "PY": sys.executable,
+        "DEMO": str(tmp_path / "run"),
+        "DEMO_DATA": str(tmp_path / "data"),
+        "DEMO_GEN": "--per-grade 3 --eval-per-grade 2 --width 320",
+        "DEMO_SIZES": ",".join(map(str, SIZES)),
+        "DEMO_STAGE1": f"--weights none --epochs 1 --batch-size 4 --image-size {SIZES[0]}",
+        "DEMO_STAGE2": f"--epochs 1 --batch-size 2 --steps-per-epoch 2 --image-size {SIZES[1]}",
+        "DEMO_STAGE3": f"--epochs 1 --batch-size 2 --steps-per-epoch 1 --image-size {SIZES[2]}",
+        "DEMO_EVAL": "--bootstrap 20",
+        "DEMO_MIN_KAPPA": "-1",
+    }
+    command = ["make", "-C", str(ROOT), "-o", ".venv/.installed", *targets]
+    command += [f"{k}={v}" for k, v in variables.items()]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_demo_recipe_runs_every_stage_end_to_end_and_a_rerun_redoes_nothing(tmp_path):
+    first = _make(tmp_path, "demo")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "run"
+
+    for stage, size in zip((1, 2, 3), SIZES, strict=True):
+        report = json.loads((run / "reports" / f"stage{stage}" / "report.json").read_text())
+        assert report["image_size"] == size and report["split"] == "test"
+        assert report["n_images"] == 10  # 2 per grade
+        meta = json.loads((run / "models" / f"stage{stage}" / "best.json").read_text())
+        assert meta["stage"] == stage
+    # Stage 3 carries the large cells; stage 2 only the medium ones.
+    assert json.loads((run / "models/stage3/best.json").read_text())["multi_cell_path"] == "large"
+    assert json.loads((run / "models/stage2/best.json").read_text())["multi_cell_path"] == "medium"
+
+    panels = sorted((run / "gradcam").glob("*_gradcam.png"))
+    assert len(panels) == 6
+    rows = (run / "gradcam" / "predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6
+    summary = (run / "summary.txt").read_text()
+    assert "check: kappa from scores" in summary and "(pass)" in summary
+    assert "test 704×704" in summary
+
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("stage*.done")}
+    again = _make(tmp_path, "demo")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train.py" not in again.stdout and "data_prep" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in run.glob("stage*.done")} == stamps
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_demo_clean_removes_the_run_and_the_demo_data(tmp_path):
+    for folder in ("run", "data"):
+        (tmp_path / folder / "x").mkdir(parents=True)
+    result = _make(tmp_path, "demo-clean")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
