@@ -1,6 +1,6 @@
 """Evaluate a trained stage as in Table II / III (quadratic kappa from scores and from prob.).
 
-    python evaluate.py --model-dir DIR --stage N --data OUT --split val|test --out REPORT_DIR \
+    python evaluate.py --model-dir DIR --stage N --data OUT --split val|test --out REPORT_DIR
         [--thresholds fit] [--tta] [--tta-rotations] [--per-patient]
     python evaluate.py --compare REPORT_DIR1 REPORT_DIR2 ...
 

@@ -1,6 +1,6 @@
 """Grade raw fundus photographs with a trained stage, or export it as a TF SavedModel.
 
-    python predict.py --model-dir DIR --stage N [--out preds.csv] [--gradcam OUT_DIR] \
+    python predict.py --model-dir DIR --stage N [--out preds.csv] [--gradcam OUT_DIR]
         IMAGE_OR_DIR...
     python predict.py --model-dir DIR --stage N --export EXPORT_DIR
 
