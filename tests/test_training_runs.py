@@ -73,7 +73,9 @@ def _iterations(backup: Path) -> int:
 
 
 def test_a_killed_run_and_an_interrupted_run_both_resume_where_they_stopped(tmp_path, records_dir):
-    steps, epochs = 8, 6
+    # Enough epochs that the resumed run is still training when Ctrl-C arrives, however fast
+    # the machine (an idle 2-core machine runs one of these epochs in about half a second).
+    steps, epochs = 8, 20
     cmd = _train_cmd(
         records_dir, tmp_path, "--epochs", str(epochs), "--steps-per-epoch", str(steps)
     )
@@ -98,9 +100,12 @@ def test_a_killed_run_and_an_interrupted_run_both_resume_where_they_stopped(tmp_
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and f"Epoch {killed_epoch + 1}/" not in log.read_text():
-            time.sleep(0.05)
-        time.sleep(1.0)  # into the resumed epoch (tracing or the first steps)
+        marker = f"Epoch {killed_epoch + 1}/"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if marker in log.read_text():
+                break  # the resumed run has started its first epoch
+            time.sleep(0.02)
+        time.sleep(0.3)  # into that epoch's tracing or first steps; many epochs remain
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     text = log.read_text()
