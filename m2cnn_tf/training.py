@@ -18,6 +18,8 @@ import math
 import os
 import platform
 import random
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -330,6 +332,42 @@ class Backup(keras.callbacks.BackupAndRestore):
         self._current_epoch = epoch
 
 
+class DeferInterrupt(keras.callbacks.Callback):
+    """Ctrl-C takes effect at the next batch boundary, where nothing can swallow it.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and inside TF's
+    tracing or a callback whose exceptions are ignored it can be lost, so the run went on. The
+    handler only records the request; the next batch raises it from the fit loop, and `run`
+    saves the state. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.pending = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def on_train_begin(self, logs=None):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _raise_if_pending(self, *args, **kwargs):
+        if self.pending:
+            self.restore()
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = _raise_if_pending
+
+
 class StopOnNonFinite(keras.callbacks.Callback):
     """Stop at the first NaN/inf loss, naming the step; runs before any backup is written."""
 
@@ -571,7 +609,8 @@ def run(config: Config, log=print) -> dict[str, Any]:
     keep_best = KeepBest(net, directory, meta, best, write=chief, log=log, metric=metric)
     # Order matters: the NaN check runs before anything is saved, and the epoch is logged and
     # the best model kept before the backup marks the epoch as done.
-    callbacks: list[keras.callbacks.Callback] = [StopOnNonFinite(steps), keep_best]
+    interrupt = DeferInterrupt()
+    callbacks: list[keras.callbacks.Callback] = [interrupt, StopOnNonFinite(steps), keep_best]
     if chief:
         callbacks += [
             keras.callbacks.CSVLogger(str(directory / "epochs.csv"), append=start_epoch > 0),
@@ -601,6 +640,8 @@ def run(config: Config, log=print) -> dict[str, Any]:
             f"out of memory at --batch-size {config.batch_size}; try a smaller --batch-size "
             f"(e.g. {max(1, config.batch_size // 2)})"
         ) from None
+    finally:
+        interrupt.restore()
     final = {k: float(v[-1]) for k, v in history.history.items() if v}
     return {
         "final": final,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -402,3 +405,22 @@ def test_out_of_memory_stops_with_a_smaller_batch_size_suggestion(
         r"smaller --batch-size \(e.g. 4\)",
     ):
         training.run(config, log=lambda *_: None)
+
+
+def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
+    callback = training.DeferInterrupt()
+    previous = signal.getsignal(signal.SIGINT)
+    callback.on_train_begin()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised: the step goes on
+        assert callback.pending
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_train_batch_end(0)
+        assert signal.getsignal(signal.SIGINT) is previous
+        callback.on_train_begin()
+        with pytest.raises(KeyboardInterrupt):  # the impatient second Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        callback.restore()
+    assert signal.getsignal(signal.SIGINT) is previous
