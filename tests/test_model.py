@@ -164,6 +164,7 @@ def test_offline_imagenet_download_fails_with_one_actionable_line(monkeypatch, t
     assert m2.IMAGENET_NOTOP in message and "~/.keras/models" in message and "--weights" in message
 
 
+@pytest.mark.filterwarnings("ignore:Skipping nested container")  # the foreign file, as intended
 def test_missing_or_foreign_weights_file_is_a_one_line_error(tmp_path):
     with pytest.raises(WeightsUnavailable, match="not found"):
         build_m2cnn(96, weights=str(tmp_path / "nope.h5"), preset="tiny")
