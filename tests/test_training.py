@@ -59,24 +59,32 @@ def _reference_gradients(net, images, grades, weight_decay, loss="multitask"):
     }
 
 
-def test_one_sgd_step_moves_each_variable_by_its_groups_rate_times_its_gradient():
-    net = build_m2cnn(75, preset="tiny")
-    backbone = backbone_layer_names(net)
-    pretrained = backbone[: len(backbone) // 2]  # any split will do; both groups non-empty
-    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=0.01)
-    lr_pre, lr_new = 1.0, 0.1
+def _one_sgd_step(net, pretrained, *, wd, lr_pre, lr_new, grades, seed, loss="multitask"):
+    """One two-rate SGD step on random images: (trainer, reference gradients, weights before)."""
+    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=wd, loss=loss)
     trainer.compile_two_rates(
         training.make_optimizer("sgd", lr_pre),
         training.make_optimizer("sgd", lr_new),
         mixed_precision=False,
         jit_compile=False,
     )
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images = tf.constant(rng.uniform(-1, 1, (4, 75, 75, 3)), tf.float32)
-    grades = tf.constant([0, 1, 3, 4], tf.int32)
-    grads = _reference_gradients(net, images, grades, 0.01)
+    grades = tf.constant(grades, tf.int32)
+    grads = _reference_gradients(net, images, grades, wd, loss)
     before = {v.path: v.numpy() for v in net.trainable_variables}
     trainer.train_step((images, {"grade": grades}))
+    return trainer, grads, before
+
+
+def test_one_sgd_step_moves_each_variable_by_its_groups_rate_times_its_gradient():
+    net = build_m2cnn(75, preset="tiny")
+    backbone = backbone_layer_names(net)
+    pretrained = backbone[: len(backbone) // 2]  # any split will do; both groups non-empty
+    lr_pre, lr_new = 1.0, 0.1
+    trainer, grads, before = _one_sgd_step(
+        net, pretrained, wd=0.01, lr_pre=lr_pre, lr_new=lr_new, grades=[0, 1, 3, 4], seed=0
+    )
 
     in_pretrained = {v.path for name in pretrained for v in net.get_layer(name).trainable_weights}
     assert 0 < len(in_pretrained) < len(net.trainable_variables)
@@ -101,19 +109,9 @@ def test_single_task_step_leaves_the_other_head_to_weight_decay_alone(
     net = build_m2cnn(75, preset="tiny")
     pretrained = backbone_layer_names(net)[:10]
     wd, lr = 0.01, 0.1
-    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=wd, loss=loss)
-    trainer.compile_two_rates(
-        training.make_optimizer("sgd", lr),
-        training.make_optimizer("sgd", lr),
-        mixed_precision=False,
-        jit_compile=False,
+    _, grads, before = _one_sgd_step(
+        net, pretrained, wd=wd, lr_pre=lr, lr_new=lr, grades=[0, 2, 3, 4], seed=1, loss=loss
     )
-    rng = np.random.default_rng(1)
-    images = tf.constant(rng.uniform(-1, 1, (4, 75, 75, 3)), tf.float32)
-    grades = tf.constant([0, 2, 3, 4], tf.int32)
-    grads = _reference_gradients(net, images, grades, wd, loss)
-    before = {v.path: v.numpy() for v in net.trainable_variables}
-    trainer.train_step((images, {"grade": grades}))
 
     frozen = net.get_layer(frozen_head)
     # No task loss reaches the untrained head: its bias stays put, its kernel only decays.
