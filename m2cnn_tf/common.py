@@ -1,0 +1,58 @@
+"""Small utilities shared by `data_prep` and the library, free of TensorFlow: atomic writes,
+the versions recorded with every artefact, and the names every part agrees on."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# §III-A: Kaggle's train set trains, its Public part validates, its Private part tests.
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# What a folder of photographs may hold (data_prep.folder, predict.py, serve.py).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+
+_PACKAGES = ("tensorflow", "keras", "numpy", "opencv-python-headless", "pillow")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never a part:
+    a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Indented, key-sorted JSON, so that the same object always gives the same bytes."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """The versions that decide a result, read from package metadata (no import needed)."""
+    from m2cnn_tf import __version__
+
+    found = {"m2cnn_tf": __version__, "python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
