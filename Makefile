@@ -41,49 +41,58 @@ DEMO_STAGE3 ?= --epochs 3 --batch-size 8 --steps-per-epoch 8
 DEMO_EVAL ?=
 DEMO_MIN_KAPPA ?= 0.6
 TRAIN_DEMO = $(PY) train.py --data $(DEMO_DATA)/records --model-dir $(DEMO)/models $(DEMO_TRAIN)
+# $(call timed,STEP,COMMAND): run COMMAND and record its wall time (ms) in $(DEMO)/times/STEP.
+timed = echo "$(strip $(2))" && mkdir -p $(DEMO)/times && s=$$(date +%s%N) && $(2) && \
+	echo "$(1) $$(( ($$(date +%s%N) - s) / 1000000 ))" > $(DEMO)/times/$(1)
+DEMO_STEPS = data records stage1 stage2 stage3 evaluate1 evaluate2 evaluate3 gradcam
 
 demo: $(DEMO)/summary.txt
 
 $(DEMO_DATA)/raw/retinopathy_solution.csv: | venv
 	@echo "== [1/6] demo dataset (data_prep.demo)"
-	$(PY) -m data_prep.demo --out $(DEMO_DATA)/raw $(DEMO_GEN)
+	@$(call timed,data,$(PY) -m data_prep.demo --out $(DEMO_DATA)/raw $(DEMO_GEN))
 
 $(DEMO_DATA)/records/manifest.json: $(DEMO_DATA)/raw/retinopathy_solution.csv
 	@echo "== [2/6] TFRecords at $(DEMO_SIZES) (data_prep.kaggle)"
-	$(PY) -m data_prep.kaggle --kaggle-dir $(DEMO_DATA)/raw --out $(DEMO_DATA)/records \
-		--sizes $(DEMO_SIZES)
+	@$(call timed,records,$(PY) -m data_prep.kaggle --kaggle-dir $(DEMO_DATA)/raw \
+		--out $(DEMO_DATA)/records --sizes $(DEMO_SIZES))
 
 $(DEMO)/stage1.done: $(DEMO_DATA)/records/manifest.json
 	@echo "== [3/6] stage 1: BaseNet + Multi-Task heads"
-	$(TRAIN_DEMO) --stage 1 $(DEMO_STAGE1)
+	@$(call timed,stage1,$(TRAIN_DEMO) --stage 1 $(DEMO_STAGE1))
 	touch $@
 
 $(DEMO)/stage2.done: $(DEMO)/stage1.done
 	@echo "== [3/6] stage 2: + medium cells, from stage 1"
-	$(TRAIN_DEMO) --stage 2 $(DEMO_STAGE2)
+	@$(call timed,stage2,$(TRAIN_DEMO) --stage 2 $(DEMO_STAGE2))
 	touch $@
 
 $(DEMO)/stage3.done: $(DEMO)/stage2.done
 	@echo "== [3/6] stage 3: + large cells, from stage 2"
-	$(TRAIN_DEMO) --stage 3 $(DEMO_STAGE3)
+	@$(call timed,stage3,$(TRAIN_DEMO) --stage 3 $(DEMO_STAGE3))
 	touch $@
 
 $(DEMO)/reports/stage%/report.json: $(DEMO)/stage%.done
 	@echo "== [4/6] evaluate stage $* on the demo test split"
-	$(PY) evaluate.py --model-dir $(DEMO)/models --stage $* --data $(DEMO_DATA)/records \
-		--split test --out $(DEMO)/reports/stage$* $(DEMO_EVAL)
+	@$(call timed,evaluate$*,$(PY) evaluate.py --model-dir $(DEMO)/models --stage $* \
+		--data $(DEMO_DATA)/records --split test --out $(DEMO)/reports/stage$* $(DEMO_EVAL))
 
 $(DEMO)/gradcam/.done: $(DEMO)/stage3.done
 	@echo "== [5/6] Grad-CAM on a few demo test images (predict.py)"
-	$(PY) predict.py --model-dir $(DEMO)/models --stage 3 --out $(DEMO)/gradcam/predictions.csv \
-		--gradcam $(DEMO)/gradcam \
-		$(wordlist 1,6,$(sort $(wildcard $(DEMO_DATA)/raw/test/*.jpeg)))
+	@$(call timed,gradcam,$(PY) predict.py --model-dir $(DEMO)/models --stage 3 \
+		--out $(DEMO)/gradcam/predictions.csv --gradcam $(DEMO)/gradcam \
+		$(wordlist 1,6,$(sort $(wildcard $(DEMO_DATA)/raw/test/*.jpeg))))
 	touch $@
 
 $(DEMO)/summary.txt: $(foreach s,1 2 3,$(DEMO)/reports/stage$(s)/report.json) $(DEMO)/gradcam/.done
 	@echo "== [6/6] summary: kappa on the demo test split (Table II layout)"
 	$(PY) evaluate.py --min-kappa $(DEMO_MIN_KAPPA) --compare $(DEMO)/reports/stage1 \
 		$(DEMO)/reports/stage2 $(DEMO)/reports/stage3 > $@.tmp || { cat $@.tmp; exit 1; }
+	@echo "wall time per step (recorded when the step ran; a rerun skips finished steps):" >> $@.tmp
+	@for s in $(DEMO_STEPS); do cat $(DEMO)/times/$$s 2>/dev/null || echo "$$s -"; done | awk \
+		'$$2 == "-" { printf "  %-10s  (made by an earlier run)\n", $$1; next } \
+		{ printf "  %-10s %7.1f s\n", $$1, $$2 / 1000; t += $$2 } \
+		END { printf "  %-10s %7.1f s (%.1f min)\n", "total", t / 1000, t / 60000 }' >> $@.tmp
 	cat $@.tmp && mv $@.tmp $@
 	@echo "everything is in $(DEMO)/: reports/, gradcam/, models/ (TensorBoard logs in models/stage*/)"
 

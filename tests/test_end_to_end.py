@@ -7,6 +7,7 @@ exercised on each CI run. Learning itself is tested in test_training_runs.py.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = (80, 352, 704)  # one per Multi-Cell path: small, medium, large
 
 
-def _make(tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:
+def _make(tmp_path: Path, *targets: str, **overrides: str) -> subprocess.CompletedProcess:
     variables = {
         "PY": sys.executable,
         "DEMO": str(tmp_path / "run"),
@@ -30,7 +31,8 @@ def _make(tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:
         "DEMO_STAGE2": f"--epochs 1 --batch-size 2 --steps-per-epoch 2 --image-size {SIZES[1]}",
         "DEMO_STAGE3": f"--epochs 1 --batch-size 2 --steps-per-epoch 1 --image-size {SIZES[2]}",
         "DEMO_EVAL": "--bootstrap 20",
-        "DEMO_MIN_KAPPA": "-1",
+        "DEMO_MIN_KAPPA": "-1",  # learning is not the point here; the gate is tested below
+        **overrides,
     }
     command = ["make", "-C", str(ROOT), "-o", ".venv/.installed", *targets]
     command += [f"{k}={v}" for k, v in variables.items()]
@@ -61,12 +63,28 @@ def test_demo_recipe_runs_every_stage_end_to_end_and_a_rerun_redoes_nothing(tmp_
     summary = (run / "summary.txt").read_text()
     assert "check: kappa from scores" in summary and "(pass)" in summary
     assert "test 704×704" in summary
+    timed = summary[summary.index("wall time per step") :].splitlines()[1:]
+    assert [line.split()[0] for line in timed] == [
+        "data", "records", "stage1", "stage2", "stage3",
+        "evaluate1", "evaluate2", "evaluate3", "gradcam", "total",
+    ]  # fmt: skip
+    seconds = [float(line.split()[1]) for line in timed]
+    assert all(s > 0 for s in seconds) and seconds[-1] == pytest.approx(sum(seconds[:-1]), abs=0.6)
 
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("stage*.done")}
     again = _make(tmp_path, "demo")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train.py" not in again.stdout and "data_prep" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in run.glob("stage*.done")} == stamps
+
+    # The kappa gate of the summary: the stage-3 kappa itself passes, the next float up fails.
+    kappa = json.loads((run / "reports/stage3/report.json").read_text())["scores"]["kappa"]
+    (run / "summary.txt").unlink()
+    above = _make(tmp_path, "demo", DEMO_MIN_KAPPA=repr(math.nextafter(kappa, 2.0)))
+    assert above.returncode != 0 and "(FAIL)" in above.stdout, above.stdout[-2000:]
+    assert not (run / "summary.txt").exists()
+    equal = _make(tmp_path, "demo", DEMO_MIN_KAPPA=repr(kappa))
+    assert equal.returncode == 0 and "(pass)" in equal.stdout, equal.stdout[-2000:]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
