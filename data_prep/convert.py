@@ -25,9 +25,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep import layout as files
 from data_prep.executor import Executor
-from data_prep.layout import MANIFEST, STATE, Layout
+from data_prep.layout import (
+    MANIFEST,
+    STATE,
+    Layout,
+    finalize_shard,
+    lock,
+    read_json,
+    remove_temporaries,
+    write_records,
+)
 from data_prep.manifest import summarize_skips, write_manifest
 from data_prep.plan import conversion_key, make_plan, order_items
 from data_prep.sources import Item, Listing, Skip
@@ -99,13 +107,13 @@ def _convert(
         if settings.strict:  # every problem at once, so one fix-up round is enough
             _check_all(listing, by_split, settings, executor)
         (out / STATE).mkdir(parents=True, exist_ok=True)
-        with files.lock(out / STATE / "lock"):
+        with lock(out / STATE / "lock"):
             if plan is None:
                 plan = make_plan(by_split, settings, executor.map, key)
                 atomic_write_json(out / STATE / "plan.json", plan)
             layout = Layout(out, plan)
             layout.mkdirs(settings.sizes)
-            files.remove_temporaries(out)
+            remove_temporaries(out)
             stats = _run_chunks(layout, by_split, settings, executor)
             seconds = time.time() - started
             timings = _timings(stats, seconds, settings.workers)
@@ -138,7 +146,7 @@ def _finished(out: Path, key: str) -> Result | None:
     path = out / MANIFEST
     if not path.exists():
         return None
-    manifest = files.read_json(path)
+    manifest = read_json(path)
     if manifest.get("key") != key:
         raise UsageError(
             f"{out} holds a finished conversion with other inputs or settings; choose another "
@@ -151,7 +159,7 @@ def _finished(out: Path, key: str) -> Result | None:
 def _unfinished_plan(out: Path, key: str) -> dict[str, Any] | None:
     """The plan of an interrupted run of this conversion; refuses another one's leftovers."""
     plan_path = out / STATE / "plan.json"
-    plan = files.read_json(plan_path) if plan_path.exists() else None
+    plan = read_json(plan_path) if plan_path.exists() else None
     if plan is not None and plan.get("key") != key:
         raise UsageError(
             f"{out} holds an unfinished conversion with other inputs or settings; run that "
@@ -211,7 +219,7 @@ def _run_chunks(
                 todo.append((split, c, members))
         for s in settings.sizes:  # a kill between the last part and its shard
             for j in range(layout.plan["splits"][split]["shards"][str(s)]):
-                files.finalize_shard(layout, s, split, j)
+                finalize_shard(layout, s, split, j)
     total = sum(len(v) for v in by_split.values())
     tasks = ((split, c, it) for split, c, members in todo for it in members)
     pending: dict[tuple[str, int], list[tuple[Item, dict[int, bytes] | str]]] = {}
@@ -267,7 +275,7 @@ def _write_chunk(
                 )
             )
     for s, recs in per_size.items():
-        files.write_records(layout.part(s, split, c), recs)
+        write_records(layout.part(s, split, c), recs)
     summary = {
         "records": len(results) - len(skipped),
         "grades": {str(g): n for g, n in sorted(grades.items())},
@@ -275,7 +283,7 @@ def _write_chunk(
     }
     atomic_write_json(layout.chunk_json(split, c), summary)
     for s in settings.sizes:
-        files.finalize_shard(layout, s, split, layout.shard_of(s, c))
+        finalize_shard(layout, s, split, layout.shard_of(s, c))
 
 
 def _log_summary(

@@ -14,11 +14,15 @@ Exit codes: 0 done, 1 failed (or --strict found bad inputs), 2 usage, 130 interr
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from absl import flags
 
 from data_prep import options
 from data_prep.worker import Settings
+
+if TYPE_CHECKING:
+    from data_prep.sources import Listing  # pandas: imported when the command runs
 
 PROG = "data_prep.folder"
 FLAGS = flags.FlagValues()
@@ -49,7 +53,7 @@ options.define_processing_flags(FLAGS)
 flags.mark_flags_as_required(["images", "labels", "out"], flag_values=FLAGS)
 
 
-def _listing(settings: Settings):
+def _listing(settings: Settings) -> Listing:
     from data_prep.sources import folder_listing
 
     return folder_listing(

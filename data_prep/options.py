@@ -69,6 +69,7 @@ def _values(owner: type, fv: flags.FlagValues) -> dict[str, Any]:
 
 
 def parse_sizes(values: Sequence[str]) -> tuple[int, ...]:
+    """["224", "448"] → (224, 448); UsageError for anything but integers."""
     try:
         return tuple(int(v) for v in values if str(v).strip())
     except ValueError:
