@@ -5,27 +5,21 @@ end-to-end tests must exercise the whole pipeline (conversion with Eq. (1), thre
 stages, evaluation) without a download. Every image is the real fundus photograph that
 scikit-image ships in its wheel (`skimage.data.retina()`, CC0, a healthy left eye), varied like a
 Kaggle capture (pose, eye mirror, scale, illumination, blur, noise, JPEG quality), with lesions
-painted in proportion to the grade:
+painted in proportion to the grade (data_prep.lesions). Eq. (1) removes the global colour and
+illumination changes, which carry no grade information, and keeps the lesions.
 
-- grade 1 (mild NPDR): microaneurysms only;
-- grade 2 (moderate): more microaneurysms, dot/blot haemorrhages, hard exudates, a cotton-wool spot;
-- grade 3 (severe): many more and larger haemorrhages, exudate clusters, cotton-wool spots;
-- grade 4 (PDR): grade-3 lesions plus new vessels (tortuous thin red fronds) and, sometimes, a
-  boat-shaped pre-retinal haemorrhage.
-
-Lesions are small, local colour changes with sharp-ish edges, so they survive Graham's local
-contrast normalisation (Eq. (1): I − G(ρ=10)∗I at 720 px), while the global colour and
-illumination changes, which carry no grade information, are removed by it.
+    python -m data_prep.demo --out DIR [--per-grade 40] [--eval-per-grade 16] [--seed 0]
+    m2cnn-prep demo --out DIR [...]
 
 Layout written (as the Kaggle competition download, read by `data_prep.kaggle`):
 `train/*.jpeg`, `test/*.jpeg`, `trainLabels.csv` (image,level), `retinopathy_solution.csv`
 (image,level,Usage; Public = val split, Private = test split), plus `demo.json` (parameters and
-counts). The CSVs are written last, so a complete CSV means a complete dataset.
+counts). The CSVs are written last, so a complete CSV means a complete dataset. A folder that
+holds anything but a previous demo dataset is refused. Exit codes: 0 done, 2 usage.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -37,6 +31,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from absl import flags
+
+from data_prep import lesions
+from m2cnn_tf import cli
+from m2cnn_tf.common import SPLITS
+from m2cnn_tf.errors import UsageError
 
 GRADES = range(5)
 DEFAULT_PER_GRADE = 40  # train images per grade
@@ -44,64 +44,6 @@ DEFAULT_EVAL_PER_GRADE = 16  # val and test images per grade, each (even: every 
 DEFAULT_WIDTH = 768  # canvas width; Kaggle's 3:2 aspect, modest so that conversion stays fast
 ASPECT = 3 / 2
 MARKER = "demo.json"
-
-# Landmarks of skimage.data.retina() (a left eye) in unit-disc coordinates (x right, y down),
-# measured on the image: optic disc centre and radius, and the fovea.
-OPTIC_DISC = (-0.69, -0.10)
-OPTIC_DISC_RADIUS = 0.13
-FOVEA = (0.0, -0.02)
-LESION_MAX_RADIUS = 0.84  # stay inside Graham's circular mask at 90 % of the radius
-
-# Multiplicative darkening of R, G, B for blood (microaneurysms, haemorrhages, new vessels), and
-# the RGB colours that hard exudates and cotton-wool spots blend towards.
-BLOOD = np.array([0.58, 0.34, 0.44], np.float32)
-EXUDATE = np.array([252.0, 228.0, 120.0], np.float32)
-COTTON_WOOL = np.array([238.0, 214.0, 178.0], np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Severity:
-    """Lesion counts (inclusive ranges) and size scales for one grade; monotone in the grade."""
-
-    microaneurysms: tuple[int, int] = (0, 0)
-    haemorrhages: tuple[int, int] = (0, 0)
-    haemorrhage_size: float = 1.0  # multiplies the base radius: blots grow with severity
-    exudate_clusters: tuple[int, int] = (0, 0)
-    exudates_per_cluster: tuple[int, int] = (0, 0)
-    cotton_wool: tuple[int, int] = (0, 0)
-    new_vessel_fronds: tuple[int, int] = (0, 0)
-    preretinal_probability: float = 0.0
-
-
-SEVERITY: dict[int, Severity] = {
-    0: Severity(),
-    1: Severity(microaneurysms=(5, 10)),
-    2: Severity(
-        microaneurysms=(10, 18),
-        haemorrhages=(3, 7),
-        exudate_clusters=(1, 2),
-        exudates_per_cluster=(4, 9),
-        cotton_wool=(0, 1),
-    ),
-    3: Severity(
-        microaneurysms=(18, 28),
-        haemorrhages=(12, 20),
-        haemorrhage_size=1.3,
-        exudate_clusters=(2, 4),
-        exudates_per_cluster=(6, 12),
-        cotton_wool=(2, 4),
-    ),
-    4: Severity(
-        microaneurysms=(22, 34),
-        haemorrhages=(16, 26),
-        haemorrhage_size=1.45,
-        exudate_clusters=(3, 5),
-        exudates_per_cluster=(6, 14),
-        cotton_wool=(3, 6),
-        new_vessel_fronds=(2, 4),
-        preretinal_probability=0.5,
-    ),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +117,13 @@ def plan(
     width: int = DEFAULT_WIDTH,
 ) -> list[ImageSpec]:
     """Every image of the dataset, sorted by patient id then eye (the Kaggle CSV order)."""
-    if per_grade < 1 or eval_per_grade < 0 or width < 64:
-        raise ValueError("need per_grade >= 1, eval_per_grade >= 0 and width >= 64")
+    for setting, value, least in (
+        ("per_grade", per_grade, 1),
+        ("eval_per_grade", eval_per_grade, 0),
+        ("width", width, 64),
+    ):
+        if value < least:
+            raise UsageError(f"must be at least {least}, got {value}", setting=setting)
     rng = np.random.default_rng([seed, 0])
     height = round(width / ASPECT)
     patients: list[tuple[str, tuple[int, int]]] = []
@@ -253,6 +200,8 @@ class _Canvas:
         self.image = cv2.warpAffine(
             np.ascontiguousarray(small), m, (spec.width, spec.height), flags=cv2.INTER_LINEAR
         )
+        self.shape = (spec.height, spec.width)
+        self.diameter = spec.diameter
         self.radius = spec.diameter / 2
         self.mirror = spec.mirror
         self.centre = np.array(spec.centre)
@@ -263,167 +212,11 @@ class _Canvas:
         return float(p[0]), float(p[1])
 
 
-def _stamp(
-    alpha: np.ndarray,
-    x: float,
-    y: float,
-    rx: float,
-    ry: float,
-    theta: float,
-    opacity: float,
-    edge: float,
-) -> None:
-    """Max-composites a soft ellipse into `alpha`: flat core, smooth rim of relative width edge."""
-    h, w = alpha.shape
-    reach = max(rx, ry) + 1.5
-    x0, x1 = max(int(x - reach), 0), min(int(x + reach) + 2, w)
-    y0, y1 = max(int(y - reach), 0), min(int(y + reach) + 2, h)
-    if x0 >= x1 or y0 >= y1:
-        return
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    dx, dy = xx - x, yy - y
-    c, s = math.cos(theta), math.sin(theta)
-    d = np.sqrt(((c * dx + s * dy) / rx) ** 2 + ((c * dy - s * dx) / ry) ** 2)
-    t = np.clip((1.0 - d) / edge, 0.0, 1.0)
-    a = opacity * t * t * (3 - 2 * t)  # smoothstep
-    np.maximum(alpha[y0:y1, x0:x1], a, out=alpha[y0:y1, x0:x1])
-
-
-def _random_site(
-    r: np.random.Generator, rmax: float = LESION_MAX_RADIUS, power: float = 0.5
-) -> tuple[float, float]:
-    """A point of the unit disc outside the optic disc; power < 0.5 concentrates on the centre."""
-    while True:
-        rho, phi = rmax * r.random() ** power, r.uniform(0, 2 * math.pi)
-        u, v = rho * math.cos(phi), rho * math.sin(phi)
-        if math.hypot(u - OPTIC_DISC[0], v - OPTIC_DISC[1]) > OPTIC_DISC_RADIUS + 0.04:
-            return u, v
-
-
-def _lesion_layers(spec: ImageSpec, canvas: _Canvas) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Alpha maps of blood (dark red), hard exudates (yellow) and cotton-wool spots (pale)."""
-    sev = SEVERITY[spec.grade]
-    r = np.random.default_rng(spec.lesion_seed)
-    shape = (spec.height, spec.width)
-    blood, exudate, cotton = (np.zeros(shape, np.float32) for _ in range(3))
-    d = spec.diameter
-
-    def count(rng_range: tuple[int, int]) -> int:
-        return int(r.integers(rng_range[0], rng_range[1] + 1))
-
-    for _ in range(count(sev.microaneurysms)):  # tiny round dark-red dots
-        x, y = canvas.to_canvas(*_random_site(r, power=0.7))
-        rad = d * r.uniform(0.0045, 0.0075)
-        _stamp(
-            blood,
-            x,
-            y,
-            rad,
-            rad * r.uniform(0.85, 1.0),
-            r.uniform(0, math.pi),
-            r.uniform(0.8, 1.0),
-            0.45,
-        )
-    for _ in range(count(sev.haemorrhages)):  # dot/blot: 1-3 overlapping soft ellipses
-        x, y = canvas.to_canvas(*_random_site(r, power=0.6))
-        rad = d * r.uniform(0.010, 0.024) * sev.haemorrhage_size
-        for _ in range(int(r.integers(1, 4))):
-            ox, oy = r.normal(0, rad * 0.4, 2)
-            _stamp(
-                blood,
-                x + ox,
-                y + oy,
-                rad * r.uniform(0.6, 1.1),
-                rad * r.uniform(0.4, 0.9),
-                r.uniform(0, math.pi),
-                r.uniform(0.75, 0.95),
-                0.7,
-            )
-    for _ in range(count(sev.exudate_clusters)):  # waxy yellow specks, clustered near the macula
-        cu, cv = _random_site(r, rmax=0.5, power=0.6)
-        spread = r.uniform(0.04, 0.10)
-        for _ in range(count(sev.exudates_per_cluster)):
-            u, v = cu + r.normal(0, spread), cv + r.normal(0, spread)
-            if math.hypot(u, v) > LESION_MAX_RADIUS:
-                continue
-            x, y = canvas.to_canvas(u, v)
-            rad = d * r.uniform(0.0035, 0.009)
-            _stamp(
-                exudate,
-                x,
-                y,
-                rad,
-                rad * r.uniform(0.6, 1.0),
-                r.uniform(0, math.pi),
-                r.uniform(0.75, 0.95),
-                0.35,
-            )
-    for _ in range(count(sev.cotton_wool)):  # fuzzy pale patches near the vascular arcades
-        x, y = canvas.to_canvas(*_random_site(r, rmax=0.65, power=0.5))
-        rad = d * r.uniform(0.018, 0.032)
-        for _ in range(int(r.integers(2, 4))):
-            ox, oy = r.normal(0, rad * 0.35, 2)
-            _stamp(
-                cotton,
-                x + ox,
-                y + oy,
-                rad * r.uniform(0.7, 1.1),
-                rad * r.uniform(0.5, 0.8),
-                r.uniform(0, math.pi),
-                r.uniform(0.45, 0.65),
-                1.0,
-            )
-    fronds = count(sev.new_vessel_fronds)
-    if fronds:
-        blood = np.maximum(blood, _new_vessels(r, fronds, spec, canvas))
-    if r.random() < sev.preretinal_probability:  # boat-shaped: blood settles, flat upper level
-        x, y = canvas.to_canvas(*_random_site(r, rmax=0.6))
-        rx, ry = d * r.uniform(0.045, 0.07), d * r.uniform(0.03, 0.045)
-        pre = np.zeros(shape, np.float32)
-        _stamp(pre, x, y, rx, ry, 0.0, 0.9, 0.25)
-        pre[: max(int(y - 0.2 * ry), 0)] = 0
-        np.maximum(blood, pre, out=blood)
-    return blood, exudate, cotton
-
-
-def _new_vessels(
-    r: np.random.Generator, fronds: int, spec: ImageSpec, canvas: _Canvas
-) -> np.ndarray:
-    """PDR: tufts of thin tortuous vessels at the disc (NVD) or elsewhere (NVE): random walks."""
-    mask = np.zeros((spec.height, spec.width), np.uint8)
-    d = spec.diameter
-    shift = 4  # sub-pixel precision of cv2.polylines
-    for k in range(fronds):
-        if k == 0 or r.random() < 0.3:
-            phi = r.uniform(0, 2 * math.pi)
-            u = OPTIC_DISC[0] + OPTIC_DISC_RADIUS * 0.9 * math.cos(phi)
-            v = OPTIC_DISC[1] + OPTIC_DISC_RADIUS * 0.9 * math.sin(phi)
-        else:
-            u, v = _random_site(r, rmax=0.7)
-        x0, y0 = canvas.to_canvas(u, v)
-        for _ in range(int(r.integers(4, 9))):  # a tuft of loops sprouting from one point
-            heading, x, y = r.uniform(0, 2 * math.pi), x0, y0
-            pts = [(x, y)]
-            for _ in range(int(r.integers(10, 20))):
-                heading += r.normal(0.25, 0.6)  # the drift curls the vessel into loops
-                step = d * r.uniform(0.004, 0.008)
-                x, y = x + step * math.cos(heading), y + step * math.sin(heading)
-                pts.append((x, y))
-            poly = np.round(np.array(pts) * (1 << shift)).astype(np.int32)
-            thickness = max(1, round(d * r.uniform(0.0015, 0.0035)))
-            cv2.polylines(mask, [poly], False, 255, thickness, cv2.LINE_AA, shift)
-    mask = cv2.GaussianBlur(mask, (0, 0), 0.6)
-    return mask.astype(np.float32) * (0.8 / 255)
-
-
 def render(spec: ImageSpec) -> np.ndarray:
     """The RGB uint8 photograph described by `spec` (deterministic)."""
     canvas = _Canvas(spec)
     img = canvas.image
-    blood, exudate, cotton = _lesion_layers(spec, canvas)
-    img *= 1.0 - blood[..., None] * (1.0 - BLOOD)
-    img += cotton[..., None] * (COTTON_WOOL - img)
-    img += exudate[..., None] * (EXUDATE - img)
+    lesions.paint(img, spec.grade, spec.lesion_seed, canvas)
 
     # Camera: exposure and colour, uneven illumination, vignetting, gamma, defocus.
     h, w = spec.height, spec.width
@@ -458,25 +251,13 @@ def encode(spec: ImageSpec, rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def generate(
-    out_dir: str | Path,
-    per_grade: int = DEFAULT_PER_GRADE,
-    eval_per_grade: int = DEFAULT_EVAL_PER_GRADE,
-    seed: int = 0,
-    width: int = DEFAULT_WIDTH,
-) -> dict:
-    """Writes the dataset to `out_dir` and returns its summary (also saved as `demo.json`).
-
-    Refuses a non-empty folder that is not a previous demo dataset, so it never mixes with, or
-    deletes, someone's data; a previous demo dataset is replaced.
-    """
-    start = time.perf_counter()
-    out = Path(out_dir)
-    specs = plan(per_grade, eval_per_grade, seed, width)
+def _claim(out: Path) -> None:
+    """Make `out` an empty demo dataset folder. Refuses a non-empty folder that is not a
+    previous demo dataset, so it never mixes with, or deletes, someone's data."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise UsageError(f"{out} exists and is not a directory", setting="out")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise ValueError(f"--out {out} is not empty and holds no demo dataset; choose another")
+        raise UsageError(f"{out} is not empty and holds no demo dataset", setting="out")
     for folder in ("train", "test"):
         (out / folder).mkdir(parents=True, exist_ok=True)
         for old in (out / folder).glob("*.jpeg"):
@@ -485,9 +266,9 @@ def generate(
         (out / name).unlink(missing_ok=True)
     (out / MARKER).write_text("{}\n")  # claims the folder before writing images
 
-    for spec in specs:
-        (out / spec.folder / f"{spec.name}.jpeg").write_bytes(encode(spec, render(spec)))
 
+def _write_labels(out: Path, specs: list[ImageSpec]) -> None:
+    """The two Kaggle CSVs: train, and the solution with Public = val and Private = test."""
     usage = {"val": "Public", "test": "Private"}
     with open(out / "trainLabels.csv", "w") as f:
         f.write("image,level\n")
@@ -496,9 +277,28 @@ def generate(
         f.write("image,level,Usage\n")
         f.writelines(f"{s.name},{s.grade},{usage[s.split]}\n" for s in specs if s.split != "train")
 
+
+def generate(
+    out: str | Path,
+    per_grade: int = DEFAULT_PER_GRADE,
+    eval_per_grade: int = DEFAULT_EVAL_PER_GRADE,
+    seed: int = 0,
+    width: int = DEFAULT_WIDTH,
+) -> dict:
+    """Writes the dataset to `out` and returns its summary (also saved as `demo.json`).
+
+    A previous demo dataset in `out` is replaced; any other non-empty folder is refused.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    specs = plan(per_grade, eval_per_grade, seed, width)
+    _claim(out)
+    for spec in specs:
+        (out / spec.folder / f"{spec.name}.jpeg").write_bytes(encode(spec, render(spec)))
+    _write_labels(out, specs)
     counts = {
         split: {str(g): sum(s.split == split and s.grade == g for s in specs) for g in GRADES}
-        for split in ("train", "val", "test")
+        for split in SPLITS
     }
     summary = {
         "source": "skimage.data.retina() with synthetic lesions (data_prep.demo)",
@@ -515,46 +315,47 @@ def generate(
     return {**summary, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m data_prep.demo",
-        description="Write the synthetic demo dataset in the Kaggle EyePACS layout.",
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+PROG = "data_prep.demo"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "output folder (created)", flag_values=FLAGS)
+flags.DEFINE_integer("per-grade", DEFAULT_PER_GRADE, "train images per grade", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "eval-per-grade",
+    DEFAULT_EVAL_PER_GRADE,
+    "val and test images per grade, each",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer("seed", 0, "random seed", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "width", DEFAULT_WIDTH, "image width in pixels; the height is 2/3 of it", flag_values=FLAGS
+)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
+
+
+def _body(_rest: list[str]) -> None:
+    out = FLAGS.out
+    summary = generate(
+        out, FLAGS["per-grade"].value, FLAGS["eval-per-grade"].value, FLAGS.seed, FLAGS.width
     )
-    p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument(
-        "--per-grade",
-        type=int,
-        default=DEFAULT_PER_GRADE,
-        help=f"train images per grade (default {DEFAULT_PER_GRADE})",
-    )
-    p.add_argument(
-        "--eval-per-grade",
-        type=int,
-        default=DEFAULT_EVAL_PER_GRADE,
-        help=f"val and test images per grade, each (default {DEFAULT_EVAL_PER_GRADE})",
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--width",
-        type=int,
-        default=DEFAULT_WIDTH,
-        help=f"image width in pixels, height is 2/3 of it (default {DEFAULT_WIDTH})",
-    )
-    args = p.parse_args(argv)
-    try:
-        summary = generate(args.out, args.per_grade, args.eval_per_grade, args.seed, args.width)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     c = summary["counts"]
     print(
         f"demo dataset: {summary['images']} images of {summary['patients']} patients in "
-        f"{args.out} (train {sum(c['train'].values())}, val {sum(c['val'].values())}, "
+        f"{out} (train {sum(c['train'].values())}, val {sum(c['val'].values())}, "
         f"test {sum(c['test'].values())}; {summary['width']}x{summary['height']}) "
         f"in {summary['seconds']:.1f} s"
     )
-    return 0
+
+
+def run(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    return cli.run(prog, __doc__, FLAGS, _body, argv)
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

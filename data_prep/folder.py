@@ -2,63 +2,80 @@
 
     python -m data_prep.folder --images DIR --labels CSV --out OUT [--id-column image]
         [--grade-column level] [--ext .png] [--split-column COL | --split-ratio 0.8,0.1,0.1]
+    m2cnn-prep folder --images DIR --labels CSV --out OUT [...]
 
 Without --ext, each id is looked up among the image files below DIR (any common extension).
 Splits come from a column (train/val/test and common spellings) or a patient-level ratio.
+Bad inputs are skipped and listed in OUT/manifest.json (--strict: refused, nothing written).
+Rerun the same command to resume an interrupted conversion.
+Exit codes: 0 done, 1 failed (or --strict found bad inputs), 2 usage, 130 interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from data_prep.convert import add_processing_args, convert, run_cli, settings_from_args
-from data_prep.sources import folder_listing
+from absl import flags
+
+from data_prep import options
+from data_prep.worker import Settings
+
+if TYPE_CHECKING:
+    from data_prep.sources import Listing  # pandas: imported when the command runs
 
 PROG = "data_prep.folder"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string(
+    "images", None, "folder with the images (searched recursively)", flag_values=FLAGS
+)
+flags.DEFINE_string("labels", None, "CSV with one row per image", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
+flags.DEFINE_string("id-column", "image", "CSV column naming the image file", flag_values=FLAGS)
+flags.DEFINE_string("grade-column", "level", "CSV column with the grade 0–4", flag_values=FLAGS)
+flags.DEFINE_string(
+    "ext", None, "image file extension, e.g. .png (default: find by name)", flag_values=FLAGS
+)
+flags.DEFINE_string("split-column", None, "CSV column with train/val/test", flag_values=FLAGS)
+flags.DEFINE_string(
+    "split-ratio",
+    None,
+    "train,val[,test] fractions, split by patient (default 0.8,0.1,0.1)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "patient-column",
+    None,
+    "CSV column with the patient (default: the id without a _left/_right suffix)",
+    flag_values=FLAGS,
+)
+options.define_processing_flags(FLAGS)
+flags.mark_flags_as_required(["images", "labels", "out"], flag_values=FLAGS)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("--images", required=True, help="folder with the images (searched recursively)")
-    p.add_argument("--labels", required=True, help="CSV with one row per image")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--id-column", default="image", help="CSV column naming the image file")
-    p.add_argument("--grade-column", default="level", help="CSV column with the grade 0–4")
-    p.add_argument("--ext", help="image file extension, e.g. .png (default: find by name)")
-    p.add_argument("--split-column", help="CSV column with train/val/test")
-    p.add_argument(
-        "--split-ratio",
-        help="train,val[,test] fractions, split by patient (default 0.8,0.1,0.1)",
+def _listing(settings: Settings) -> Listing:
+    from data_prep.sources import folder_listing
+
+    return folder_listing(
+        FLAGS.images,
+        FLAGS.labels,
+        id_column=FLAGS["id-column"].value,
+        grade_column=FLAGS["grade-column"].value,
+        ext=FLAGS.ext,
+        split_column=FLAGS["split-column"].value,
+        split_ratio=FLAGS["split-ratio"].value,
+        patient_column=FLAGS["patient-column"].value,
+        seed=settings.seed,
     )
-    p.add_argument(
-        "--patient-column",
-        help="CSV column with the patient (default: the id without a _left/_right suffix)",
-    )
-    add_processing_args(p)
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    return options.run_conversion(prog, __doc__, FLAGS, _listing, argv, tool=PROG)
 
-    def body() -> int:
-        settings = settings_from_args(args)
-        listing = folder_listing(
-            args.images,
-            args.labels,
-            id_column=args.id_column,
-            grade_column=args.grade_column,
-            ext=args.ext,
-            split_column=args.split_column,
-            split_ratio=args.split_ratio,
-            patient_column=args.patient_column,
-            seed=settings.seed,
-        )
-        return convert(listing, args.out, settings, PROG, argv)
 
-    return run_cli(PROG, body)
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,15 +12,15 @@ import hashlib
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from data_prep.worker import SPLITS
+from m2cnn_tf.common import IMAGE_EXTENSIONS, SPLITS
+from m2cnn_tf.errors import UsageError
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 _SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -31,10 +31,6 @@ _SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-
-
-class UsageError(Exception):
-    """A problem with the command line or the label files: one line, exit code 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +86,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_labels(path: str | os.PathLike, required: Sequence[str]) -> pd.DataFrame:
-    """The CSV as strings (nothing coerced), or UsageError naming the missing columns."""
+def read_labels(
+    path: str | os.PathLike, required: Sequence[str], setting: str | None = None
+) -> pd.DataFrame:
+    """The CSV as strings (nothing coerced), or UsageError naming the missing columns;
+    `setting` names where the path came from."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"labels file not found: {path}")
+        raise UsageError(f"labels file not found: {path}", setting=setting)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path} as CSV: {str(e).splitlines()[0]}") from None
+        message = f"cannot read {path} as CSV: {str(e).splitlines()[0]}"
+        raise UsageError(message, setting=setting) from None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -202,12 +202,12 @@ def kaggle_listing(
     """
     root = Path(kaggle_dir).resolve()
     if not root.is_dir():
-        raise UsageError(f"--kaggle-dir {root} is not a directory")
+        raise UsageError(f"{root} is not a directory", setting="kaggle_dir")
     train_csv = root / "trainLabels.csv"
     if not train_csv.is_file():
-        raise UsageError(f"--kaggle-dir {root} has no trainLabels.csv")
+        raise UsageError(f"{root} has no trainLabels.csv", setting="kaggle_dir")
     if val_from_train is not None and not 0 < val_from_train < 1:
-        raise UsageError(f"--val-from-train must be between 0 and 1, got {val_from_train}")
+        raise UsageError(f"must be between 0 and 1, got {val_from_train}", setting="val_from_train")
     train = read_labels(train_csv, ["image", "level"])
     source = {"kind": "kaggle", "kaggle_dir": str(root), "csv": {}}
     source["csv"]["trainLabels.csv"] = sha256_file(train_csv)
@@ -219,24 +219,11 @@ def kaggle_listing(
     skipped_usage: list[Skip] = []
     solution_csv = root / "retinopathy_solution.csv"
     if solution_csv.is_file():
-        solution = read_labels(solution_csv, ["image", "level", "Usage"])
         source["csv"]["retinopathy_solution.csv"] = sha256_file(solution_csv)
-        unused_public = 0
-        for i, g, usage in zip(
-            solution["image"], solution["level"], solution["Usage"], strict=True
-        ):
-            i, usage = i.strip(), usage.strip().lower()
-            path = str(root / "test" / f"{i}.jpeg")
-            if usage == "private":
-                rows.append(Row("test", i, g, path))
-            elif usage == "public" and val_from_train is None:
-                rows.append(Row("val", i, g, path))
-            elif usage == "public":
-                unused_public += 1
-            else:
-                skipped_usage.append(Skip(i, path, f"unknown Usage {usage!r}", "test"))
-        if unused_public:
-            notes.append(f"{unused_public} Usage=Public rows left out: val is carved from train")
+        carved = val_from_train is not None
+        rows_public, skipped_usage, note = _solution_rows(solution_csv, root / "test", carved)
+        rows += rows_public
+        notes += [note] if note else []
     else:
         notes.append("no retinopathy_solution.csv: only train (and a carved val) converted")
     items, skipped = validate(rows)
@@ -247,6 +234,30 @@ def kaggle_listing(
         items = assign_by_patient(train_items, fractions, seed) + others
     options = {"val_from_train": val_from_train, "seed": seed}
     return Listing(items, skipped + skipped_usage, source, options, notes)
+
+
+def _solution_rows(
+    solution_csv: Path, images: Path, val_carved: bool
+) -> tuple[list[Row], list[Skip], str]:
+    """Usage=Private rows → test; Usage=Public → val, unless val is carved from train (then
+    they are left out, with a note)."""
+    solution = read_labels(solution_csv, ["image", "level", "Usage"])
+    rows: list[Row] = []
+    skipped: list[Skip] = []
+    unused_public = 0
+    for i, g, usage in zip(solution["image"], solution["level"], solution["Usage"], strict=True):
+        i, usage = i.strip(), usage.strip().lower()
+        path = str(images / f"{i}.jpeg")
+        if usage == "private":
+            rows.append(Row("test", i, g, path))
+        elif usage == "public" and not val_carved:
+            rows.append(Row("val", i, g, path))
+        elif usage == "public":
+            unused_public += 1
+        else:
+            skipped.append(Skip(i, path, f"unknown Usage {usage!r}", "test"))
+    note = f"{unused_public} Usage=Public rows left out: val is carved from train"
+    return rows, skipped, note if unused_public else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,71 +280,95 @@ def parse_split_ratio(text: str) -> dict[str, float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise UsageError(f"--split-ratio must be numbers like 0.8,0.1,0.1, got {text!r}") from None
+        raise UsageError(
+            f"must be numbers like 0.8,0.1,0.1, got {text!r}", setting="split_ratio"
+        ) from None
     if len(values) not in (2, 3) or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
         raise UsageError(
-            f"--split-ratio needs 2 or 3 non-negative values summing to 1, got {text!r}"
+            f"needs 2 or 3 non-negative values summing to 1, got {text!r}", setting="split_ratio"
         )
     return dict(zip(SPLITS, values, strict=False))
 
 
+def _file_finder(images: Path, ext: str | None) -> Callable[[str], tuple[str, str] | Skip]:
+    """id → (image id, path): an id naming its file, the id + `ext`, or the one image file
+    below `images` with that stem (several with different extensions: a Skip)."""
+    index = None if ext else _index_images(images)
+
+    def find(raw_id: str) -> tuple[str, str] | Skip:
+        stem, own_ext = os.path.splitext(raw_id)
+        if own_ext.lower() in IMAGE_EXTENSIONS:
+            return stem, str(images / raw_id)
+        if ext:
+            return raw_id, str(images / f"{raw_id}{ext}")
+        found = index.get(raw_id, [])
+        if len(found) > 1:
+            names = ", ".join(sorted(os.path.basename(p) for p in found))
+            return Skip(raw_id, "", f"ambiguous file name ({names}); name the extension")
+        return raw_id, found[0] if found else str(images / raw_id)
+
+    return find
+
+
+def _folder_row(
+    rec: dict[str, str],
+    find: Callable[[str], tuple[str, str] | Skip],
+    columns: dict[str, str | None],
+) -> Row | Skip:
+    """One CSV record → a Row to validate, or the Skip of an unknown file or split."""
+    found = find(rec[columns["id"]].strip())
+    if isinstance(found, Skip):
+        return found
+    image_id, path = found
+    split = "train"
+    if columns["split"]:
+        value = rec[columns["split"]].strip().lower()
+        if value not in _SPLIT_ALIASES:
+            return Skip(image_id, path, f"unknown split {rec[columns['split']]!r}")
+        split = _SPLIT_ALIASES[value]
+    patient = rec[columns["patient"]].strip() if columns["patient"] else None
+    return Row(split, image_id, rec[columns["grade"]], path, patient or None)
+
+
 def folder_listing(
-    images_dir: str | os.PathLike,
-    labels_csv: str | os.PathLike,
+    images: str | os.PathLike,
+    labels: str | os.PathLike,
     *,
-    id_column: str,
-    grade_column: str,
-    ext: str | None,
-    split_column: str | None,
-    split_ratio: str | None,
-    patient_column: str | None,
-    seed: int,
+    id_column: str = "image",
+    grade_column: str = "level",
+    ext: str | None = None,
+    split_column: str | None = None,
+    split_ratio: str | None = None,
+    patient_column: str | None = None,
+    seed: int = 0,
 ) -> Listing:
-    """Images named by an id column, graded by a grade column, split by a column or a ratio."""
-    images = Path(images_dir).resolve()
-    if not images.is_dir():
-        raise UsageError(f"--images {images} is not a directory")
+    """Images named by an id column, graded by a grade column, split by a column or by a
+    patient-level ratio (default 0.8,0.1,0.1)."""
+    root = Path(images).resolve()
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory", setting="images")
     if split_column and split_ratio:
-        raise UsageError("give either --split-column or --split-ratio, not both")
+        raise UsageError("give a split column or a split ratio, not both", setting="split_ratio")
     ratio = parse_split_ratio(split_ratio or "0.8,0.1,0.1") if not split_column else None
-    required = [id_column, grade_column] + [c for c in (split_column, patient_column) if c]
-    df = read_labels(labels_csv, required)
+    columns = {"id": id_column, "grade": grade_column}
+    columns |= {"split": split_column, "patient": patient_column}
+    df = read_labels(labels, [c for c in columns.values() if c], setting="labels")
     if ext and not ext.startswith("."):
         ext = "." + ext
-    index = None if ext else _index_images(images)
+    find = _file_finder(root, ext)
     rows: list[Row] = []
     skipped: list[Skip] = []
     for rec in df.to_dict("records"):
-        image_id = rec[id_column].strip()
-        stem, own_ext = os.path.splitext(image_id)
-        if own_ext.lower() in IMAGE_EXTENSIONS:
-            image_id, path = stem, str(images / rec[id_column].strip())
-        elif ext:
-            path = str(images / f"{image_id}{ext}")
-        else:
-            found = index.get(image_id, [])
-            if len(found) > 1:
-                names = ", ".join(sorted(os.path.basename(p) for p in found))
-                skipped.append(Skip(image_id, "", f"ambiguous file name ({names}); use --ext"))
-                continue
-            path = found[0] if found else str(images / image_id)
-        split = "train"
-        if split_column:
-            value = rec[split_column].strip().lower()
-            if value not in _SPLIT_ALIASES:
-                skipped.append(Skip(image_id, path, f"unknown split {rec[split_column]!r}"))
-                continue
-            split = _SPLIT_ALIASES[value]
-        patient = rec[patient_column].strip() if patient_column else None
-        rows.append(Row(split, image_id, rec[grade_column], path, patient or None))
+        row = _folder_row(rec, find, columns)
+        (skipped if isinstance(row, Skip) else rows).append(row)
     items, bad = validate(rows)
     if ratio is not None:
         items = assign_by_patient(items, ratio, seed)
     source = {
         "kind": "folder",
-        "images": str(images),
-        "labels": str(Path(labels_csv).resolve()),
-        "labels_sha256": sha256_file(labels_csv),
+        "images": str(root),
+        "labels": str(Path(labels).resolve()),
+        "labels_sha256": sha256_file(labels),
     }
     options = {
         "id_column": id_column,

@@ -9,28 +9,79 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import os
 import signal
 from typing import Any
 
 import cv2
 
-from m2cnn_tf.preprocessing import BadImage, PreprocessParams, preprocess_bgr_file, resize_to
+from m2cnn_tf.errors import UsageError
+from m2cnn_tf.preprocessing import (
+    FORMATS,
+    BadImage,
+    PreprocessParams,
+    encode,
+    preprocess_bgr_file,
+    resize_to,
+)
 
-SPLITS = ("train", "val", "test")  # == m2cnn_tf.records.SPLITS (a test checks), without TF
+
+def default_workers() -> int:
+    """The cores this process may use: one worker process per core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _setting(default: Any = dataclasses.MISSING, **metadata: Any) -> Any:
+    """A field whose metadata (`help`, and `flag` when the flag is not the field's name) makes
+    its command-line flag (data_prep.options)."""
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    sizes: tuple[int, ...]
-    params: PreprocessParams
-    image_format: str = "jpeg"
-    jpeg_quality: int = 95
-    seed: int = 0
-    shard_mb: float = 150.0  # target shard size: the issue asks for about 100–200 MB
+    """How a conversion runs: output sizes, Eq. (1) (`params`), encoding, sharding, execution."""
+
+    # §II-A: the three input sizes of M²CNN's cells.
+    sizes: tuple[int, ...] = _setting((224, 448, 720), help="output sizes, comma separated")
+    params: PreprocessParams = dataclasses.field(default_factory=PreprocessParams)
+    image_format: str = _setting(
+        "jpeg", flag="format", choices=FORMATS, help="how images are stored; PNG is lossless"
+    )
+    jpeg_quality: int = _setting(95, help="JPEG quality, 1–100")
+    seed: int = _setting(0, help="split and record order")
+    # Target shard size: tf.data reads 100–200 MB files efficiently (ours).
+    shard_mb: float = _setting(150.0, help="target shard size in MB")
     chunk_max: int = 64  # images per chunk: the most work a kill can lose per chunk
-    workers: int = 1
-    strict: bool = False
-    progress: bool = True
+    workers: int = _setting(default_workers, help="worker processes; the default is one per core")
+    strict: bool = _setting(False, help="any bad input fails the conversion; nothing written")
+    progress: bool = _setting(True, flag="no-progress", help="no progress bar")
+
+    def __post_init__(self) -> None:
+        sizes = tuple(sorted({int(s) for s in self.sizes}))
+        object.__setattr__(self, "sizes", sizes)  # one order, whatever the caller's
+        if not sizes or sizes[0] < 8:
+            raise UsageError(f"must be at least 8 pixels, got {sizes}", setting="sizes")
+        if sizes[-1] > self.params.base_size:
+            raise UsageError(
+                f"{self.params.base_size} is below the largest size {sizes[-1]}; every size is "
+                "resized from the base image",
+                setting="base_size",
+            )
+        if self.image_format not in FORMATS:
+            raise UsageError(f"must be one of {', '.join(FORMATS)}", setting="image_format")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise UsageError(f"must be 1–100, got {self.jpeg_quality}", setting="jpeg_quality")
+        if self.workers < 1:
+            raise UsageError(f"must be at least 1, got {self.workers}", setting="workers")
+        if self.shard_mb <= 0:
+            raise UsageError(f"must be positive, got {self.shard_mb}", setting="shard_mb")
+        if self.chunk_max < 1:
+            raise UsageError(f"must be at least 1, got {self.chunk_max}", setting="chunk_max")
 
     def output_key(self) -> dict[str, Any]:
         """Everything that changes the bytes written (not workers, strictness or progress)."""
@@ -71,17 +122,9 @@ def encode_image(path: str) -> dict[int, bytes] | str:
     s = _settings
     try:
         base = preprocess_bgr_file(path, s.params)
-        out = {}
-        for size in s.sizes:
-            img = resize_to(base, size)
-            if s.image_format == "jpeg":
-                ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, s.jpeg_quality])
-            else:
-                ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-            if not ok:
-                return f"could not encode {s.image_format.upper()}"
-            out[size] = buf.tobytes()
-        return out
+        return {
+            size: encode(resize_to(base, size), s.image_format, s.jpeg_quality) for size in s.sizes
+        }
     except BadImage as e:
         return e.reason
     except Exception as e:  # one odd file must not end an hours-long run; it is reported
@@ -89,7 +132,7 @@ def encode_image(path: str) -> dict[int, bytes] | str:
 
 
 def check_image(path: str) -> str | None:
-    """--strict's validation pass: the reason this image would be skipped, or None."""
+    """The strict mode's validation pass: the reason this image would be skipped, or None."""
     assert _settings is not None, "init_worker first"
     try:
         preprocess_bgr_file(path, _settings.params)

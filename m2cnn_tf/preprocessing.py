@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from m2cnn_tf.errors import UsageError
+
 # Border noise: the disc is whatever is clearly brighter than the darkest image corners.
 _BORDER_MARGIN = 10  # grey levels above the corners' noise
 _MIN_THRESHOLD = 15  # never threshold lower than this (JPEG ringing around black borders)
@@ -29,29 +31,41 @@ _MIN_CONTRAST = 2.0  # std of grey levels inside the disc below this: a blank im
 _DETECT_SIDE = 256  # disc detection runs on a strided view about this large
 _BLUR_REDUCTION = 2  # the masked fast path blurs at 1/2 resolution (error bounded in tests)
 
+# How a preprocessed image is stored (m2cnn_tf.records): JPEG by default, PNG lossless (ours).
+FORMATS = ("jpeg", "png")
+
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessParams:
     """Eq. (1) constants (§III-A: α=4, β=−4, ρ=10, γ=128) and Graham's 90% circular mask.
 
     `base_size` is the reference resolution at which Eq. (1) is applied; ρ is in its pixels.
+    Each field's `help` is the text of its data_prep flag (data_prep.options).
     """
 
-    alpha: float = 4.0
-    beta: float = -4.0
-    rho: float = 10.0
-    gamma: float = 128.0
-    mask: bool = True
-    mask_fraction: float = 0.9
-    base_size: int = 720
+    alpha: float = dataclasses.field(default=4.0, metadata={"help": "Eq. (1) α"})
+    beta: float = dataclasses.field(default=-4.0, metadata={"help": "Eq. (1) β"})
+    rho: float = dataclasses.field(default=10.0, metadata={"help": "Eq. (1) ρ, in base pixels"})
+    gamma: float = dataclasses.field(default=128.0, metadata={"help": "Eq. (1) γ"})
+    mask: bool = dataclasses.field(
+        default=True, metadata={"flag": "no-mask", "help": "skip the 90% circular mask"}
+    )
+    mask_fraction: float = dataclasses.field(
+        default=0.9, metadata={"help": "mask radius / disc radius"}
+    )
+    base_size: int = dataclasses.field(
+        default=720, metadata={"help": "resolution Eq. (1) runs at; every size comes from it"}
+    )
 
     def __post_init__(self) -> None:
         if self.base_size < 8:
-            raise ValueError(f"base_size must be at least 8, got {self.base_size}")
+            raise UsageError(f"must be at least 8, got {self.base_size}", setting="base_size")
         if self.rho <= 0:
-            raise ValueError(f"rho must be positive, got {self.rho}")
+            raise UsageError(f"must be positive, got {self.rho}", setting="rho")
         if not 0 < self.mask_fraction <= 1:
-            raise ValueError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
+            raise UsageError(
+                f"must be in (0, 1], got {self.mask_fraction}", setting="mask_fraction"
+            )
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return dataclasses.asdict(self)
@@ -367,3 +381,16 @@ def preprocess_file(
     """
     base = preprocess_bgr_file(path, params)
     return {int(s): cv2.cvtColor(resize_to(base, int(s)), cv2.COLOR_BGR2RGB) for s in sizes}
+
+
+def encode(bgr: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """A preprocessed BGR image as the bytes a record stores (one of `FORMATS`)."""
+    if image_format == "jpeg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    elif image_format == "png":
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        raise UsageError(f"must be one of {FORMATS}, got {image_format!r}", setting="image_format")
+    if not ok:
+        raise BadImage(f"could not encode {image_format.upper()}")
+    return buf.tobytes()

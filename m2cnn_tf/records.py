@@ -1,6 +1,7 @@
 """The TFRecord schema shared by data_prep (writer) and the training input pipeline (reader).
 
-Layout: OUT/<size>/<split>-<iiiii>-of-<nnnnn>.tfrecord, one tf.train.Example per image with:
+Layout: OUT/<size>/<split>-<iiiii>-of-<nnnnn>.tfrecord (split: one of m2cnn_tf.common.SPLITS),
+one tf.train.Example per image with:
   image/encoded  bytes   JPEG (or PNG) of the preprocessed size×size image (§II-A)
   image/format   bytes   b"jpeg" or b"png"
   image/height   int64   pixels
@@ -19,8 +20,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-SPLITS = ("train", "val", "test")
-FORMATS = ("jpeg", "png")
+from m2cnn_tf.preprocessing import FORMATS
 
 FEATURES: dict[str, tf.io.FixedLenFeature] = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),

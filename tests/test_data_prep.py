@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,11 +20,19 @@ import pytest
 import tensorflow as tf
 from synthetic_fundus import fundus, kaggle_dir, write_fundus
 
-from data_prep import folder, kaggle
-from m2cnn_tf import records
+from data_prep import cli, folder, kaggle, options
+from data_prep import convert as engine
+from data_prep.worker import Settings
+from m2cnn_tf import errors, records
+from m2cnn_tf.preprocessing import PreprocessParams
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--sizes", "32,64", "--base-size", "64", "--workers", "1", "--no-progress"]
+
+
+def run(command, argv: list[str]) -> int:
+    """A data_prep command as its command line runs it: absl flags, exit code."""
+    return command.run([command.PROG, *argv])
 
 
 def read_split(out: Path, size: int, split: str) -> list[dict]:
@@ -52,7 +61,7 @@ def kaggle_src(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def kaggle_out(kaggle_src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out") / "records"
-    assert kaggle.main(["--kaggle-dir", str(kaggle_src), "--out", str(out), *FAST]) == 0
+    assert run(kaggle, ["--kaggle-dir", str(kaggle_src), "--out", str(out), *FAST]) == 0
     return out
 
 
@@ -106,7 +115,7 @@ def test_manifest_records_counts_shards_params_and_versions(kaggle_src, kaggle_o
 def test_val_from_train_keeps_both_eyes_of_a_patient_in_one_split(kaggle_src, tmp_path):
     def carve(seed: int, out: Path) -> tuple[set[str], set[str]]:
         argv = ["--kaggle-dir", str(kaggle_src), "--out", str(out), "--val-from-train", "0.3"]
-        assert kaggle.main([*argv, "--seed", str(seed), *FAST, "--sizes", "32"]) == 0
+        assert run(kaggle, [*argv, "--seed", str(seed), *FAST, "--sizes", "32"]) == 0
         return ids(read_split(out, 32, "train")), ids(read_split(out, 32, "val"))
 
     train, val = carve(0, tmp_path / "a")
@@ -128,7 +137,7 @@ def test_val_from_train_keeps_both_eyes_of_a_patient_in_one_split(kaggle_src, tm
 def test_without_solution_file_only_train_is_converted(tmp_path):
     src = kaggle_dir(tmp_path / "k", patients=3, solution=False)
     out = tmp_path / "out"
-    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(out), *FAST]) == 0
+    assert run(kaggle, ["--kaggle-dir", str(src), "--out", str(out), *FAST]) == 0
     assert len(read_split(out, 64, "train")) == 6
     assert records.shard_paths(out, 64, "val") == [] == records.shard_paths(out, 64, "test")
 
@@ -144,7 +153,7 @@ def test_folder_split_column_and_patient_level_ratio(tmp_path):
     common = ["--images", str(images), "--labels", str(labels), "--id-column", "id_code"]
     common += ["--grade-column", "diagnosis", *FAST, "--sizes", "32"]
     out = tmp_path / "by_column"
-    assert folder.main([*common, "--out", str(out), "--split-column", "subset"]) == 0
+    assert run(folder, [*common, "--out", str(out), "--split-column", "subset"]) == 0
     for k, split in enumerate(("train", "val", "test")):
         rows = read_split(out, 32, split)
         assert ids(rows) == {f"img{i}" for i in range(12) if i % 3 == k}
@@ -152,7 +161,7 @@ def test_folder_split_column_and_patient_level_ratio(tmp_path):
 
     out = tmp_path / "by_ratio"
     argv = [*common, "--out", str(out), "--split-ratio", "0.5,0.5", "--patient-column", "pid"]
-    assert folder.main(argv) == 0
+    assert run(folder, argv) == 0
     train, val = read_split(out, 32, "train"), read_split(out, 32, "val")
     assert len(train) == len(val) == 6
     assert not {r["image/patient"] for r in train} & {r["image/patient"] for r in val}
@@ -203,7 +212,7 @@ def bad_src(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_every_bad_input_is_skipped_with_its_reason(bad_src, tmp_path, capsys):
     src, expected = bad_src
     out = tmp_path / "out"
-    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(out), *FAST]) == 0
+    assert run(kaggle, ["--kaggle-dir", str(src), "--out", str(out), *FAST]) == 0
     m = json.loads((out / "manifest.json").read_text())
     reasons: dict[str, list[str]] = {}
     for s in m["skipped"]:
@@ -222,7 +231,7 @@ def test_every_bad_input_is_skipped_with_its_reason(bad_src, tmp_path, capsys):
 def test_strict_exits_nonzero_and_writes_nothing(bad_src, tmp_path, capsys):
     src, _ = bad_src
     out = tmp_path / "out"
-    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(out), *FAST, "--strict"]) == 1
+    assert run(kaggle, ["--kaggle-dir", str(src), "--out", str(out), *FAST, "--strict"]) == 1
     assert not out.exists()
     err = capsys.readouterr().err
     assert "--strict: 12 bad input(s); nothing written" in err  # all of them, in one go
@@ -236,10 +245,10 @@ def test_strict_checks_every_image_before_writing(tmp_path, capsys):
     (src / "train" / "3_right.jpeg").write_bytes(data[:-200])
     out = tmp_path / "out"
     argv = ["--kaggle-dir", str(src), "--out", str(out), *FAST, "--strict"]
-    assert kaggle.main(argv) == 1
+    assert run(kaggle, argv) == 1
     assert not out.exists()
     assert "3_right: truncated JPEG" in capsys.readouterr().err
-    assert kaggle.main([a for a in argv if a != "--strict"]) == 0
+    assert run(kaggle, [a for a in argv if a != "--strict"]) == 0
     assert len(read_split(out, 64, "train")) == 5
 
 
@@ -253,7 +262,7 @@ def test_greyscale_rgba_and_16_bit_inputs_are_converted_not_skipped(tmp_path):
     (tmp_path / "l.csv").write_text("image,level\ngrey.png,0\nrgba.png,1\ndeep.png,2\n")
     out = tmp_path / "out"
     argv = ["--images", str(images), "--labels", str(tmp_path / "l.csv"), "--out", str(out)]
-    assert folder.main([*argv, *FAST, "--split-ratio", "1,0"]) == 0
+    assert run(folder, [*argv, *FAST, "--split-ratio", "1,0"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["skipped"] == []
     assert ids(read_split(out, 64, "train")) == {"grey", "rgba", "deep"}
@@ -267,7 +276,7 @@ def test_csv_without_required_columns_is_a_usage_error(tmp_path, capsys):
     src = tmp_path / "k"
     (src / "train").mkdir(parents=True)
     (src / "trainLabels.csv").write_text("name,grade\n1_left,0\n")
-    assert kaggle.main(["--kaggle-dir", str(src), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert run(kaggle, ["--kaggle-dir", str(src), "--out", str(tmp_path / "o"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "lacks required column(s) 'image', 'level'" in err
@@ -278,7 +287,7 @@ def test_folder_with_wrong_grade_column_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "l.csv").write_text("id_code,diagnosis\na,0\n")
     argv = ["--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "l.csv")]
-    assert folder.main([*argv, "--out", str(tmp_path / "o"), "--id-column", "id_code"]) == 2
+    assert run(folder, [*argv, "--out", str(tmp_path / "o"), "--id-column", "id_code"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'level'" in err and "id_code, diagnosis" in err
 
@@ -286,32 +295,164 @@ def test_folder_with_wrong_grade_column_is_a_usage_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--sizes", "32,abc"], "--sizes must be integers"),
-        (["--sizes", "128"], "exceeds --base-size"),
-        (["--val-from-train", "1.5"], "--val-from-train must be between 0 and 1"),
-        (["--workers", "0"], "--workers must be at least 1"),
+        (["--sizes", "32,abc"], "--sizes: must be integers"),
+        (["--sizes", "128"], "--base-size: 64 is below the largest size 128"),
+        (["--val-from-train", "1.5"], "--val-from-train: must be between 0 and 1"),
+        (["--workers", "0"], "--workers: must be at least 1"),
+        (["--workers", "many"], "--workers=many"),
+        (["--rho", "0"], "--rho: must be positive"),
+        (["--format", "gif"], "--format=gif"),
     ],
 )
-def test_bad_flags_are_usage_errors(kaggle_src, tmp_path, capsys, extra, message):
+def test_bad_flags_are_one_line_usage_errors(kaggle_src, tmp_path, capsys, extra, message):
     argv = ["--kaggle-dir", str(kaggle_src), "--out", str(tmp_path / "o"), *FAST, *extra]
-    assert kaggle.main(argv) == 2
-    assert message in capsys.readouterr().err
+    assert run(kaggle, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("data_prep.kaggle: error: ") and "\n" not in err
+    assert message in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_kaggle_dir_and_missing_flag_exit_2(tmp_path, capsys):
-    assert kaggle.main(["--kaggle-dir", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
-    assert "is not a directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        kaggle.main(["--kaggle-dir", str(tmp_path)])  # no --out
-    assert e.value.code == 2
+    assert run(kaggle, ["--kaggle-dir", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "--kaggle-dir: " in capsys.readouterr().err
+    assert run(kaggle, ["--kaggle-dir", str(tmp_path)]) == 2  # no --out
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", [kaggle, folder])
+def test_help_exits_0_and_lists_the_processing_flags(command, capsys):
+    assert run(command, ["--help"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(command.__doc__.strip().splitlines()[0])
+    names = ("out", "sizes", "base-size", "alpha", "no-mask", "workers", "strict")
+    for name in names:
+        assert f"--{name}:" in shown or f"--[no]{name}:" in shown, name
+
+
+def test_processing_flags_make_the_settings_they_name(capsys):
+    argv = ["--kaggle-dir", "k", "--out", "o", "--sizes", "64,32", "--base-size", "96"]
+    argv += ["--alpha", "3", "--beta", "-3", "--rho", "5", "--gamma", "100", "--no-mask"]
+    argv += ["--mask-fraction", "0.8", "--format", "png", "--jpeg-quality", "80", "--seed", "4"]
+    argv += ["--shard-mb", "2", "--workers", "3", "--strict", "--no-progress"]
+    kaggle.FLAGS.unparse_flags()
+    kaggle.FLAGS([kaggle.PROG, *argv])
+    expected = Settings(
+        sizes=(32, 64),
+        params=PreprocessParams(
+            alpha=3.0, beta=-3.0, rho=5.0, gamma=100.0, mask=False, mask_fraction=0.8,
+            base_size=96,
+        ),
+        image_format="png",
+        jpeg_quality=80,
+        seed=4,
+        shard_mb=2.0,
+        workers=3,
+        strict=True,
+        progress=False,
+    )  # fmt: skip
+    assert options.settings_from_flags(kaggle.FLAGS) == expected
+    kaggle.FLAGS.unparse_flags()
+    kaggle.FLAGS([kaggle.PROG, "--kaggle-dir", "k", "--out", "o"])
+    assert options.settings_from_flags(kaggle.FLAGS) == Settings()  # the dataclass defaults
+    assert Settings().sizes == (224, 448, 720) and Settings().params == PreprocessParams()
 
 
 def test_other_settings_on_a_finished_output_are_refused(kaggle_src, kaggle_out, capsys):
     argv = ["--kaggle-dir", str(kaggle_src), "--out", str(kaggle_out), *FAST]
-    assert kaggle.main(argv) == 0
+    assert run(kaggle, argv) == 0
     assert "already complete" in capsys.readouterr().out
-    assert kaggle.main([*argv, "--gamma", "100"]) == 2
-    assert "another --out" in capsys.readouterr().err
+    assert run(kaggle, [*argv, "--gamma", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "--out: " in err and "choose another output folder" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The m2cnn-prep dispatcher
+
+
+def test_m2cnn_prep_runs_the_same_commands(kaggle_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["m2cnn-prep", "kaggle", "--kaggle-dir", str(kaggle_src), "--out", str(out), *FAST]
+    assert cli.run([*argv, "--sizes", "32"]) == 0
+    assert "m2cnn-prep kaggle: wrote 28 images" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tool"] == "data_prep.kaggle" and m["command"][:2] == ["m2cnn-prep", "kaggle"]
+    assert m["counts"]["train"]["records"] == len(csv_rows(kaggle_src / "trainLabels.csv"))
+    assert cli.run(["m2cnn-prep", "folder", "--workers", "0", "--images", "i"]) == 2
+    assert capsys.readouterr().err.startswith("m2cnn-prep folder: error: ")
+
+
+def test_m2cnn_prep_help_lists_the_three_commands_and_refuses_others(capsys):
+    assert cli.run(["m2cnn-prep", "--help"]) == 0
+    shown = capsys.readouterr().out
+    for name in ("kaggle", "folder", "demo"):
+        assert f"  {name} " in shown
+    for argv, word in ((["reshape"], "'reshape'"), ([], "missing command")):
+        assert cli.run(["m2cnn-prep", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("m2cnn-prep: error: ") and word in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine as a library: a result, typed errors, lines through `log`
+
+
+def test_convert_returns_its_result_and_reports_only_through_log(kaggle_src, tmp_path, capsys):
+    from data_prep.sources import kaggle_listing
+
+    settings = Settings(sizes=(32,), params=PreprocessParams(base_size=64), progress=False)
+    listing = kaggle_listing(kaggle_src, None, seed=0)
+    lines: list[str] = []
+    result = engine.convert(listing, tmp_path / "o", settings, command=["x"], log=lines.append)
+    assert capsys.readouterr() == ("", "")  # nothing printed by the library
+    m = json.loads(result.manifest.read_text())
+    assert result.records == {s: c["records"] for s, c in m["counts"].items()}
+    assert result.records == {"train": 20, "val": 4, "test": 4}
+    assert (result.skipped, result.resumed, result.already_complete) == (0, 0, False)
+    assert lines[0].startswith("wrote 28 images") and lines[-1] == "no inputs skipped"
+    again = engine.convert(listing, tmp_path / "o", settings, log=lines.append)
+    assert again.already_complete and again.records == result.records
+    with pytest.raises(errors.UsageError) as e:
+        engine.convert(listing, tmp_path / "o", dataclasses.replace(settings, seed=1), log=print)
+    assert e.value.setting == "out" and "--" not in str(e.value)
+
+
+def test_strict_failure_is_a_typed_error_listing_every_bad_input(bad_src, tmp_path):
+    from data_prep.sources import kaggle_listing
+
+    params = PreprocessParams(base_size=64)
+    settings = Settings(sizes=(32,), params=params, strict=True, progress=False)
+    with pytest.raises(engine.BadInputs) as e:
+        engine.convert(kaggle_listing(bad_src[0], None, 0), tmp_path / "o", settings, log=print)
+    assert isinstance(e.value, errors.RunFailed) and e.value.exit_code == 1
+    assert str(e.value) == "12 bad input(s); nothing written" and e.value.setting == "strict"
+    assert len(e.value.problems) == 12  # 29_left twice: neither conflicting copy is trusted
+    assert {p.image_id for p in e.value.problems} == set(bad_src[1])
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_exits_130_in_one_line_and_the_same_command_resumes(
+    kaggle_src, tmp_path, capsys, monkeypatch
+):
+    write_chunk = engine._write_chunk
+    calls = []
+
+    def interrupted_after_one_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_write_chunk", interrupted_after_one_chunk)
+    argv = ["--kaggle-dir", str(kaggle_src), "--out", str(tmp_path / "o"), *FAST]
+    assert run(kaggle, argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("data_prep.kaggle: ") and "interrupted" in err and "\n" not in err
+    monkeypatch.setattr(engine, "_write_chunk", write_chunk)
+    assert run(kaggle, argv) == 0
+    assert "(resumed: 20 images were already done)" in capsys.readouterr().out  # train: 1 chunk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,13 +463,13 @@ def test_processing_flags_and_png_format_reach_the_records(tmp_path):
     src = kaggle_dir(tmp_path / "k", patients=2, solution=False)
     out = tmp_path / "out"
     argv = ["--kaggle-dir", str(src), "--out", str(out), *FAST, "--format", "png"]
-    assert kaggle.main([*argv, "--gamma", "100"]) == 0
+    assert run(kaggle, [*argv, "--gamma", "100"]) == 0
     row = read_split(out, 64, "train")[0]
     assert row["image/format"] == b"png"
     image = tf.io.decode_png(row["image/encoded"]).numpy()
     assert (image[0, 0] == 100).all() and (image[-1, -1] == 100).all()  # the mask is γ
     out2 = tmp_path / "out2"
-    assert kaggle.main([*argv[:3], str(out2), *argv[4:], "--no-mask"]) == 0
+    assert run(kaggle, [*argv[:3], str(out2), *argv[4:], "--no-mask"]) == 0
     unmasked = tf.io.decode_png(read_split(out2, 64, "train")[0]["image/encoded"]).numpy()
     assert not (unmasked[0, 0] == 128).all() or not (unmasked[-1, -1] == 128).all()
 
@@ -357,7 +498,7 @@ def test_resume_after_kill_9_gives_byte_identical_records(tmp_path):
     common += ["--shard-mb", "0.005", "--no-progress", "--val-from-train", "0.2"]
 
     reference = tmp_path / "reference"
-    assert kaggle.main([*common, "--out", str(reference), "--workers", "1"]) == 0
+    assert run(kaggle, [*common, "--out", str(reference), "--workers", "1"]) == 0
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -413,6 +554,6 @@ def test_a_second_conversion_into_the_same_out_is_refused(kaggle_src, tmp_path, 
     (out / ".state").mkdir(parents=True)
     with open(out / ".state" / "lock", "w") as held:  # as a running conversion holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert kaggle.main(["--kaggle-dir", str(kaggle_src), "--out", str(out), *FAST]) == 2
+        assert run(kaggle, ["--kaggle-dir", str(kaggle_src), "--out", str(out), *FAST]) == 2
     assert "another conversion is writing to" in capsys.readouterr().err
     assert not (out / "manifest.json").exists()

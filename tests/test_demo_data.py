@@ -231,10 +231,22 @@ def test_cli_writes_dataset_and_reports_counts(tmp_path: Path) -> None:
 def test_cli_rejects_bad_counts_with_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert demo.main(["--out", str(tmp_path / "x"), "--per-grade", "0"]) == 2
+    assert demo.run([demo.PROG, "--out", str(tmp_path / "x"), "--per-grade", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err
+    assert err.startswith("data_prep.demo: error: --per-grade: ") and "\n" not in err
     assert not (tmp_path / "x").exists()
+    assert demo.run([demo.PROG, "--out", str(tmp_path / "x"), "--width", "wide"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("data_prep.demo: error: ") and "--width" in err and "\n" not in err
+    assert demo.run([demo.PROG, "--per-grade", "1"]) == 2  # no --out
+    assert "--out" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.run([demo.PROG, "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "--per-grade" in shown and "--eval-per-grade" in shown and "--width" in shown
 
 
 def test_cli_refuses_a_foreign_non_empty_folder_and_keeps_its_files(
@@ -242,6 +254,7 @@ def test_cli_refuses_a_foreign_non_empty_folder_and_keeps_its_files(
 ) -> None:
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "precious.jpeg").write_bytes(b"user data")
-    assert demo.main(["--out", str(tmp_path), "--per-grade", "1"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert demo.run([demo.PROG, "--out", str(tmp_path), "--per-grade", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--out: " in err and "not empty" in err
     assert (tmp_path / "train" / "precious.jpeg").read_bytes() == b"user data"

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_prep import worker
 from m2cnn_tf import records
 
 
@@ -126,6 +125,5 @@ def test_available_sizes_lists_sizes_with_shards(tmp_path):
     assert records.available_sizes(tmp_path / "missing") == []
 
 
-def test_data_prep_uses_the_same_split_names():
-    assert worker.SPLITS == records.SPLITS
+def test_shard_name_numbers_the_shard_and_the_count_in_five_digits():
     assert records.shard_name("val", 3, 12) == "val-00003-of-00012.tfrecord"
