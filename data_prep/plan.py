@@ -29,7 +29,7 @@ Map = Callable[..., Iterator[tuple[Any, Any]]]  # data_prep.executor.Executor.ma
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def order_items(items: list[Item], seed: int) -> dict[str, list[Item]]:
