@@ -5,9 +5,10 @@ The model's two heads (Fig. 2): the 5-way logits of the classification task and 
 score (§II-B). Each image gets the softmax probabilities and the score; grading them into 0-4
 is `metrics`' job (Table II's "scores" and "prob." ways).
 
-Test-time augmentation (TTA) is ours, as a choice the paper leaves open (§III-B tests one view):
-a fundus has no preferred orientation (§II-A), so the outputs may be averaged over its
-symmetries, as the best Kaggle 2015 teams did.
+Test-time augmentation (TTA) is ours: the paper does not say how its Table II figures were
+tested beyond the metric (§III-A), and the default here is one view per image. A fundus has no
+preferred orientation (§II-A), so the outputs may be averaged over its symmetries, as the best
+Kaggle 2015 teams did.
 """
 
 from __future__ import annotations
