@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from m2cnn_tf.errors import RunFailed, UsageError
 from m2cnn_tf.model import POOL
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -27,7 +28,7 @@ class GradCam:
 
     def __init__(self, model: keras.Model, target: str = "score"):
         if target not in ("score", "class"):
-            raise ValueError(f"Grad-CAM target must be 'score' or 'class', got {target!r}")
+            raise UsageError(f"Grad-CAM target must be 'score' or 'class', got {target!r}")
         self.target = target
         self._model = keras.Model(
             model.inputs,
@@ -91,4 +92,4 @@ def write_panel(path, rgb: np.ndarray, cam: np.ndarray, caption: str = "") -> No
         cv2.putText(bar, caption, (6, text_h + 6), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
         panel = np.concatenate([panel, bar], axis=0)
     if not cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write {path}")
+        raise RunFailed(f"cannot write the Grad-CAM panel {path}")

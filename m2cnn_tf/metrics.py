@@ -1,12 +1,18 @@
-"""Quadratic weighted kappa (§III-A, the Kaggle metric) and the two ways to read a grade (Fig. 2).
+"""How good the grades are: quadratic weighted kappa (§III-A, the Kaggle metric), the two ways
+to read a grade (Fig. 2), and the statistics a report adds to the paper's figures.
 
 "Scores" cuts the regression output into grades; "prob." takes the argmax of the softmax.
-Table II reports both, and the paper prefers scores.
+Table II reports both, and the paper prefers scores. On top of the paper (ours): a 95%
+bootstrap confidence interval of kappa, the confusion matrix, per-grade sensitivity and
+specificity, and referable DR (grade >= 2), which is what a screening programme acts on.
+Everything but `QuadraticKappa` (the trainer's streaming metric) is numpy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -14,8 +20,17 @@ from keras import ops
 
 from m2cnn_tf.config import NUM_CLASSES
 
+if TYPE_CHECKING:
+    from m2cnn_tf.inference import Predictions
+
 # Rounding to the nearest grade, clipped to 0-4.
 DEFAULT_CUTPOINTS: tuple[float, ...] = (0.5, 1.5, 2.5, 3.5)
+REFERABLE_GRADE = 2  # moderate NPDR or worse: refer to an ophthalmologist
+WAYS = ("scores", "prob")  # Table II's two test methods
+OPERATING_POINT = (
+    "referable iff the graded output is >= 2 (scores: score >= the second cut point; prob.: "
+    "argmax >= 2)"
+)
 
 
 def scores_to_grades(scores, cutpoints: Sequence[float] = DEFAULT_CUTPOINTS) -> np.ndarray:
@@ -117,3 +132,178 @@ class QuadraticKappa(keras.metrics.Metric):
             "from_scores": self.from_scores,
             "cutpoints": list(self.cutpoints),
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# A report's figures (ours, on top of Table II's kappa)
+
+
+def bootstrap_kappa_ci(
+    y_true,
+    y_pred,
+    *,
+    groups=None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the quadratic kappa.
+
+    Resamples *groups* with replacement (pass the patient ids: the two eyes of a patient are
+    correlated, so resampling images would understate the spread); without groups each image is
+    its own group. Replicate b draws `rng.integers(0, G, size=G)` from
+    `np.random.default_rng(seed)`; replicates with an undefined kappa (one class only) are
+    dropped. Returns (low, high) at `level`.
+    """
+    y_true = np.ravel(np.asarray(y_true)).astype(int)
+    y_pred = np.ravel(np.asarray(y_pred)).astype(int)
+    if groups is None:
+        group_index = np.arange(len(y_true))
+    else:
+        _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups = int(group_index.max()) + 1 if len(group_index) else 0
+    # One flattened confusion matrix per group; a replicate's matrix is counts @ per_group.
+    cells = y_true * num_classes + y_pred
+    per_group = np.zeros((n_groups, num_classes * num_classes), np.float64)
+    np.add.at(per_group, (group_index, cells), 1.0)
+    rng = np.random.default_rng(seed)
+    kappas = np.empty(n_boot)
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
+        cm = (counts @ per_group).reshape(num_classes, num_classes)
+        kappas[b] = kappa_from_confusion(cm)
+    kappas = kappas[~np.isnan(kappas)]
+    if not len(kappas):
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(kappas, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def per_grade_rates(cm: np.ndarray) -> list[dict[str, Any]]:
+    """One-vs-rest sensitivity (recall of grade g) and specificity for every grade."""
+    cm = np.asarray(cm, np.float64)
+    total = cm.sum()
+    rows = []
+    for g in range(cm.shape[0]):
+        tp = cm[g, g]
+        positives = cm[g].sum()
+        fp = cm[:, g].sum() - tp
+        negatives = total - positives
+        rows.append(
+            {
+                "grade": g,
+                "support": int(positives),
+                "sensitivity": _ratio(tp, positives),
+                "specificity": _ratio(negatives - fp, negatives),
+            }
+        )
+    return rows
+
+
+def referable_metrics(
+    grades, continuous, predicted_grades, threshold: float | None
+) -> dict[str, Any]:
+    """Referable DR (grade >= 2): ROC AUC of a continuous output, and the operating point.
+
+    The operating point is the grader's own decision: referable iff its predicted grade is >= 2
+    (score >= the second cut point; or argmax >= 2). So the sensitivity/specificity reported are
+    those of the grades in predictions.csv, not of a threshold tuned on the split itself.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve  # slow to import; only needed here
+
+    truth = np.ravel(grades) >= REFERABLE_GRADE
+    decision = np.ravel(predicted_grades) >= REFERABLE_GRADE
+    both = truth.any() and (~truth).any()
+    auc = float(roc_auc_score(truth, continuous)) if both else None
+    fpr, tpr, _ = roc_curve(truth, continuous) if both else (np.array([]), np.array([]), None)
+    return {
+        "prevalence": float(truth.mean()),
+        "auc": auc,
+        "threshold": None if threshold is None else float(threshold),
+        "sensitivity": _ratio(float((decision & truth).sum()), float(truth.sum())),
+        "specificity": _ratio(float((~decision & ~truth).sum()), float((~truth).sum())),
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+    }
+
+
+def referable_probability(probs) -> np.ndarray:
+    """P(grade >= 2) from the softmax: the prob. way's continuous referable output."""
+    return np.asarray(probs)[:, REFERABLE_GRADE:].sum(axis=1)
+
+
+def way_metrics(
+    grades,
+    predicted,
+    continuous,
+    threshold: float | None,
+    *,
+    groups=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every figure for one test method (scores or prob.)."""
+    grades = np.ravel(grades).astype(int)
+    predicted = np.ravel(predicted).astype(int)
+    cm = confusion_matrix(grades, predicted)
+    kappa = kappa_from_confusion(cm)
+    low, high = bootstrap_kappa_ci(grades, predicted, groups=groups, n_boot=n_boot, seed=seed)
+    return {
+        "kappa": _finite(kappa),
+        "kappa_ci95": [_finite(low), _finite(high)],
+        "accuracy": float((grades == predicted).mean()),
+        "confusion_matrix": cm.tolist(),
+        "per_grade": per_grade_rates(cm),
+        "referable": referable_metrics(grades, continuous, predicted, threshold),
+    }
+
+
+def evaluate_predictions(
+    preds: Predictions,
+    cutpoints: Sequence[float] = DEFAULT_CUTPOINTS,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Both test methods' figures for (already calibrated) predictions: report.json's body.
+
+    The bootstrap resamples patients when every image has one, else images.
+    """
+    groups = preds.patients if all(preds.patients) else None
+    cuts = tuple(sorted(float(c) for c in cutpoints))
+    common = {"groups": groups, "n_boot": n_boot, "seed": seed}
+    return {
+        "scores": way_metrics(
+            preds.grades,
+            scores_to_grades(preds.scores, cuts),
+            preds.scores,
+            threshold=cuts[REFERABLE_GRADE - 1],
+            **common,
+        ),
+        "prob": way_metrics(
+            preds.grades,
+            probs_to_grades(preds.probs),
+            referable_probability(preds.probs),
+            threshold=None,
+            **common,
+        ),
+        "cutpoints": list(cuts),
+        "bootstrap": {
+            "replicates": n_boot,
+            "seed": seed,
+            "unit": "patient" if groups is not None else "image",
+            "method": "percentile",
+        },
+        "n_images": len(preds),
+        "grade_counts": np.bincount(preds.grades, minlength=NUM_CLASSES).tolist(),
+        "operating_point": OPERATING_POINT,
+    }

@@ -22,11 +22,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from m2cnn_tf.checkpoints import CONFIG, stage_dir
+from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
+from m2cnn_tf.data import scale_image
+from m2cnn_tf.errors import UsageError
+from m2cnn_tf.gradcam import GradCam, write_panel
+from m2cnn_tf.inference import make_predict_fn
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS, scores_to_grades
-from m2cnn_tf.preprocessing import PreprocessParams
+from m2cnn_tf.preprocessing import PreprocessParams, preprocess_file
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 CSV_COLUMNS = (
     "path", "grade", "grade_prob", "score", *(f"p{k}" for k in range(NUM_CLASSES)), "error",
 )  # fmt: skip
@@ -64,23 +69,31 @@ def preprocess_params_for(
 
     Looked up in DATA/manifest.json, DATA being `data_dir` or the `data` of the stage's
     config.json (train.py saves it); the defaults of `PreprocessParams` (the paper's Eq. (1)
-    constants) otherwise.
+    constants) otherwise. A file that is there but unreadable is a UsageError.
     """
-    from m2cnn_tf.checkpoints import CONFIG, stage_dir
-
     if data_dir is None:
         config_path = stage_dir(model_dir, stage) / CONFIG
         if config_path.is_file():
-            data_dir = json.loads(config_path.read_text()).get("data") or None
+            data_dir = _read_json(config_path, "model_dir").get("data") or None
     if data_dir:
         manifest = Path(data_dir) / "manifest.json"
         if manifest.is_file():
-            values = _find_params(json.loads(manifest.read_text()))
+            values = _find_params(_read_json(manifest, "data"))
             if values is not None:
                 known = PreprocessParams.__dataclass_fields__
                 params = PreprocessParams(**{k: v for k, v in values.items() if k in known})
                 return params, str(manifest)
     return PreprocessParams(), "defaults (no manifest.json of the training data found)"
+
+
+def _read_json(path: Path, setting: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read {path}: {err}", setting=setting) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} does not hold a JSON object", setting=setting)
+    return value
 
 
 def _find_params(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -100,8 +113,6 @@ def _find_params(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _preprocess_one(path: Path, size: int, params: PreprocessParams) -> np.ndarray:
-    from m2cnn_tf.preprocessing import preprocess_file
-
     return preprocess_file(path, [size], params)[size]
 
 
@@ -131,7 +142,12 @@ def _error_text(err: BaseException) -> str:
 
 
 class Predictor:
-    """A loaded model ready to grade raw fundus images (optionally with Grad-CAM panels)."""
+    """A loaded model ready to grade raw fundus images (optionally with Grad-CAM panels).
+
+    `model`: a Keras model, or any object with `input_shape` that `inference.make_predict_fn`
+    accepts (Grad-CAM panels need the Keras model). `cutpoints`: the four score cut points
+    (rounding by default; evaluate.py's report.json has fitted ones).
+    """
 
     def __init__(
         self,
@@ -144,18 +160,20 @@ class Predictor:
         workers: int | None = None,
         preprocess: Callable[[Path], np.ndarray] | None = None,
     ):
-        from m2cnn_tf.data import scale_image
-        from m2cnn_tf.evaluation import make_predict_fn
-
+        if batch_size < 1:
+            raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
+        if len(cutpoints) != len(DEFAULT_CUTPOINTS):
+            raise UsageError(
+                f"needs {len(DEFAULT_CUTPOINTS)} numbers, got {len(cutpoints)}", setting="cutpoints"
+            )
         self.model = model
         self.image_size = int(model.input_shape[1])
         self.params = params
-        self.cutpoints = tuple(sorted(cutpoints))
+        self.cutpoints = tuple(sorted(float(c) for c in cutpoints))
         self.batch_size = batch_size
         self.workers = workers or min(4, os.cpu_count() or 1)
-        scaled = make_predict_fn(model, tta)
         # uint8 batches in, scaled inside the graph: one call per batch, no float copy on host.
-        self.predict_fn = tf.function(lambda images: scaled(scale_image(images)))
+        self.predict_fn = make_predict_fn(model, tta)
         self.preprocess = preprocess or (lambda p: _preprocess_one(p, self.image_size, params))
         self._gradcam = None
         self._panel_names: set[str] = set()
@@ -208,16 +226,11 @@ class Predictor:
         return {**dict.fromkeys(CSV_COLUMNS, ""), "path": str(path), "error": error}
 
     def _cams(self, images: np.ndarray) -> np.ndarray:
-        from m2cnn_tf.data import scale_image
-        from m2cnn_tf.gradcam import GradCam
-
         if self._gradcam is None:
             self._gradcam = GradCam(self.model)
         return self._gradcam.cams(scale_image(images))
 
     def _write_gradcam(self, out_dir, path: Path, rgb: np.ndarray, cam, row) -> None:
-        from m2cnn_tf.gradcam import write_panel
-
         caption = f"{path.name}: grade {row['grade']} (score {row['score']:.2f})"
         name, n = f"{path.stem}_gradcam.png", 1
         while name in self._panel_names:  # same stem from another folder or extension

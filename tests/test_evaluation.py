@@ -1,25 +1,32 @@
-"""evaluate.py / m2cnn_tf.evaluation: the paper's two test methods and the extra figures.
+"""evaluate.py / m2cnn_tf.evaluation: a stage evaluated on a split, end to end, and its CLI.
 
-References are independent: sklearn's cohen_kappa_score and roc_auc_score, plain loops written
-here, Keras's own model on flipped inputs, and hand calculations.
+The parts (inference, calibration, metrics, reports) have their own tests; here they run
+together. References are independent: sklearn's cohen_kappa_score and roc_auc_score, Keras's own
+model.predict, numpy flips and rotations, and hand calculations.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import cv2
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _reports import fake_report
+from _tfrecords import write_split
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from m2cnn_tf import evaluation
+from m2cnn_tf import evaluation, inference, reports
 from m2cnn_tf.checkpoints import save_best, stage_dir
+from m2cnn_tf.commands import evaluate as evaluate_cmd
+from m2cnn_tf.errors import UsageError
 from m2cnn_tf.metrics import scores_to_grades
 from m2cnn_tf.model import build_m2cnn
 from m2cnn_tf.records import make_example
@@ -90,6 +97,16 @@ def workspace(tmp_path_factory):
     return {"root": root, "model_dir": model_dir, "data": data, "model": model, **splits}
 
 
+@pytest.fixture(scope="module")
+def val_plain(workspace):
+    """The val report with rounding, no TTA, no blending: (its folder, report.json's content)."""
+    out = workspace["root"] / "report_val_plain"
+    report = evaluation.run_evaluation(
+        workspace["model_dir"], 1, workspace["data"], "val", out, n_boot=10
+    )
+    return out, report
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -101,7 +118,7 @@ def test_report_kappa_equals_sklearn_on_predictions_csv(workspace):
         workspace["model_dir"], 1, workspace["data"], "test", out, n_boot=200
     )
     rows = _read_csv(out / "predictions.csv")
-    assert list(rows[0])[:12] == list(evaluation.CSV_COLUMNS)
+    assert list(rows[0])[:12] == list(reports.CSV_COLUMNS)
     truth = [int(r["grade"]) for r in rows]
     by_score = [int(r["pred_score"]) for r in rows]
     by_prob = [int(r["pred_prob"]) for r in rows]
@@ -129,9 +146,8 @@ def test_report_kappa_equals_sklearn_on_predictions_csv(workspace):
     assert json.loads((out / "report.json").read_text())["n_images"] == 30
 
 
-def test_model_pass_matches_keras_predict_in_record_order(workspace):
-    out = workspace["root"] / "report_val_plain"
-    evaluation.run_evaluation(workspace["model_dir"], 1, workspace["data"], "val", out, n_boot=10)
+def test_model_pass_matches_keras_predict_in_record_order(workspace, val_plain):
+    out, _ = val_plain
     rows = _read_csv(out / "predictions.csv")
     images, grades = workspace["val"]
     expected = workspace["model"].predict(images.astype(np.float32) / 127.5 - 1, verbose=0)
@@ -141,234 +157,223 @@ def test_model_pass_matches_keras_predict_in_record_order(workspace):
     assert rows[0]["id"] == "100_left" and rows[0]["patient"] == "100" and rows[1]["eye"] == "right"
 
 
-def test_fitted_cutpoints_never_score_lower_than_rounding_on_val(workspace):
-    rng = np.random.default_rng(3)
-    for trial in range(25):
-        grades = rng.integers(0, 5, 200)
-        scores = grades * rng.uniform(0.5, 1.2) + rng.normal(rng.uniform(-1, 1), 0.8, 200)
-        cuts = evaluation.fit_cutpoints(scores, grades)
-        assert list(cuts) == sorted(cuts), trial
-        assert qwk(grades, scores_to_grades(scores, cuts)) >= qwk(
-            grades, scores_to_grades(scores)
-        ), trial
-    # A biased regressor: fitting clearly helps.
-    grades = rng.integers(0, 5, 300)
-    scores = 0.6 * grades + rng.normal(0, 0.3, 300)
-    cuts = evaluation.fit_cutpoints(scores, grades)
-    assert (
-        qwk(grades, scores_to_grades(scores, cuts)) > qwk(grades, scores_to_grades(scores)) + 0.05
-    )
-    # End to end on val: the report with fitted cut points beats or equals rounding on val.
+def test_report_with_cutpoints_fitted_on_val_scores_at_least_rounding_on_val(workspace, val_plain):
+    _, plain = val_plain
     fit = evaluation.run_evaluation(
         workspace["model_dir"], 1, workspace["data"], "val", workspace["root"] / "r_fit",
         fit_thresholds=True, n_boot=10,
     )  # fmt: skip
-    plain = json.loads((workspace["root"] / "report_val_plain" / "report.json").read_text())
     assert fit["scores"]["kappa"] >= plain["scores"]["kappa"]
-    assert fit["fitted_on_evaluated_split"] is True
+    assert fit["fitted_on_evaluated_split"] is True and fit["thresholds"] == "fit on val"
     rows = _read_csv(workspace["root"] / "r_fit" / "predictions.csv")
     assert fit["scores"]["kappa"] == pytest.approx(
         qwk([int(r["grade"]) for r in rows], [int(r["pred_score"]) for r in rows]), abs=1e-9
     )
 
 
-def _reference_bootstrap(y_true, y_pred, groups, n_boot, seed, level=0.95):
-    """A plain loop: resample groups, concatenate their images, sklearn kappa, percentiles."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    names = sorted(set(groups))
-    members = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        picked = rng.integers(0, len(names), size=len(names))
-        idx = [i for k in picked for i in members[names[k]]]
-        t, p = y_true[idx], y_pred[idx]
-        # Kappa is undefined (sklearn: nan) when the expected disagreement is zero: skip.
-        expected = np.outer(np.bincount(t, minlength=5), np.bincount(p, minlength=5))
-        if ((np.arange(5)[:, None] - np.arange(5)[None, :]) ** 2 * expected).sum() == 0:
-            continue
-        values.append(qwk(t, p))
-    tail = (1 - level) / 2 * 100
-    return tuple(np.percentile(values, [tail, 100 - tail]))
+# ---------------------------------------------------------------------------------------------
+# Eye blending end to end, on a model whose scores are known by hand
+
+BLEND_SIZE = 32
+# Both eyes of a patient share the grade. The score of a uniform image of value v is v / 63.75
+# (`_mean_model`). Patient 0's right eye (v=77, score 1.21) rounds to grade 1, not 2.
+VAL_EYES = [(2, 128, 77), (0, 0, 0), (4, 255, 255), (1, 64, 64), (3, 191, 191)]
+TEST_VALUES = [10, 200, 100, 100, 30, 250, 140]  # the last image has no fellow eye
 
 
-def test_bootstrap_ci_matches_reference_and_contains_the_estimate():
-    rng = np.random.default_rng(11)
-    y_true = rng.integers(0, 5, 60)
-    y_pred = np.clip(y_true + rng.integers(-1, 2, 60), 0, 4)
-    groups = [str(i // 2) for i in range(60)]  # two eyes per patient
-    for g in (None, groups):
-        got = evaluation.bootstrap_kappa_ci(y_true, y_pred, groups=g, n_boot=300, seed=5)
-        ref_groups = g if g is not None else [str(i).zfill(3) for i in range(60)]
-        ref = _reference_bootstrap(y_true, y_pred, ref_groups, 300, 5)
-        np.testing.assert_allclose(got, ref, atol=1e-9)
-        assert got[0] <= qwk(y_true, y_pred) <= got[1]
-        assert got[0] < got[1]
+def _mean_model() -> keras.Model:
+    """score = 2 * (mean pixel in [-1, 1]) + 2 = v / 63.75 for a uniform uint8 image of value v;
+    logits all 0."""
+    inputs = keras.Input((BLEND_SIZE, BLEND_SIZE, 3), name="image")
+    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(inputs)
+    score = keras.layers.Dense(1, name="score")(pooled)
+    logits = keras.layers.Dense(5, name="logits", kernel_initializer="zeros")(pooled)
+    model = keras.Model(inputs, {"logits": logits, "score": score})
+    model.get_layer("score").set_weights([np.full((3, 1), 2 / 3, np.float32), np.array([2.0])])
+    return model
 
 
-def test_bootstrap_ci_hand_cases():
-    # Perfect agreement: every defined replicate has kappa 1, so the CI is exactly [1, 1].
-    y = np.array([0, 1, 2, 3, 4] * 4)
-    assert evaluation.bootstrap_kappa_ci(y, y, n_boot=200) == (1.0, 1.0)
-    # Two images, 0 and 4, both predicted 2: resamples {0,0}, {4,4} are undefined (nan) and
-    # dropped; {0,4} (in either order) has kappa 0. So the CI is [0, 0].
-    assert evaluation.bootstrap_kappa_ci([0, 4], [2, 2], n_boot=200) == (0.0, 0.0)
+def _uniform(values) -> np.ndarray:
+    return np.stack([np.full((BLEND_SIZE, BLEND_SIZE, 3), v, np.uint8) for v in values])
 
 
-def test_per_patient_blend_on_constructed_example():
-    patients = ["10", "10", "11", "12", "12", "13"]
-    eyes = ["left", "right", "left", "right", "left", ""]
-    partner = evaluation.partner_index(patients, eyes)
-    assert partner.tolist() == [1, 0, -1, 4, 3, -1]
-    scores = np.array([1.0, 3.0, 2.0, 0.0, 4.0, 1.5])
-    blended = evaluation.blend_eyes(scores, partner, 0.25)
-    # Hand calculation: 0.75*own + 0.25*other; patients 11 and 13 have no fellow eye.
-    np.testing.assert_allclose(blended, [1.5, 2.5, 2.0, 1.0, 3.0, 1.5])
-    probs = np.eye(5)[[0, 4, 2, 1, 3, 0]]
-    np.testing.assert_allclose(evaluation.blend_eyes(probs, partner, 0.5)[0], [0.5, 0, 0, 0, 0.5])
-
-    # Both eyes share the grade; each eye's score has large independent noise, so averaging
-    # the eyes helps and the fitted weight must be well above 0, with kappa not lower.
-    rng = np.random.default_rng(2)
-    n_patients = 150
-    grade = np.repeat(rng.integers(0, 5, n_patients), 2)
-    patients = np.repeat(np.arange(n_patients).astype(str), 2)
-    eyes = np.tile(["left", "right"], n_patients)
-    scores = grade + rng.normal(0, 0.9, 2 * n_patients)
-    partner = evaluation.partner_index(patients, eyes)
-    w, k = evaluation.fit_blend_weight(scores_to_grades, scores, partner, grade)
-    assert w >= 0.3
-    assert k == pytest.approx(
-        qwk(grade, scores_to_grades(evaluation.blend_eyes(scores, partner, w)))
-    )
-    assert k > qwk(grade, scores_to_grades(scores))
+@pytest.fixture(scope="module")
+def blend_workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blend")
+    save_best(_mean_model(), stage_dir(root / "model", 1), {"stage": 1})
+    val_values = [v for _, left, right in VAL_EYES for v in (left, right)]
+    val_grades = [g for g, _, _ in VAL_EYES for _ in range(2)]
+    write_split(root / "data", BLEND_SIZE, "val", _uniform(val_values), val_grades)
+    write_split(root / "data", BLEND_SIZE, "test", _uniform(TEST_VALUES), [0] * 7)
+    return root
 
 
-def test_per_patient_report_blends_with_the_weight_fitted_on_val(workspace):
-    out = workspace["root"] / "r_pp"
+def test_per_patient_report_blends_each_eye_with_the_weight_fitted_on_val(blend_workspace):
+    root = blend_workspace
     report = evaluation.run_evaluation(
-        workspace["model_dir"], 1, workspace["data"], "test", out, per_patient=True, n_boot=10
+        root / "model", 1, root / "data", "test", root / "report", per_patient=True, n_boot=10
     )
-    rows = _read_csv(out / "predictions.csv")
-    own = {r["id"]: float(r["score_own"]) for r in rows}
-    w = report["per_patient"]["weight_score"]
-    for r in rows:
-        other = f"{r['patient']}_{'right' if r['eye'] == 'left' else 'left'}"
-        expected = (1 - w) * own[r["id"]] + w * own[other] if other in own else own[r["id"]]
-        assert float(r["score"]) == pytest.approx(expected, abs=2e-6)
+    # By hand: blending leaves every val patient but 0 unchanged (equal eyes); patient 0's right
+    # eye reaches grade 2 once 77 + w * (128 - 77) >= 1.5 * 63.75, and then kappa is 1. The
+    # fitted w is the smallest such w on the 0.01 grid: 0.37.
+    w = math.ceil((1.5 * 63.75 - 77) / (128 - 77) * 100) / 100
+    assert w == 0.37
+    assert report["per_patient"]["weight_score"] == pytest.approx(w)
+    assert report["per_patient"]["enabled"] is True
+    assert report["per_patient"]["weight_prob"] == 0.0  # constant logits: nothing to gain
+    rows = _read_csv(root / "report" / "predictions.csv")
+    own = np.array(TEST_VALUES) / 63.75
+    other = np.array([TEST_VALUES[i ^ 1] if i < 6 else TEST_VALUES[i] for i in range(7)]) / 63.75
+    # float32 means over 32×32 pixels: about 1e-5 from the exact v / 63.75.
+    np.testing.assert_allclose([float(r["score_own"]) for r in rows], own, atol=1e-4)
+    np.testing.assert_allclose(
+        [float(r["score"]) for r in rows], (1 - w) * own + w * other, atol=1e-4
+    )
+    assert rows[6]["score"] == rows[6]["score_own"]  # no fellow eye: unchanged
 
 
-def test_tta_equals_manual_average_of_flipped_predictions(workspace):
+# ---------------------------------------------------------------------------------------------
+# TTA
+
+
+def _reference_mean(model, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Keras predict on every view separately; the mean softmax and the mean score."""
+    outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
+    probs = np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
+    return probs, np.mean([o["score"].ravel() for o in outs], axis=0)
+
+
+def test_tta_equals_the_mean_over_numpy_flips_and_rotations(workspace):
     model = workspace["model"]
     x = workspace["test"][0][:3].astype(np.float32) / 127.5 - 1
-    views = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
-    for mode, all_views in (
-        ("flips", views),
-        ("flips+rot90", views + [v.transpose(0, 2, 1, 3) for v in views]),
-    ):
-        outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in all_views]
-        probs = np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
-        score = np.mean([o["score"].ravel() for o in outs], axis=0)
-        got = evaluation.make_predict_fn(model, mode)(x)
+    flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+    # The dihedral group of the square: the 4 rotations by 90° of the image and of its mirror.
+    dihedral = [np.rot90(v, k, axes=(1, 2)) for v in (x, x[:, :, ::-1]) for k in range(4)]
+    plain = model.predict(x, verbose=0)["score"].ravel()
+    scores = {}
+    for mode, views in (("flips", flips), ("dihedral", dihedral)):
+        probs, score = _reference_mean(model, views)
+        got = inference.make_predict_fn(model, mode)(x)
         np.testing.assert_allclose(got["probabilities"].numpy(), probs, atol=1e-5)
         np.testing.assert_allclose(got["score"].numpy(), score, atol=1e-4)
-        assert not np.allclose(score, model.predict(x, verbose=0)["score"].ravel(), atol=1e-4)
+        assert not np.allclose(score, plain, atol=1e-4)
+        scores[mode] = score
+    assert not np.allclose(scores["flips"], scores["dihedral"], atol=1e-4)
+    # uint8 input is scaled like data.scale_image inside the same call.
+    raw = workspace["test"][0][:3]
+    got = inference.make_predict_fn(model, "none")(raw)["score"].numpy()
+    np.testing.assert_allclose(got, plain, atol=1e-4)
 
 
-def _fake_report(path: Path, model_dir: str, split: str, size: int, ks: float, kp: float):
-    way = {
-        "kappa_ci95": [ks - 0.01, ks + 0.01], "accuracy": 0.5,
-        "referable": {"auc": 0.9, "sensitivity": 0.8, "specificity": 0.7},
-    }  # fmt: skip
-    report = {
-        "split": split, "image_size": size, "checkpoint": {"model_dir": model_dir},
-        "scores": {**way, "kappa": ks}, "prob": {**way, "kappa": kp},
-    }  # fmt: skip
-    path.mkdir(parents=True)
-    (path / "report.json").write_text(json.dumps(report))
+def test_tta_takes_any_callable_model_eagerly(workspace):
+    """A non-Keras backend (LiteRT, say) is any callable from the batch to the two heads."""
+    model = workspace["model"]
+    calls = []
+
+    def backend(images):
+        calls.append(images.shape[0])
+        out = model(np.asarray(images), training=False)
+        return {"logits": out["logits"].numpy(), "score": out["score"].numpy()}
+
+    x = workspace["test"][0][:2].astype(np.float32) / 127.5 - 1
+    got = inference.make_predict_fn(backend, "flips")(x)
+    expected = inference.make_predict_fn(model, "flips")(x)
+    assert calls == [8]  # 4 views x 2 images in one call
+    np.testing.assert_allclose(got["score"].numpy(), expected["score"].numpy(), atol=1e-5)
 
 
-def test_compare_prints_runs_side_by_side_like_table_ii(tmp_path):
-    _fake_report(tmp_path / "a", "/runs/mse", "val", 224, 0.720, 0.5)
-    _fake_report(tmp_path / "b", "/runs/multitask", "val", 224, 0.742, 0.718)
-    _fake_report(tmp_path / "c", "/runs/multitask", "val", 448, 0.812, 0.782)
-    table = evaluation.compare_reports([tmp_path / d for d in "abc"])
-    lines = table.splitlines()
-    assert "mse" in lines[0] and "multitask" in lines[0]
-    row224 = next(line for line in lines if line.startswith("val 224×224"))
-    row448 = next(line for line in lines if line.startswith("val 448×448"))
-    assert row224.replace("|", " ").split()[-4:] == ["0.720", "0.500", "0.742", "0.718"]
-    assert row448.replace("|", " ").split()[-4:] == ["-", "-", "0.812", "0.782"]
+def test_unknown_tta_mode_is_a_usage_error_naming_the_setting():
+    for mode in ("flips+rot90", "rot90", ""):
+        with pytest.raises(UsageError) as info:
+            inference.check_tta(mode)
+        assert info.value.setting == "tta"
 
 
-def test_compare_labels_runs_by_their_table_ii_column_from_best_json(tmp_path):
-    metas = {
-        "a": {"loss": "mse", "multi_cell": False},
-        "b": {"loss": "ce", "multi_cell": True},
-        "c": {"flags": {"loss": "multitask", "multi_cell": False}},
-        "d": {"loss": "multitask", "multi_cell": True},
-        "e": {},  # a checkpoint from before the switches: the folder name alone
-    }
-    for name, meta in metas.items():
-        _fake_report(tmp_path / name, f"/runs/{name}", "val", 448, 0.8, 0.7)
-        path = tmp_path / name / "report.json"
-        report = json.loads(path.read_text())
-        report["checkpoint"]["meta"] = meta
-        path.write_text(json.dumps(report))
-    header = evaluation.compare_reports([tmp_path / d for d in metas]).splitlines()[0]
-    assert [c.strip() for c in header.split("|")[1:]] == [
-        "MSE: a",
-        "CE+MC: b",
-        "Multi-Task: c",
-        "M²CNN: d",
-        "e",
-    ]
+# ---------------------------------------------------------------------------------------------
+# The command line (run() in-process; one real script run for the top-level shim)
 
 
-def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = evaluate_cmd.run(["evaluate.py", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_evaluate_cli_usage_errors_exit_2_with_one_line(tmp_path, workspace):
+def _assert_one_error_line(err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:"), err
+
+
+def test_evaluate_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
+    common = ["--model-dir", "m", "--stage", "1", "--data", "d"]
     cases = [
         [],
         ["--model-dir", "m", "--stage", "1"],  # missing --data/--split/--out
-        ["--model-dir", "m", "--stage", "1", "--data", "d", "--split", "train", "--out", "o"],
-        ["--model-dir", "m", "--stage", "1", "--data", "d", "--split", "val", "--out", "o", "x"],
-        ["--compare", str(tmp_path / "nothing")],
+        [*common, "--split", "train", "--out", "o"],
+        [*common, "--split", "val", "--out", "o", "x"],
+        [*common, "--split", "val", "--out", "o", "--tta"],  # --tta takes a mode now
+        [*common, "--split", "val", "--out", "o", "--tta", "flips+rot90"],
+        [*common, "--split", "val", "--out", "o", "--tta-rotations"],  # merged into --tta
+        ["--compare", tmp_path / "nothing"],
     ]
     for args in cases:
-        proc = _run("evaluate.py", *args, cwd=tmp_path)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
-    # A stage without a checkpoint, and a size without records: one line each, exit 2.
-    model_dir = str(workspace["model_dir"])
-    for stage, data in (("2", str(workspace["data"])), ("1", str(tmp_path))):
-        proc = _run(
-            "evaluate.py", "--model-dir", model_dir, "--stage", stage, "--data", data,
-            "--split", "val", "--out", "o", cwd=tmp_path,
+        code, _, err = _cli(capsys, *args)
+        assert code == 2, (args, err)
+        _assert_one_error_line(err)
+
+
+def test_top_level_script_is_the_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--split", "train"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "evaluate.py: error: flag --split=train: value should be one of <val|test>"
+    ]
+
+
+def test_missing_checkpoint_or_records_exit_2_with_one_line(tmp_path, workspace, capsys):
+    model_dir = workspace["model_dir"]
+    for stage, data in (("2", workspace["data"]), ("1", tmp_path)):
+        code, _, err = _cli(
+            capsys, "--model-dir", model_dir, "--stage", stage, "--data", data, "--split", "val",
+            "--out", tmp_path / "o",
         )  # fmt: skip
-        assert proc.returncode == 2, proc.stderr
-        message = [line for line in proc.stderr.splitlines() if "evaluate.py: error" in line]
-        assert len(message) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert code == 2, err
+        _assert_one_error_line(err)
+        assert ("stage 2" if stage == "2" else f"no {SIZE} px records") in err
 
 
-def test_min_kappa_gate_exits_1_below_and_0_at_or_above(tmp_path, workspace):
+def test_min_kappa_gate_passes_at_exactly_the_bar_and_fails_just_below(tmp_path, capsys):
+    fake_report(tmp_path / "r", "/runs/x", "val", 224, 0.7, 0.6)
+    code, out, _ = _cli(capsys, "--compare", tmp_path / "r", "--min-kappa", "0.7")
+    assert code == 0 and "check: kappa from scores 0.700 >= 0.7 (pass)" in out
+    # The next float above 0.7: the report's kappa is now just below the bar.
+    bar = repr(float(np.nextafter(0.7, 1.0)))
+    code, out, _ = _cli(capsys, "--compare", tmp_path / "r", "--min-kappa", bar)
+    assert code == 1 and f"check: kappa from scores 0.700 < {bar} (FAIL)" in out
+    # An undefined kappa never passes.
+    fake_report(tmp_path / "u", "/runs/x", "val", 224, None, 0.6)
+    code, out, _ = _cli(capsys, "--compare", tmp_path / "u", "--min-kappa", "-1")
+    assert code == 1 and "check: kappa from scores undefined < -1.0 (FAIL)" in out
+
+
+def test_min_kappa_gate_after_an_evaluation_checks_its_report(tmp_path, workspace, capsys):
     common = [
-        "evaluate.py", "--model-dir", str(workspace["model_dir"]), "--stage", "1",
-        "--data", str(workspace["data"]), "--split", "test", "--bootstrap", "50",
+        "--model-dir", workspace["model_dir"], "--stage", "1", "--data", workspace["data"],
+        "--split", "test", "--bootstrap", "50", "--out", tmp_path / "a",
     ]  # fmt: skip
-    failing = _run(*common, "--out", str(tmp_path / "a"), "--min-kappa", "1.01", cwd=tmp_path)
-    assert failing.returncode == 1, failing.stderr
+    code, out, err = _cli(capsys, *common, "--min-kappa", "1.01")
+    assert code == 1, err
     rows = _read_csv(tmp_path / "a" / "predictions.csv")
     kappa = qwk([int(r["grade"]) for r in rows], [int(r["pred_score"]) for r in rows])
-    assert f"check: kappa from scores {kappa:.3f} < 1.01 (FAIL)" in failing.stdout
-    # With --compare, the last report listed is the one checked.
-    compared = _run("evaluate.py", "--compare", str(tmp_path / "a"), "--min-kappa", "-1",
-                    cwd=tmp_path)  # fmt: skip
-    assert compared.returncode == 0, compared.stderr
-    assert f"check: kappa from scores {kappa:.3f} >= -1.0 (pass)" in compared.stdout
+    assert f"check: kappa from scores {kappa:.3f} < 1.01 (FAIL)" in out
+    assert "report written to" in out and "Train" in out  # the Table II layout
+    # With --compare, the last report listed is the one checked: its kappa exactly passes.
+    exact = repr(json.loads((tmp_path / "a" / "report.json").read_text())["scores"]["kappa"])
+    code, out, _ = _cli(capsys, "--compare", tmp_path / "a", "--min-kappa", exact)
+    assert code == 0 and "(pass)" in out
+    above = repr(float(np.nextafter(float(exact), 2.0)))
+    code, _, _ = _cli(capsys, "--compare", tmp_path / "a", "--min-kappa", above)
+    assert code == 1

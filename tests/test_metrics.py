@@ -1,4 +1,5 @@
-"""Quadratic weighted kappa against sklearn, and the two ways to read a grade."""
+"""Quadratic weighted kappa against sklearn, the two ways to read a grade, and the report's
+statistics (bootstrap CI, per-grade and referable rates) against plain loops and hand counts."""
 
 import numpy as np
 import pytest
@@ -7,8 +8,11 @@ from sklearn.metrics import cohen_kappa_score
 
 from m2cnn_tf.metrics import (
     QuadraticKappa,
+    bootstrap_kappa_ci,
+    per_grade_rates,
     probs_to_grades,
     quadratic_weighted_kappa,
+    referable_metrics,
     scores_to_grades,
 )
 
@@ -98,3 +102,64 @@ def test_scores_use_given_cut_points():
 def test_probabilities_take_the_argmax():
     probs = np.array([[0.1, 0.6, 0.1, 0.1, 0.1], [0.0, 0.0, 0.2, 0.3, 0.5]])
     np.testing.assert_array_equal(probs_to_grades(probs), [1, 4])
+
+
+def _reference_bootstrap(y_true, y_pred, groups, n_boot, seed, level=0.95):
+    """A plain loop: resample groups, concatenate their images, sklearn kappa, percentiles."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    names = sorted(set(groups))
+    members = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        picked = rng.integers(0, len(names), size=len(names))
+        idx = [i for k in picked for i in members[names[k]]]
+        t, p = y_true[idx], y_pred[idx]
+        # Kappa is undefined (sklearn: nan) when the expected disagreement is zero: skip.
+        expected = np.outer(np.bincount(t, minlength=5), np.bincount(p, minlength=5))
+        if ((np.arange(5)[:, None] - np.arange(5)[None, :]) ** 2 * expected).sum() == 0:
+            continue
+        values.append(sklearn_kappa(t, p))
+    tail = (1 - level) / 2 * 100
+    return tuple(np.percentile(values, [tail, 100 - tail]))
+
+
+def test_bootstrap_ci_matches_reference_and_contains_the_estimate():
+    rng = np.random.default_rng(11)
+    y_true = rng.integers(0, 5, 60)
+    y_pred = np.clip(y_true + rng.integers(-1, 2, 60), 0, 4)
+    groups = [str(i // 2) for i in range(60)]  # two eyes per patient
+    for g in (None, groups):
+        got = bootstrap_kappa_ci(y_true, y_pred, groups=g, n_boot=300, seed=5)
+        ref_groups = g if g is not None else [str(i).zfill(3) for i in range(60)]
+        ref = _reference_bootstrap(y_true, y_pred, ref_groups, 300, 5)
+        np.testing.assert_allclose(got, ref, atol=1e-9)
+        assert got[0] <= sklearn_kappa(y_true, y_pred) <= got[1]
+        assert got[0] < got[1]
+
+
+def test_bootstrap_ci_hand_cases():
+    # Perfect agreement: every defined replicate has kappa 1, so the CI is exactly [1, 1].
+    y = np.array([0, 1, 2, 3, 4] * 4)
+    assert bootstrap_kappa_ci(y, y, n_boot=200) == (1.0, 1.0)
+    # Two images, 0 and 4, both predicted 2: resamples {0,0}, {4,4} are undefined (nan) and
+    # dropped; {0,4} (in either order) has kappa 0. So the CI is [0, 0].
+    assert bootstrap_kappa_ci([0, 4], [2, 2], n_boot=200) == (0.0, 0.0)
+
+
+def test_per_grade_and_referable_rates_equal_hand_counts():
+    y_true = np.array([0, 0, 0, 1, 2, 2, 3, 4])
+    y_pred = np.array([0, 1, 0, 1, 1, 2, 4, 4])
+    cm = np.zeros((5, 5), int)
+    np.add.at(cm, (y_true, y_pred), 1)
+    rates = per_grade_rates(cm)
+    # Grade 0: 3 true, 2 found; none of the 5 others called 0. Grade 1: 1 true, found; of the
+    # 7 others, 2 (a 0 and a 2) called 1, so specificity 5/7.
+    assert rates[0] == {"grade": 0, "support": 3, "sensitivity": 2 / 3, "specificity": 1.0}
+    assert rates[1] == {"grade": 1, "support": 1, "sensitivity": 1.0, "specificity": 5 / 7}
+    assert rates[3]["sensitivity"] == 0.0
+    # Referable (>= 2): true for 4 of 8 images; predicted for 3 (the 2 and the two 4s), all
+    # true; the 2 called 1 is missed. Sensitivity 3/4; no image below 2 is referred: 4/4.
+    ref = referable_metrics(y_true, y_pred.astype(float), y_pred, threshold=1.5)
+    assert (ref["sensitivity"], ref["specificity"], ref["prevalence"]) == (0.75, 1.0, 0.5)
+    assert ref["threshold"] == 1.5

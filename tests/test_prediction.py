@@ -1,7 +1,8 @@
 """predict.py / m2cnn_tf.prediction / m2cnn_tf.gradcam: grading raw images, explaining, exporting.
 
 References: data_prep's own worker for the preprocessed arrays, Keras's model.predict for the
-outputs, a constructed network whose evidence location is known for Grad-CAM.
+outputs (on numpy-rotated views for TTA), a constructed network whose evidence location is
+known for Grad-CAM.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import tensorflow as tf
 from data_prep import worker
 from m2cnn_tf import checkpoints, gradcam, prediction
 from m2cnn_tf.checkpoints import CheckpointMissing, save_best, stage_dir
+from m2cnn_tf.commands import predict as predict_cmd
+from m2cnn_tf.errors import UsageError
 from m2cnn_tf.model import build_m2cnn
 from m2cnn_tf.preprocessing import PreprocessParams, preprocess_file
 
@@ -61,11 +64,10 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    code = predict_cmd.run(["predict.py", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def test_predict_arrays_identical_to_data_prep_with_the_manifest_params(workspace, tmp_path):
@@ -105,7 +107,7 @@ def test_predict_arrays_identical_to_data_prep_with_the_manifest_params(workspac
     assert not np.array_equal(default, expected[0])
 
 
-def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(workspace):
+def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(workspace, capsys):
     root = workspace["root"]
     bad = root / "bad"
     bad.mkdir()
@@ -115,15 +117,14 @@ def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(w
     cv2.imwrite(str(bad / "black.png"), np.zeros((200, 300, 3), np.uint8))
     # --out and --gradcam name folders that do not exist yet: predict.py creates them.
     out, cams, images = root / "new" / "preds.csv", root / "cams", workspace["images"]
-    proc = _run(
-        "--model-dir", str(workspace["model_dir"]), "--stage", "1", "--out", str(out),
-        "--gradcam", str(cams), "--batch-size", "2",
-        str(images / "0_left.jpeg"), str(bad), str(images / "1_left.jpeg"),
-        str(root / "missing.jpeg"), str(images / "2_left.png"),
-        cwd=root,
+    code, _, err = _cli(
+        capsys, "--model-dir", workspace["model_dir"], "--stage", "1", "--out", out,
+        "--gradcam", cams, "--batch-size", "2",
+        images / "0_left.jpeg", bad, images / "1_left.jpeg", root / "missing.jpeg",
+        images / "2_left.png",
     )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert code == 1, err
+    assert "3 of 7 images graded, 4 failed" in err
     rows = _read_csv(out)
     names = [Path(r["path"]).name for r in rows]
     assert names == [
@@ -201,7 +202,7 @@ def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
     )
 
 
-def test_checkpoint_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path, monkeypatch):
+def test_checkpoint_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path, monkeypatch, capsys):
     # The lambda writes a marker file when it runs: loading must never run it.
     marker = tmp_path / "code_ran"
     monkeypatch.setenv("M2CNN_TEST_MARKER", str(marker))
@@ -219,10 +220,12 @@ def test_checkpoint_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path, monkey
     with pytest.raises(CheckpointMissing, match="Lambda"):
         checkpoints.load_stage(tmp_path / "m", 1)
     assert not marker.exists()
-    proc = _run("--model-dir", str(tmp_path / "m"), "--stage", "1", "--export", "e", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert len([ln for ln in proc.stderr.splitlines() if "predict.py: error" in ln]) == 1
-    assert "Traceback" not in proc.stderr and not marker.exists()
+    code, _, err = _cli(
+        capsys, "--model-dir", tmp_path / "m", "--stage", "1", "--export", tmp_path / "e"
+    )
+    assert code == 2
+    assert err.strip().splitlines() == [ln for ln in err.splitlines() if "predict.py: error" in ln]
+    assert "Lambda" in err and not marker.exists()
     assert not (tmp_path / "e").exists()
 
 
@@ -270,18 +273,67 @@ def test_gradcam_points_at_the_evidence():
         assert big[top + 8, left + 8] > 0.9 and big[(top + 40) % 64, (left + 40) % 64] < 0.1
 
 
-def test_predict_cli_usage_errors_exit_2_with_one_line(tmp_path):
+def test_predict_cli_usage_errors_exit_2_with_one_line(tmp_path, workspace, capsys):
+    model = ["--model-dir", workspace["model_dir"], "--stage", "1"]
     cases = [
         [],
         ["--stage", "1", "x.jpeg"],
         ["--model-dir", "m", "--stage", "1"],
         ["--model-dir", "m", "--stage", "1", "--export", "e", "x.jpeg"],
-        ["--model-dir", "m", "--stage", "1", "--cutpoints", "1,2", "x.jpeg"],
+        ["--model-dir", "m", "--stage", "1", "--cutpoints", "1,2,x,4", "x.jpeg"],
         ["--model-dir", "m", "--stage", "one", "x.jpeg"],
         ["--model-dir", "m", "--stage", "1", "--no-such-flag", "x.jpeg"],
+        ["--model-dir", "m", "--stage", "1", "--batch-size", "0", "x.jpeg"],
+        ["--model-dir", "m", "--stage", "1", "--tta", "x.jpeg"],  # --tta takes a mode now
+        ["--model-dir", "m", "--stage", "1", "--tta-rotations", "x.jpeg"],  # merged into --tta
+        # Past the flags: a checked model, then the library's own checks.
+        [*model, "--cutpoints", "1,2", workspace["images"]],
+        [*model, tmp_path],  # a folder without images
+        [*model, "--out", tmp_path / "file.csv" / "below", workspace["images"]],
     ]
+    (tmp_path / "file.csv").write_text("")
     for args in cases:
-        proc = _run(*args, cwd=tmp_path)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
-        assert proc.stderr.startswith("predict.py: error:"), proc.stderr
+        code, _, err = _cli(capsys, *args)
+        assert code == 2, (args, err)
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert len(errors) == 1 and errors[0].startswith("predict.py: error:"), (args, err)
+    assert "--cutpoints: needs 4 numbers, got 2" in _cli(capsys, *cases[-3])[2]
+
+
+def test_top_level_script_is_the_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), "--stage", "1", "x.jpeg"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "predict.py: error: pass --model-dir DIR and --stage N"
+    ]
+
+
+def test_dihedral_tta_grades_the_mean_over_numpy_rotations_and_mirrors(workspace):
+    model = workspace["model"]
+    rng = np.random.default_rng(3)
+    arrays = {f"f{i}": rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8) for i in range(3)}
+    predictor = prediction.Predictor(
+        model, PreprocessParams(), tta="dihedral", batch_size=2, preprocess=lambda p: arrays[p.name]
+    )
+    rows = list(predictor.rows([Path(n) for n in arrays]))
+    x = np.stack(list(arrays.values())).astype(np.float32) / 127.5 - 1
+    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, x[:, :, ::-1]) for k in range(4)]
+    outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
+    score = np.mean([o["score"].ravel() for o in outs], axis=0)
+    probs = np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
+    np.testing.assert_allclose([r["score"] for r in rows], score, atol=1e-5)
+    np.testing.assert_allclose([[r[f"p{k}"] for k in range(5)] for r in rows], probs, atol=1e-5)
+
+
+def test_predictor_refuses_bad_settings_naming_them(workspace):
+    for kwargs, setting in (
+        ({"batch_size": 0}, "batch_size"),
+        ({"cutpoints": (0.5, 1.5)}, "cutpoints"),
+        ({"tta": "flips+rot90"}, "tta"),
+    ):
+        with pytest.raises(UsageError) as info:
+            prediction.Predictor(workspace["model"], PreprocessParams(), **kwargs)
+        assert info.value.setting == setting

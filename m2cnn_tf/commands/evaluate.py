@@ -1,0 +1,131 @@
+"""Evaluate a trained stage as in Table II / III (quadratic kappa from scores and from prob.).
+
+    python evaluate.py --model-dir DIR --stage N --data OUT --split val|test --out REPORT_DIR
+        [--thresholds fit] [--tta none|flips|dihedral] [--per-patient] [--min-kappa K]
+    python evaluate.py --compare REPORT_DIR1 REPORT_DIR2 ... [--min-kappa K]
+
+Writes REPORT_DIR/report.json, predictions.csv, confusion_matrix.png and roc_referable.png, and
+prints the Table II layout; --compare prints several reports side by side (with an evaluation,
+its report comes last). --min-kappa gates the kappa from scores of the last report.
+Exit codes: 0 done, 1 below --min-kappa, 2 usage (also a missing checkpoint or missing
+records), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+from m2cnn_tf import cli
+from m2cnn_tf.errors import UsageError
+
+PROG = "evaluate.py"
+FLAGS = flags.FlagValues()
+_F = {"flag_values": FLAGS}
+flags.DEFINE_string(
+    "model-dir", None, "Folder holding stage{N}/best.keras (train.py --model-dir).", **_F
+)
+flags.DEFINE_integer(
+    "stage", None, "Stage to evaluate: 1 (224 px), 2 (448 px), 3 (720 px).", lower_bound=1, **_F
+)
+flags.DEFINE_string("data", None, "data_prep's OUT folder (OUT/<size>/<split>-*.tfrecord).", **_F)
+flags.DEFINE_enum("split", None, ["val", "test"], "Split to evaluate.", **_F)
+flags.DEFINE_string("out", None, "Report folder: report.json, predictions.csv, plots.", **_F)
+flags.DEFINE_enum(
+    "thresholds", "round", ["round", "fit"], "Score cut points: round, or fit on val.", **_F
+)
+flags.DEFINE_enum(
+    "tta",
+    "none",
+    cli.TTA_CHOICES,
+    "Test-time augmentation: average the outputs over the 4 flips, or over the 8 symmetries of "
+    "the square (dihedral: flips and 90° rotations).",
+    **_F,
+)
+flags.DEFINE_bool(
+    "per-patient", False, "Blend each eye with the fellow eye (weight fit on val).", **_F
+)
+flags.DEFINE_integer("batch-size", 16, "Images per model call.", lower_bound=1, **_F)
+flags.DEFINE_integer(
+    "bootstrap", 1000, "Bootstrap replicates for the kappa 95% CI.", lower_bound=1, **_F
+)
+flags.DEFINE_list(
+    "compare", [], "Report folders to print side by side (space or comma separated).", **_F
+)
+flags.DEFINE_float(
+    "min-kappa",
+    None,
+    "Exit 1 if the kappa from scores is below this: a gate for scripts and CI. With --compare, "
+    "the last report listed is checked.",
+    **_F,
+)
+
+_NEEDED = ("stage", "data", "split", "out")
+
+
+def _check_usage(rest: list[str]) -> list[str]:
+    """The report folders to compare; a UsageError for an incomplete command line."""
+    if rest and not FLAGS.compare:
+        raise UsageError(f"unexpected arguments: {' '.join(rest)}")
+    compare = [*FLAGS.compare, *rest]
+    if FLAGS["model-dir"].value is None:
+        if not compare:
+            raise UsageError(
+                "pass --model-dir, --stage, --data, --split and --out (or --compare DIR ...)"
+            )
+    else:
+        missing = [cli.flag_name(n) for n in _NEEDED if FLAGS[n].value is None]
+        if missing:
+            raise UsageError(f"missing {', '.join(missing)}")
+    return compare
+
+
+def _evaluate() -> dict:
+    """Evaluate the stage, print its tables, return its report."""
+    from m2cnn_tf import evaluation, reports
+
+    report = evaluation.run_evaluation(
+        FLAGS["model-dir"].value,
+        FLAGS.stage,
+        FLAGS.data,
+        FLAGS.split,
+        FLAGS.out,
+        fit_thresholds=FLAGS.thresholds == "fit",
+        tta=FLAGS.tta,
+        per_patient=FLAGS["per-patient"].value,
+        batch_size=FLAGS["batch-size"].value,
+        n_boot=FLAGS.bootstrap,
+    )
+    print(reports.tables([(reports.run_label(FLAGS.out, report), report)]))
+    print(f"\nreport written to {FLAGS.out}")
+    return report
+
+
+def _body(rest: list[str]) -> int:
+    compare = _check_usage(rest)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from m2cnn_tf import reports
+
+    last = None
+    if FLAGS["model-dir"].value is not None:
+        last = _evaluate()
+        if compare:
+            compare.append(FLAGS.out)
+    if compare:
+        print(reports.compare_reports(compare))
+        last = reports.load_report(compare[-1])
+    if FLAGS["min-kappa"].value is None:
+        return cli.EXIT_OK
+    passed, verdict = reports.kappa_gate(last, FLAGS["min-kappa"].value)
+    print(verdict)
+    return cli.EXIT_OK if passed else cli.EXIT_FAILED
+
+
+def run(argv: list[str] | None = None) -> int:
+    return cli.run(PROG, __doc__, FLAGS, _body, argv, positional=True)
+
+
+def main() -> None:
+    sys.exit(run())

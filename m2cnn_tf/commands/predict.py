@@ -1,0 +1,151 @@
+"""Grade raw fundus photographs with a trained stage, or export it as a TF SavedModel.
+
+    python predict.py --model-dir DIR --stage N [--out preds.csv] [--gradcam OUT_DIR]
+        [--tta none|flips|dihedral] [--cutpoints a,b,c,d] IMAGE_OR_DIR...
+    python predict.py --model-dir DIR --stage N --export EXPORT_DIR
+
+One CSV row per image (stdout without --out), in input order: grade (from the score),
+grade_prob (argmax), score, p0-p4, and an error column for files that could not be graded.
+Rows are written as they are graded, so an interrupted run leaves complete rows.
+Exit codes: 0 every image graded, 1 any image failed, 2 usage (also a missing checkpoint),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from typing import TextIO
+
+from absl import flags
+
+from m2cnn_tf import cli
+from m2cnn_tf.errors import UsageError
+
+PROG = "predict.py"
+FLAGS = flags.FlagValues()
+_F = {"flag_values": FLAGS}
+flags.DEFINE_string(
+    "model-dir", None, "Folder holding stage{N}/best.keras (train.py --model-dir).", **_F
+)
+flags.DEFINE_integer(
+    "stage", None, "Stage whose best checkpoint to use (1, 2 or 3).", lower_bound=1, **_F
+)
+flags.DEFINE_string("out", None, "CSV file for the predictions (default: stdout).", **_F)
+flags.DEFINE_string("gradcam", None, "Folder for one Grad-CAM overlay PNG per image.", **_F)
+flags.DEFINE_string("export", None, "Write a TF SavedModel here instead of predicting.", **_F)
+flags.DEFINE_string(
+    "data",
+    None,
+    "data_prep OUT folder whose manifest.json holds the preprocessing parameters "
+    "(default: the one in the stage's config.json).",
+    **_F,
+)
+flags.DEFINE_integer("batch-size", 16, "Images per model call.", lower_bound=1, **_F)
+flags.DEFINE_integer(
+    "workers", None, "Preprocessing threads (default: min(4, cores)).", lower_bound=1, **_F
+)
+flags.DEFINE_enum(
+    "tta",
+    "none",
+    cli.TTA_CHOICES,
+    "Test-time augmentation: average the outputs over the 4 flips, or over the 8 symmetries of "
+    "the square (dihedral: flips and 90° rotations).",
+    **_F,
+)
+flags.DEFINE_list(
+    "cutpoints", None, "Four score cut points, e.g. from evaluate.py's report.json.", **_F
+)
+
+
+def _cutpoints() -> list[float] | None:
+    """--cutpoints as numbers (their count is checked by `prediction.Predictor`)."""
+    if FLAGS.cutpoints is None:
+        return None
+    try:
+        return [float(c) for c in FLAGS.cutpoints]
+    except ValueError:
+        raise UsageError("needs four numbers, e.g. 0.5,1.5,2.5,3.5", setting="cutpoints") from None
+
+
+def _output() -> AbstractContextManager[TextIO]:
+    """The CSV's destination (stdout without --out); creates --out's and --gradcam's folders."""
+    try:
+        if FLAGS.gradcam:
+            os.makedirs(FLAGS.gradcam, exist_ok=True)
+        if not FLAGS.out:
+            return nullcontext(sys.stdout)
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        return open(FLAGS.out, "w", newline="")  # the caller's `with` closes it
+    except OSError as err:
+        raise UsageError(f"cannot write output: {err}") from None
+
+
+def _export(model) -> None:
+    from m2cnn_tf import prediction
+
+    path = prediction.export_saved_model(model, FLAGS.export)
+    print(
+        f"SavedModel written to {path} (signature serving_default: image -> logits, "
+        "score, probabilities)"
+    )
+
+
+def _grade(model, inputs: list[str], cutpoints: list[float] | None) -> int:
+    """Grade every image into the CSV; exit 1 if any failed."""
+    from tqdm import tqdm
+
+    from m2cnn_tf import prediction
+
+    model_dir, stage = FLAGS["model-dir"].value, FLAGS.stage
+    params, source = prediction.preprocess_params_for(model_dir, stage, FLAGS.data)
+    print(f"preprocessing parameters from {source}", file=sys.stderr)
+    paths = prediction.expand_inputs(inputs)
+    if not paths:
+        raise UsageError(f"no image files found in {' '.join(inputs)}")
+    predictor = prediction.Predictor(
+        model,
+        params,
+        tta=FLAGS.tta,
+        batch_size=FLAGS["batch-size"].value,
+        workers=FLAGS.workers,
+        **({"cutpoints": cutpoints} if cutpoints is not None else {}),
+    )
+    with (
+        _output() as out,
+        tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr) as bar,
+    ):
+        rows = predictor.rows(paths, gradcam_dir=FLAGS.gradcam, progress=bar)
+        written, failed = prediction.write_rows(rows, out)
+    summary = f"{written - failed} of {written} images graded"
+    if failed:
+        summary += f", {failed} failed (see the error column)"
+    print(summary, file=sys.stderr)
+    return cli.EXIT_FAILED if failed else cli.EXIT_OK
+
+
+def _body(rest: list[str]) -> int:
+    if FLAGS["model-dir"].value is None or FLAGS.stage is None:
+        raise UsageError("pass --model-dir DIR and --stage N")
+    if FLAGS.export and rest:
+        raise UsageError("--export takes no images")
+    if not FLAGS.export and not rest:
+        raise UsageError("no images given: pass image files or folders (or --export EXPORT_DIR)")
+    cutpoints = _cutpoints()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from m2cnn_tf import checkpoints
+
+    model, _ = checkpoints.load_stage(FLAGS["model-dir"].value, FLAGS.stage)
+    if FLAGS.export:
+        _export(model)
+        return cli.EXIT_OK
+    return _grade(model, rest, cutpoints)
+
+
+def run(argv: list[str] | None = None) -> int:
+    return cli.run(PROG, __doc__, FLAGS, _body, argv, positional=True)
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,124 @@
+"""m2cnn_tf.calibration: score cut points and eye blending, fitted on val.
+
+References: sklearn's cohen_kappa_score and hand calculations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from m2cnn_tf import calibration
+from m2cnn_tf.inference import Predictions
+from m2cnn_tf.metrics import probs_to_grades, scores_to_grades
+
+
+def qwk(a, b) -> float:
+    return cohen_kappa_score(a, b, weights="quadratic", labels=list(range(5)))
+
+
+def test_fitted_cutpoints_are_sorted_and_never_score_lower_than_rounding():
+    rng = np.random.default_rng(3)
+    for trial in range(25):
+        grades = rng.integers(0, 5, 200)
+        scores = grades * rng.uniform(0.5, 1.2) + rng.normal(rng.uniform(-1, 1), 0.8, 200)
+        cuts = calibration.fit_cutpoints(scores, grades)
+        assert list(cuts) == sorted(cuts), trial
+        assert qwk(grades, scores_to_grades(scores, cuts)) >= qwk(
+            grades, scores_to_grades(scores)
+        ), trial
+
+
+def test_fitted_cutpoints_clearly_help_a_biased_regressor():
+    rng = np.random.default_rng(4)
+    grades = rng.integers(0, 5, 300)
+    scores = 0.6 * grades + rng.normal(0, 0.3, 300)  # shrunk towards 0: rounding under-grades
+    cuts = calibration.fit_cutpoints(scores, grades)
+    fitted = qwk(grades, scores_to_grades(scores, cuts))
+    assert fitted > qwk(grades, scores_to_grades(scores)) + 0.05
+
+
+def test_partner_index_and_blend_eyes_match_a_hand_calculation():
+    patients = ["10", "10", "11", "12", "12", "13"]
+    eyes = ["left", "right", "left", "right", "left", ""]
+    partner = calibration.partner_index(patients, eyes)
+    assert partner.tolist() == [1, 0, -1, 4, 3, -1]
+    scores = np.array([1.0, 3.0, 2.0, 0.0, 4.0, 1.5])
+    blended = calibration.blend_eyes(scores, partner, 0.25)
+    # Hand calculation: 0.75*own + 0.25*other; patients 11 and 13 have no fellow eye.
+    np.testing.assert_allclose(blended, [1.5, 2.5, 2.0, 1.0, 3.0, 1.5])
+    probs = np.eye(5)[[0, 4, 2, 1, 3, 0]]
+    np.testing.assert_allclose(calibration.blend_eyes(probs, partner, 0.5)[0], [0.5, 0, 0, 0, 0.5])
+
+
+def test_fitted_blend_weight_is_the_smallest_grid_weight_that_corrects_the_weak_eye():
+    # Patient 0 has grade 2 in both eyes, but its right eye scores 1.2 (rounds to 1). Every
+    # other patient's eyes agree, so blending changes nothing there. The right eye reaches
+    # 1.5 when 1.2 + w * (2.0 - 1.2) >= 1.5, i.e. w >= 0.375; the left eye stays at
+    # 2.0 - 0.8 w >= 1.6 for every w <= 0.5. So kappa is 1 from w = 0.38 on the 0.01 grid,
+    # and below 1 before: the fitted weight is 0.38, with kappa 1.
+    grades = np.array([2, 2, 0, 0, 4, 4, 1, 1])
+    scores = np.array([2.0, 1.2, 0.0, 0.1, 4.0, 3.9, 1.0, 1.1])
+    patients = ["0", "0", "1", "1", "2", "2", "3", "3"]
+    partner = calibration.partner_index(patients, ["left", "right"] * 4)
+    w, k = calibration.fit_blend_weight(scores_to_grades, scores, partner, grades)
+    assert w == pytest.approx(math.ceil(0.375 * 100) / 100)  # 0.38
+    assert k == pytest.approx(1.0)
+    assert qwk(grades, scores_to_grades(scores)) < 1.0  # without blending
+    before = calibration.blend_eyes(scores, partner, 0.37)
+    assert scores_to_grades(before)[1] == 1  # 0.37 is not enough: 1.2 + 0.296 < 1.5
+
+
+def test_blend_weight_fitted_on_noisy_eyes_is_well_above_zero_and_raises_kappa():
+    # Both eyes share the grade; each eye's score has large independent noise, so averaging
+    # the eyes helps and the fitted weight must be well above 0, with kappa higher than w=0.
+    rng = np.random.default_rng(2)
+    n_patients = 150
+    grade = np.repeat(rng.integers(0, 5, n_patients), 2)
+    patients = np.repeat(np.arange(n_patients).astype(str), 2)
+    eyes = np.tile(["left", "right"], n_patients)
+    scores = grade + rng.normal(0, 0.9, 2 * n_patients)
+    partner = calibration.partner_index(patients, eyes)
+    w, k = calibration.fit_blend_weight(scores_to_grades, scores, partner, grade)
+    assert w >= 0.3
+    assert k == pytest.approx(
+        qwk(grade, scores_to_grades(calibration.blend_eyes(scores, partner, w)))
+    )
+    assert k > qwk(grade, scores_to_grades(scores))
+
+
+def _predictions(scores, grades, patients, eyes, probs=None) -> Predictions:
+    n = len(scores)
+    return Predictions(
+        ids=np.array([f"{p}_{e}" for p, e in zip(patients, eyes, strict=True)]),
+        patients=np.array(patients),
+        eyes=np.array(eyes),
+        grades=np.array(grades),
+        scores=np.array(scores, np.float64),
+        probs=np.full((n, 5), 0.2) if probs is None else np.asarray(probs, np.float64),
+    )
+
+
+def test_calibration_fits_the_blend_first_then_cut_points_on_the_blended_scores():
+    rng = np.random.default_rng(5)
+    n_patients = 100
+    grades = np.repeat(rng.integers(0, 5, n_patients), 2)
+    patients = list(np.repeat(np.arange(n_patients).astype(str), 2))
+    eyes = ["left", "right"] * n_patients
+    scores = 0.7 * grades + rng.normal(0, 0.6, 2 * n_patients)
+    probs = np.eye(5)[np.clip(grades + rng.integers(-1, 2, 2 * n_patients), 0, 4)]
+    val = _predictions(scores, grades, patients, eyes, probs)
+    cal = calibration.fit_calibration(val, fit_thresholds=True, per_patient=True)
+    partner = calibration.partner_index(patients, eyes)
+    w_score, _ = calibration.fit_blend_weight(scores_to_grades, scores, partner, grades)
+    w_prob, _ = calibration.fit_blend_weight(probs_to_grades, probs, partner, grades)
+    assert (cal.blend_score, cal.blend_prob) == (w_score, w_prob) and w_score > 0
+    blended = calibration.blend_eyes(scores, partner, w_score)
+    assert cal.cutpoints == calibration.fit_cutpoints(blended, grades)
+    np.testing.assert_allclose(cal.apply(val).scores, blended)
+    # Nothing asked, nothing changed.
+    plain = calibration.fit_calibration(val, fit_thresholds=False, per_patient=False)
+    assert plain == calibration.Calibration() and plain.apply(val) is val
