@@ -11,6 +11,7 @@ Kept free of TensorFlow, so that usage errors are reported before TF loads.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -45,6 +46,15 @@ def usage_error(prog: str, message: str) -> int:
     return EXIT_USAGE
 
 
+def _print_help(doc: str, flag_values: flags.FlagValues) -> None:
+    """The docstring and the flags; a reader that closes the pipe early (`| head`) is fine."""
+    try:
+        print(doc.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+
+
 def run(
     prog: str,
     doc: str,
@@ -62,7 +72,7 @@ def run(
     argv = list(sys.argv if argv is None else argv)
     flag_values.unparse_flags()  # a command may run twice in one process (tests)
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv[1:]):
-        print(doc.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False))
+        _print_help(doc, flag_values)
         return EXIT_OK
     try:
         rest = flag_values(argv)[1:]
