@@ -85,13 +85,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def unknown_choice(key: str, value: Any, choices: Iterable) -> UsageError:
+    """The error for a value outside a setting's choice list, naming the setting."""
+    listed = ", ".join(map(str, choices))
+    return UsageError(
+        f"unknown {key.replace('_', ' ')} {value!r}; choose one of {listed}", setting=key
+    )
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise UsageError(
-            f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}", setting="preset"
-        ) from None
+        raise unknown_choice("preset", name, PRESETS) from None
 
 
 def multi_cell_path(image_size: int) -> str:
@@ -128,14 +134,7 @@ def setting(
     earlier versions (default: the field name). flag=False keeps a field off the command line.
     required: the flag has no default and must be given (the field's default serves the library).
     """
-    metadata = {
-        "help": help,
-        "choices": choices,
-        "check": check,
-        "key": key,
-        "flag": flag,
-        "required": required,
-    }
+    metadata = dict(help=help, choices=choices, check=check, key=key, flag=flag, required=required)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -358,16 +357,11 @@ def check_config(config: Config) -> None:
     """Reject a config that cannot run, before any work: a UsageError naming the setting."""
     for section, f in _leaves():
         value = getattr(config if section is None else getattr(config, section), f.name)
-        key, label = flat_key(f), flat_key(f).replace("_", " ")
-        choices = f.metadata["choices"]
+        key, choices, check = flat_key(f), f.metadata["choices"], f.metadata["check"]
         if choices is not None and value not in choices:
-            raise UsageError(
-                f"unknown {label} {value!r}; choose one of {', '.join(map(str, choices))}",
-                setting=key,
-            )
-        check = f.metadata["check"]
+            raise unknown_choice(key, value, choices)
         if check is not None and value is not None and not check[0](value):
-            raise UsageError(f"{label} {check[1]}, got {value}", setting=key)
+            raise UsageError(f"{key.replace('_', ' ')} {check[1]}, got {value}", setting=key)
     if not config.data or not os.path.isdir(config.data):
         raise UsageError(
             f"{config.data!r} is not a directory (the OUT folder of data_prep)", setting="data"

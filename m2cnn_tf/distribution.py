@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from m2cnn_tf.config import STRATEGIES
+from m2cnn_tf.config import STRATEGIES, unknown_choice
 from m2cnn_tf.errors import RunFailed, UsageError
 
 
@@ -33,9 +33,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
             raise RunFailed(
                 f"cannot join the cluster in TF_CONFIG: {err.message.strip().splitlines()[0]}"
             ) from None
-    raise UsageError(
-        f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}", setting="strategy"
-    )
+    raise unknown_choice("strategy", name, STRATEGIES)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

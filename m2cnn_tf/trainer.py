@@ -15,8 +15,8 @@ import keras
 import tensorflow as tf
 
 from m2cnn_tf import data
-from m2cnn_tf.config import LOSSES, OPTIMIZERS, AugmentConfig
-from m2cnn_tf.errors import RunFailed, UsageError
+from m2cnn_tf.config import LOSSES, OPTIMIZERS, AugmentConfig, unknown_choice
+from m2cnn_tf.errors import RunFailed
 from m2cnn_tf.losses import multitask_loss, regularized_variables
 from m2cnn_tf.metrics import QuadraticKappa
 from m2cnn_tf.model import split_lr_groups
@@ -39,9 +39,7 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
         return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
     if name == "rmsprop":  # TF-slim's IRv2 ImageNet recipe
         return keras.optimizers.RMSprop(learning_rate, rho=0.9, momentum=0.9, epsilon=1.0)
-    raise UsageError(
-        f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}", setting="optimizer"
-    )
+    raise unknown_choice("optimizer", name, OPTIMIZERS)
 
 
 class TwoRateTrainer(keras.Model):
@@ -72,9 +70,7 @@ class TwoRateTrainer(keras.Model):
     ):
         super().__init__(name="trainer", **kwargs)
         if loss not in LOSSES:
-            raise UsageError(
-                f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}", setting="loss"
-            )
+            raise unknown_choice("loss", loss, LOSSES)
         self.loss_mode = loss
         self.net = net
         on_device = augment is not None and augment.enabled and augment.on == "step"
