@@ -1,9 +1,9 @@
 """Where a stage's results live, and the only way to read them back.
 
 Layout of `--model-dir DIR` (one folder per stage, §II-C's 224 -> 448 -> 720 procedure):
-    DIR/stage{N}/best.keras   the best model so far (by val kappa; from scores unless --loss ce)
+    DIR/stage{N}/best.keras   the best model so far (by val kappa; from scores unless loss "ce")
     DIR/stage{N}/best.json    what it is: stage, resolution, preset, Multi-Cell path, epoch, metric
-    DIR/stage{N}/config.json  the resolved `Config` of the run
+    DIR/stage{N}/config.json  the resolved `Config` of the run (nested JSON, `Config.load`)
 Models load with Keras's safe_mode on, so a checkpoint from elsewhere cannot run code.
 """
 
@@ -17,25 +17,20 @@ from typing import Any
 import keras
 
 from m2cnn_tf import cells  # noqa: F401  (registers ResidualScale for deserialisation)
+from m2cnn_tf.common import atomic_write_json
+from m2cnn_tf.errors import UsageError
 
 BEST_MODEL = "best.keras"
 BEST_META = "best.json"
 CONFIG = "config.json"
 
 
-class CheckpointMissing(FileNotFoundError):
+class CheckpointMissing(UsageError):
     """No usable checkpoint where one was expected; the message is one actionable line."""
 
 
 def stage_dir(model_dir: str | Path, stage: int) -> Path:
     return Path(model_dir) / f"stage{stage}"
-
-
-def write_json_atomic(path: str | Path, values: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def save_best(model: keras.Model, directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -46,7 +41,7 @@ def save_best(model: keras.Model, directory: str | Path, meta: dict[str, Any]) -
     tmp = directory / f"tmp.{BEST_MODEL}"  # Keras wants the .keras suffix
     model.save(tmp)
     os.replace(tmp, target)
-    write_json_atomic(directory / BEST_META, meta)
+    atomic_write_json(directory / BEST_META, meta)
     return target
 
 
@@ -58,7 +53,8 @@ def best_model_path(model_dir: str | Path, stage: int) -> Path:
         raise CheckpointMissing(
             f"no checkpoint for stage {stage}: {path} does not exist"
             + (f" (stages with a checkpoint: {there})" if there else "")
-            + f"; train it first with `python train.py --stage {stage} --model-dir {model_dir}`"
+            + f"; train stage {stage} into {model_dir} first",
+            setting="model_dir",
         )
     return path
 

@@ -1,15 +1,47 @@
-"""The one configuration object: training stages, model presets and every run setting.
+"""The one source of every training setting: its default, help text, choices and valid range.
 
-Flags (train.py, evaluate.py) override the defaults here, and the resolved `Config` is saved as
-JSON next to every checkpoint so that a stage can always be rebuilt exactly.
+Shaped like TF Model Garden's `official/vision` configs: nested dataclasses, one section per part
+of the run, each part receiving only its own section:
+
+- `model` (ModelConfig): which network is built and what it starts from. Read by
+  `model.build_from_settings` and `training.initialise`.
+- `input` (DataConfig): how the train split is read (shuffle buffer, grade balancing). Read by
+  `data.make_dataset`. Named `input` because the top-level `data` is the records folder, a key
+  every config.json has had (predict.py reads it).
+- `augment` (AugmentConfig): the train-time augmentation and where it runs. Read by
+  `data.make_dataset` (tf.data) or `trainer.TwoRateTrainer` (the train step), never both.
+- `optim` (OptimConfig): what is optimised and for how long: objective, optimizers, learning
+  rates, L_reg, epochs, batch, validation schedule. Read by the trainer and the fit loop.
+- `runtime` (RuntimeConfig): how the run executes (precision, XLA, devices, seed, resuming,
+  backups, logging): settings that change speed or robustness, not what an ideal run learns.
+- top level: `stage`, `image_size`, `data`, `model_dir`, which say which run this is and where
+  its inputs and outputs are; every part needs them.
+
+Each field declares its help text and, where there is one, its choice list and valid range in
+`dataclasses.field(metadata=...)`. `define_flags` turns the fields into absl flags (train.py's,
+named after the field: `--batch-size`, `--augment-on`), `from_flags` builds the `Config` back and
+`check_config` validates it, so adding a setting is one edit: a field here.
+
+The resolved `Config` is saved as nested JSON next to every checkpoint (`Config.save`);
+`Config.from_dict` also reads the flat config.json of earlier versions, whose keys are the flag
+names. Kept free of TensorFlow, so that a usage error is reported before TF loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from absl import flags
+
+from m2cnn_tf.common import atomic_write_json
+from m2cnn_tf.errors import UsageError
 
 # §II-C and the slides: stage 1 trains the BaseNet at 224 px, stage 2 adds the medium cells at
 # 448 px, stage 3 adds the large cells at 720 px. Each stage starts from the previous one.
@@ -21,9 +53,16 @@ MEDIUM_MIN = 350
 LARGE_MIN = 700
 
 NUM_CLASSES = 5  # grades 0-4: none, mild, moderate, severe NPDR, PDR
+MIN_IMAGE_SIZE = 75  # Inception-ResNet-v2's stem needs at least 75 px
 
+# The choice lists, defined here only.
 # Table II's training objectives: Eq. (4) in full, or one task's loss (Eq. (2) or (3)) + L_reg.
 LOSSES = ("multitask", "ce", "mse")
+# The paper names no optimizer; trainer.make_optimizer says what each one is and why Adam.
+OPTIMIZERS = ("adam", "sgd", "momentum", "rmsprop")
+STRATEGIES = ("default", "mirrored", "multiworker")  # tf.distribute; multiworker reads TF_CONFIG
+# Where augmentation runs: in the train step on the accelerator, or in tf.data on the CPU.
+AUGMENT_ON = ("step", "pipeline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +85,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def unknown_choice(key: str, value: Any, choices: Iterable) -> UsageError:
+    """The error for a value outside a setting's choice list, naming the setting."""
+    listed = ", ".join(map(str, choices))
+    return UsageError(
+        f"unknown {key.replace('_', ' ')} {value!r}; choose one of {listed}", setting=key
+    )
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise unknown_choice("preset", name, PRESETS) from None
 
 
 def multi_cell_path(image_size: int) -> str:
@@ -62,73 +109,311 @@ def multi_cell_path(image_size: int) -> str:
     return "small"
 
 
-@dataclasses.dataclass
+# ---------------------------------------------------------------------------------------------
+# Field declarations
+
+Check = tuple[Callable[[Any], bool], str]  # (is the value valid?, what it must be)
+POSITIVE: Check = (lambda v: v > 0, "must be positive")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
+FRACTION: Check = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    check: Check | None = None,
+    key: str | None = None,
+    flag: bool = True,
+    required: bool = False,
+) -> Any:
+    """A config field with what the flag and the checks need.
+
+    key: the field's flat name: its flag (`_` → `-`) and its key in a flat config.json of
+    earlier versions (default: the field name). flag=False keeps a field off the command line.
+    required: the flag has no default and must be given (the field's default serves the library).
+    """
+    metadata = dict(help=help, choices=choices, check=check, key=key, flag=flag, required=required)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The network (Fig. 2) and its starting weights (§III-A "Parameter Initialization")."""
+
+    preset: str = setting(
+        "paper",
+        "Block counts: paper (§III-A) or tiny (all 1; tests, demo).",
+        choices=tuple(PRESETS),
+    )
+    num_classes: int = setting(NUM_CLASSES, "Grades of the classification head.", flag=False)
+    multi_cell: bool = setting(
+        True, "Add the Multi-Cell groups at 448/720 px (§II-C); off: plain BaseNet+MT (Table II)."
+    )
+    bn_momentum: float | None = setting(
+        None,
+        "BatchNorm moving-average momentum (default: the model's 0.99; ~0.9 suits short runs).",
+        check=FRACTION,
+    )
+    weights: str = setting("imagenet", "Stage-1 backbone: imagenet, none or PATH.")
+    init: str = setting("", "Start from this .keras checkpoint instead of stage N-1's best.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How the train split is read (m2cnn_tf.data); val and test are always read as they are."""
+
+    shuffle_buffer: int = setting(2048, "Shuffle buffer of serialized records.", check=POSITIVE)
+    balance: bool = setting(False, "Resample grades; weights decay to the natural distribution.")
+    balance_decay: float = setting(
+        0.975,
+        "Per-epoch factor of the balanced part (team o_O, Kaggle DR 2015).",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Train-split augmentation (m2cnn_tf.data): the fundus has no "up", so any rotation."""
+
+    enabled: bool = setting(True, "Augment the train split.", key="augment")
+    on: str = setting(
+        "step",
+        "Augment in the train step on the accelerator, or in tf.data on the CPU.",
+        choices=AUGMENT_ON,
+        key="augment_on",
+    )
+    flip: bool = setting(True, "Random left-right and up-down flips.")
+    rotation: float = setting(180.0, "Max rotation in degrees.", check=NON_NEGATIVE)
+    zoom: float = setting(0.1, "Max relative zoom in or out.", check=NON_NEGATIVE)
+    shift: float = setting(0.05, "Max shift, fraction of the side.", check=NON_NEGATIVE)
+    brightness: float = setting(
+        0.1, "Max brightness shift on the [-1, 1] scale.", check=NON_NEGATIVE
+    )
+    contrast: float = setting(0.1, "Max relative contrast change around γ.", check=NON_NEGATIVE)
+    fill_value: int = setting(
+        128,
+        "Fill of pixels from outside the image: γ of Eq. (1), the masked background.",
+        check=(lambda v: 0 <= v <= 255, "must be in [0, 255]"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The objective and the schedule (§III-A: LR1 for weights that arrived trained, LR2 new)."""
+
+    loss: str = setting(
+        "multitask",
+        "Objective (Table II): multitask = CE + MSE + L_reg (Eq. (4)); ce or mse = that task + "
+        "L_reg.",
+        choices=LOSSES,
+    )
+    optimizer: str = setting("adam", "Optimizer of both groups.", choices=OPTIMIZERS)
+    lr_pretrained: float = setting(1e-4, "LR1, for loaded weights.", check=POSITIVE)
+    lr_new: float = setting(1e-3, "LR2, for new weights.", check=POSITIVE)
+    weight_decay: float = setting(
+        4e-5, "L_reg coefficient (Eq. (4)); TF-slim's IRv2 value.", check=NON_NEGATIVE
+    )
+    epochs: int = setting(30, "Epochs.", check=POSITIVE)
+    steps_per_epoch: int | None = setting(
+        None, "Steps per epoch (default: train size // batch).", check=POSITIVE
+    )
+    batch_size: int = setting(32, "Global batch size.", check=POSITIVE)
+    validation_freq: int = setting(
+        1,
+        "Validate after every N-th epoch and after the last; the best checkpoint is chosen "
+        "among validated epochs.",
+        check=POSITIVE,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the run executes: speed and robustness, not what an ideal run learns."""
+
+    mixed_precision: bool = setting(False, "mixed_float16 with loss scaling.")
+    xla: bool = setting(False, "Compile the train step with XLA.")
+    strategy: str = setting(
+        "default", "tf.distribute strategy (multiworker reads TF_CONFIG).", choices=STRATEGIES
+    )
+    seed: int | None = setting(None, "Seed: deterministic input order, augmentation and init.")
+    resume: bool = setting(True, "Resume from DIR/stageN/backup if present.")
+    backup_steps: int | None = setting(
+        None, "Also back up every N steps (default: each epoch).", check=POSITIVE
+    )
+    log_steps: int = setting(50, "TensorBoard batch-level logging interval.", check=POSITIVE)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a run. Defaults are the paper's (§III-A) where it gives one."""
 
-    # What to build
-    stage: int = 1
-    image_size: int | None = None  # None: the stage's resolution from STAGE_SIZES
-    preset: str = "paper"
-    num_classes: int = NUM_CLASSES
-    multi_cell: bool = True  # False: the plain BaseNet+MT at any size (Table II "Multi-Task")
-    loss: str = "multitask"  # one of LOSSES (Table II's MSE / CE / Multi-Task columns)
-    # Where things are
-    data: str = ""
-    model_dir: str = ""
-    weights: str = "imagenet"  # stage 1 backbone: imagenet | none | PATH
-    init: str = ""  # stage N>1: checkpoint to start from instead of stage N-1's best
-    # Optimisation (§III-A: LR1 for weights that arrived trained, LR2 for new ones)
-    lr_pretrained: float = 1e-4
-    lr_new: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 4e-5  # L_reg of Eq. (4); TF-slim's IRv2 value
-    bn_momentum: float | None = None  # None: the model's (Keras IRv2: 0.99); lower for short runs
-    epochs: int = 30
-    steps_per_epoch: int | None = None
-    batch_size: int = 32
-    # Input pipeline (m2cnn_tf.data). Augmentation: the fundus has no "up", so any rotation.
-    augment: bool = True  # master switch for the train split; val/test are never augmented
-    # Where: "step" = in the train step on the accelerator (default: tf.data cannot feed a GPU
-    # at 720 px otherwise, benchmarks/input_pipeline.py), "pipeline" = in tf.data on the CPU.
-    augment_on: str = "step"
-    flip: bool = True  # left-right and up-down
-    rotation: float = 180.0  # max |angle| in degrees
-    zoom: float = 0.1  # max relative zoom in or out
-    shift: float = 0.05  # max shift, fraction of the side
-    brightness: float = 0.1  # max additive shift on the [-1, 1] scale
-    contrast: float = 0.1  # max relative contrast change around γ (0 on the [-1, 1] scale)
-    fill_value: int = 128  # γ of Eq. (1): the grey of the masked background
-    shuffle_buffer: int = 2048
-    balance: bool = False  # resample grades, decaying toward the natural distribution
-    balance_decay: float = 0.975  # per-epoch factor of the balanced part (team o_O, 2015)
-    # Runtime
-    mixed_precision: bool = False
-    xla: bool = False
-    strategy: str = "default"
-    seed: int | None = None
-    resume: bool = True
-    backup_steps: int | None = None  # also back up every N steps (None: each epoch)
-    log_steps: int = 50  # TensorBoard batch-level logging interval
+    stage: int = setting(
+        1,
+        "Training stage: 1 → 224 px, 2 → 448 px, 3 → 720 px.",
+        choices=tuple(STAGE_SIZES),
+        required=True,
+    )
+    data: str = setting("", "OUT folder of data_prep (holds OUT/<size>/*.tfrecord).", required=True)
+    model_dir: str = setting(
+        "", "Folder of all stages: DIR/stage1/, DIR/stage2/, ...", required=True
+    )
+    image_size: int | None = setting(
+        None,
+        "Override the stage's resolution (experiments).",
+        check=(lambda v: v >= MIN_IMAGE_SIZE, f"must be at least {MIN_IMAGE_SIZE} (IRv2's stem)"),
+    )
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    input: DataConfig = dataclasses.field(default_factory=DataConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     def resolved_image_size(self) -> int:
         if self.image_size:
             return self.image_size
         if self.stage not in STAGE_SIZES:
-            raise ValueError(f"--stage must be one of {sorted(STAGE_SIZES)}, got {self.stage}")
+            raise UsageError(
+                f"stage must be one of {', '.join(map(str, STAGE_SIZES))}, got {self.stage}",
+                setting="stage",
+            )
         return STAGE_SIZES[self.stage]
+
+    def resolved_multi_cell_path(self) -> str:
+        """§II-C's path of the run's model: 'small' whenever the cells are switched off."""
+        if not self.model.multi_cell:
+            return "small"
+        return multi_cell_path(self.resolved_image_size())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def describe(self) -> str:
+        """The resolved configuration, printed at start."""
+        values = self.to_dict()
+        values["resolved_image_size"] = self.resolved_image_size()
+        values["multi_cell_path"] = self.resolved_multi_cell_path()
+        return json.dumps(values, indent=2, sort_keys=True)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """Nested (this version) or flat (earlier versions: keys are the flag names) values;
+        unknown keys are ignored, missing ones take their defaults."""
+        found = []
+        for key, value in values.items():
+            if key in _SECTIONS and isinstance(value, dict):
+                names = {f.name for f in dataclasses.fields(_SECTIONS[key])}
+                found += [(key, k, v) for k, v in value.items() if k in names]
+            elif key in _FLAT:
+                found.append((*_FLAT[key], value))
+        return _assemble(found)
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: f.default_factory for f in dataclasses.fields(Config) if not f.metadata
+}
+
+
+def _leaves() -> Iterator[tuple[str | None, dataclasses.Field]]:
+    """(section name or None for the top level, field) of every setting, in declaration order."""
+    for f in dataclasses.fields(Config):
+        if f.metadata:
+            yield None, f
+        else:
+            for g in dataclasses.fields(_SECTIONS[f.name]):
+                yield f.name, g
+
+
+def flat_key(f: dataclasses.Field) -> str:
+    """The field's flat name: its flag without `--`, and its key in an old flat config.json."""
+    return f.metadata["key"] or f.name
+
+
+_FLAT: dict[str, tuple[str | None, str]] = {flat_key(f): (s, f.name) for s, f in _leaves()}
+
+
+def _assemble(values: Iterable[tuple[str | None, str, Any]]) -> Config:
+    """A Config from (section or None, field name, value); what is not given keeps its default."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for section, name, value in values:
+        (top if section is None else sections[section])[name] = value
+    return Config(**top, **{k: _SECTIONS[k](**v) for k, v in sections.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_config(config: Config) -> None:
+    """Reject a config that cannot run, before any work: a UsageError naming the setting."""
+    for section, f in _leaves():
+        value = getattr(config if section is None else getattr(config, section), f.name)
+        key, choices, check = flat_key(f), f.metadata["choices"], f.metadata["check"]
+        if choices is not None and value not in choices:
+            raise unknown_choice(key, value, choices)
+        if check is not None and value is not None and not check[0](value):
+            raise UsageError(f"{key.replace('_', ' ')} {check[1]}, got {value}", setting=key)
+    if not config.data or not os.path.isdir(config.data):
+        raise UsageError(
+            f"{config.data!r} is not a directory (the OUT folder of data_prep)", setting="data"
+        )
+    if not config.model_dir:
+        raise UsageError("no model folder given", setting="model_dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags, derived from the fields
+
+
+def _value_type(section: str | None, f: dataclasses.Field) -> type:
+    """The field's type without `| None`."""
+    hint = typing.get_type_hints(Config if section is None else _SECTIONS[section])[f.name]
+    if isinstance(hint, types.UnionType):
+        (hint,) = [t for t in typing.get_args(hint) if t is not type(None)]
+    return hint
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """One absl flag per setting, named after its flat key, with the field's help and choices."""
+    for section, f in _leaves():
+        if not f.metadata["flag"]:
+            continue
+        name, help_text = flat_key(f).replace("_", "-"), f.metadata["help"]
+        default = None if f.metadata["required"] else f.default
+        kind, choices = _value_type(section, f), f.metadata["choices"]
+        if choices is not None:
+            strings = [str(c) for c in choices]
+            default = None if default is None else str(default)
+            flags.DEFINE_enum(name, default, strings, help_text, flag_values=flag_values)
+        else:
+            define = {
+                bool: flags.DEFINE_bool,
+                int: flags.DEFINE_integer,
+                float: flags.DEFINE_float,
+                str: flags.DEFINE_string,
+            }[kind]
+            define(name, default, help_text, flag_values=flag_values)
+        if f.metadata["required"]:
+            flags.mark_flag_as_required(name, flag_values=flag_values)
+
+
+def from_flags(flag_values: flags.FlagValues) -> Config:
+    """The Config of parsed flags (settings without a flag keep their defaults)."""
+    found = []
+    for section, f in _leaves():
+        if not f.metadata["flag"]:
+            continue
+        value = flag_values[flat_key(f).replace("_", "-")].value
+        if value is not None and f.metadata["choices"] is not None:
+            value = _value_type(section, f)(value)  # enum flags hold strings
+        found.append((section, f.name, value))
+    return _assemble(found)

@@ -7,20 +7,20 @@ Why this order: shuffling serialized records instead of decoded images keeps the
 smaller at the same depth; batching before augmenting runs one projective-transform op per
 batch instead of one per image. Everything is TF graph code: no py_function, no numpy.
 
-Augmentation (train only, each a `Config` setting): flips in both axes, rotation by any angle
-(the fundus has no up), a small zoom and shift, all composed into ONE affine map applied by one
-bilinear `ImageProjectiveTransformV3` with γ fill (Eq. (1): the masked background is γ=128);
+Augmentation (train only, each an `AugmentConfig` setting): flips in both axes, rotation by any
+angle (the fundus has no up), a small zoom and shift, all composed into ONE affine map applied by
+one bilinear `ImageProjectiveTransformV3` with γ fill (Eq. (1): the masked background is γ=128);
 then brightness and contrast as one multiply-add. Contrast pivots on γ (0 after scaling), the
 level Eq. (1) centres every image on, so no per-image mean is needed.
 
-Where it runs (`config.augment_on`): by default ("step") the trainer applies `augment_scaled`
+Where it runs (`AugmentConfig.on`): by default ("step") the trainer applies `augment_scaled`
 inside the train step, on the accelerator, and tf.data only decodes and scales: measured on one
 core at 720 px, the transform costs several times the JPEG decode (benchmarks/input_pipeline.py),
 so CPU-side geometry cannot feed a GPU, while on the GPU it is negligible next to the network.
 "pipeline" runs `augment_batch` here instead, on uint8 (a CPU-only machine loses nothing).
 
-Randomness is stateless and keyed by (seed, batch index or training step), so `--seed` makes
-the whole stream reproducible; without a seed a random one is drawn.
+Randomness is stateless and keyed by (seed, batch index or training step), so a seed makes the
+whole stream reproducible; without a seed a random one is drawn.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from m2cnn_tf import records
-from m2cnn_tf.config import NUM_CLASSES, Config
+from m2cnn_tf.config import NUM_CLASSES, AugmentConfig, DataConfig
+from m2cnn_tf.errors import UsageError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """The data cannot feed the requested run; the message is one actionable line."""
 
 
@@ -55,7 +56,8 @@ def split_files(data_dir: str | os.PathLike, image_size: int, split: str) -> lis
         there = ", ".join(map(str, sizes)) if sizes else "none"
         raise DataError(
             f"no {image_size} px records: {size_dir} does not exist (sizes in {data_dir}: "
-            f"{there}); convert that size with data_prep or pass --image-size"
+            f"{there}); convert that size with data_prep or train at a size that is there",
+            setting="image_size",
         )
     try:
         files = records.shard_paths(data_dir, image_size, split)
@@ -120,7 +122,9 @@ def _parse_and_decode(image_size: int):
     return fn
 
 
-def affine_transforms(seeds: tf.Tensor, batch: int, image_size: int, config: Config) -> tf.Tensor:
+def affine_transforms(
+    seeds: tf.Tensor, batch: int, image_size: int, config: AugmentConfig
+) -> tf.Tensor:
     """[batch, 8] output→input maps: flips, rotation, zoom and shift composed about the centre."""
     keys = tf.random.experimental.stateless_split(seeds, 6)
     u = [
@@ -149,7 +153,7 @@ def affine_transforms(seeds: tf.Tensor, batch: int, image_size: int, config: Con
     return tf.stack([a00, a01, a2, a10, a11, b2, zeros, zeros], axis=1)
 
 
-def _geometry(images: tf.Tensor, key: tf.Tensor, config: Config, fill: float) -> tf.Tensor:
+def _geometry(images: tf.Tensor, key: tf.Tensor, config: AugmentConfig, fill: float) -> tf.Tensor:
     if not (config.flip or config.rotation or config.zoom or config.shift):
         return images
     return tf.raw_ops.ImageProjectiveTransformV3(
@@ -162,7 +166,7 @@ def _geometry(images: tf.Tensor, key: tf.Tensor, config: Config, fill: float) ->
     )
 
 
-def _photometric(key: tf.Tensor, batch, config: Config) -> tuple[tf.Tensor, tf.Tensor]:
+def _photometric(key: tf.Tensor, batch, config: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-image (gain, offset): contrast around γ and brightness, on the [-1, 1] scale."""
     keys = tf.random.experimental.stateless_split(key, 2)
     gain = 1.0 + config.contrast * tf.random.stateless_uniform(
@@ -174,10 +178,10 @@ def _photometric(key: tf.Tensor, batch, config: Config) -> tuple[tf.Tensor, tf.T
     return gain, offset
 
 
-def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: Config) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
     """uint8 batch → augmented float32 batch in [-1, 1] (geometry at uint8, then one FMA).
 
-    The tf.data variant (config.augment_on == "pipeline"): cheapest on a CPU.
+    The tf.data variant (AugmentConfig.on == "pipeline"): cheapest on a CPU.
     """
     keys = tf.random.experimental.stateless_split(seeds, 2)
     images = _geometry(images, keys[0], config, float(config.fill_value))
@@ -187,9 +191,9 @@ def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: Config) -> tf.Ten
     return tf.clip_by_value(out, -1.0, 1.0)
 
 
-def augment_scaled(images: tf.Tensor, seeds: tf.Tensor, config: Config) -> tf.Tensor:
+def augment_scaled(images: tf.Tensor, seeds: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
     """The same augmentation on a float batch already in [-1, 1]: for the accelerator, inside
-    the train step (config.augment_on == "step"), where the projective transform has a GPU
+    the train step (AugmentConfig.on == "step"), where the projective transform has a GPU
     kernel and costs little next to the network. Same seeds → same transform as augment_batch.
     """
     keys = tf.random.experimental.stateless_split(seeds, 2)
@@ -219,75 +223,82 @@ def make_dataset(
     batch_size: int,
     training: bool,
     seed: int | None = None,
-    config: Config | None = None,
+    settings: DataConfig | None = None,
+    augment: AugmentConfig | None = None,
     start_epoch: int = 0,
     steps_per_epoch: int | None = None,
 ) -> tf.data.Dataset:
     """(images float32 [B, S, S, 3] in [-1, 1], meta {"grade", "id", "patient", "eye"}).
 
-    training=True: shuffled, augmented (if config.augment and config.augment_on == "pipeline";
-    with "step" the trainer augments on the accelerator), repeated forever, remainder dropped;
-    with config.balance, grades are resampled (weights from `balance_weights`, the epoch counted
+    training=True: shuffled, repeated forever, remainder dropped; augmented here if `augment`
+    is enabled with on="pipeline" (with "step" the trainer augments on the accelerator); with
+    `settings.balance`, grades are resampled (weights from `balance_weights`, the epoch counted
     from `start_epoch` in units of `steps_per_epoch` batches). training=False: the records in
-    file order, unaugmented, once, remainder kept.
+    file order, unaugmented, once, remainder kept; `settings` and `augment` are not used.
     """
-    config = config or Config()
     files = split_files(data_dir, image_size, split)
     if batch_size < 1:
-        raise DataError(f"--batch-size must be positive, got {batch_size}")
+        raise DataError(f"batch size must be positive, got {batch_size}", setting="batch_size")
     decode = _parse_and_decode(image_size)
-    options = tf.data.Options()
-
     if not training:
+        options = tf.data.Options()
         options.deterministic = True
         ds = tf.data.TFRecordDataset(files).map(decode, num_parallel_calls=AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=False)
         ds = ds.map(lambda x, m: (scale_image(x), m), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(options)
+    here = augment is not None and augment.enabled and augment.on == "pipeline"
+    return _training_dataset(
+        files,
+        decode,
+        split=split,
+        batch_size=batch_size,
+        seed=seed,
+        settings=settings or DataConfig(),
+        augment=augment if here else None,
+        start_epoch=start_epoch,
+        steps_per_epoch=steps_per_epoch,
+    )
 
+
+def _training_dataset(
+    files: list[str],
+    decode,
+    *,
+    split: str,
+    batch_size: int,
+    seed: int | None,
+    settings: DataConfig,
+    augment: AugmentConfig | None,
+    start_epoch: int,
+    steps_per_epoch: int | None,
+) -> tf.data.Dataset:
     deterministic = seed is not None
+    options = tf.data.Options()
     options.deterministic = deterministic
     seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-    if config.balance:
-        counts = grade_counts(files)
-        total = sum(counts)
-    else:
-        counts, total = [], count_records(files)
+    counts = grade_counts(files) if settings.balance else []
+    total = sum(counts) if settings.balance else count_records(files)
     if batch_size > total:
         raise DataError(
-            f"--batch-size {batch_size} is larger than the {split} split ({total} images in "
-            f"{os.path.dirname(files[0])}); use a batch of at most {total}"
+            f"batch size {batch_size} is larger than the {split} split ({total} images in "
+            f"{os.path.dirname(files[0])}); use a batch of at most {total}",
+            setting="batch_size",
         )
-
     raw = _records(files, shuffle=True, seed=seed, deterministic=deterministic)
-    if config.balance:
-        grade_spec = {"image/grade": records.FEATURES["image/grade"]}
-
-        def of_grade(g):
-            ds = raw.filter(
-                lambda s: tf.equal(tf.io.parse_single_example(s, grade_spec)["image/grade"], g)
-            )
-            return ds.repeat().shuffle(max(1, config.shuffle_buffer // NUM_CLASSES), seed=seed + g)
-
+    if settings.balance:
         per_epoch = (steps_per_epoch or total // batch_size) * batch_size
-        weights = tf.data.Dataset.range(start_epoch * per_epoch, 2**62).map(
-            lambda i: balance_weights(counts, i // per_epoch, config.balance_decay)
-        )
-        present = [g for g in range(NUM_CLASSES) if counts[g] > 0]
-        raw = tf.data.Dataset.sample_from_datasets(
-            [of_grade(g) for g in present],
-            weights=weights.map(lambda w: tf.gather(w, present)),
-            seed=seed,
-        )
+        raw = _balanced(raw, counts, settings, seed, start_epoch * per_epoch, per_epoch)
     else:
-        raw = raw.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        raw = raw.shuffle(settings.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        raw = raw.repeat()
 
     ds = raw.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
-    if config.augment and config.augment_on == "pipeline":
+    if augment is not None:
         ds = ds.enumerate().map(
             lambda i, xm: (
-                augment_batch(xm[0], tf.stack([tf.cast(seed, tf.int64), i]), config),
+                augment_batch(xm[0], tf.stack([tf.cast(seed, tf.int64), i]), augment),
                 xm[1],
             ),
             num_parallel_calls=AUTOTUNE,
@@ -296,3 +307,31 @@ def make_dataset(
     else:
         ds = ds.map(lambda x, m: (scale_image(x), m), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def _balanced(
+    raw: tf.data.Dataset,
+    counts: list[int],
+    settings: DataConfig,
+    seed: int,
+    first_record: int,
+    per_epoch: int,
+) -> tf.data.Dataset:
+    """Records resampled per grade with `balance_weights` of each record's epoch."""
+    grade_spec = {"image/grade": records.FEATURES["image/grade"]}
+
+    def of_grade(g):
+        ds = raw.filter(
+            lambda s: tf.equal(tf.io.parse_single_example(s, grade_spec)["image/grade"], g)
+        )
+        return ds.repeat().shuffle(max(1, settings.shuffle_buffer // NUM_CLASSES), seed=seed + g)
+
+    weights = tf.data.Dataset.range(first_record, 2**62).map(
+        lambda i: balance_weights(counts, i // per_epoch, settings.balance_decay)
+    )
+    present = [g for g in range(NUM_CLASSES) if counts[g] > 0]
+    return tf.data.Dataset.sample_from_datasets(
+        [of_grade(g) for g in present],
+        weights=weights.map(lambda w: tf.gather(w, present)),
+        seed=seed,
+    )

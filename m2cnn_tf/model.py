@@ -29,7 +29,8 @@ import numpy as np
 from keras import layers
 
 from m2cnn_tf import cells
-from m2cnn_tf.config import NUM_CLASSES, get_preset, multi_cell_path
+from m2cnn_tf.config import NUM_CLASSES, ModelConfig, get_preset, multi_cell_path
+from m2cnn_tf.errors import UsageError
 
 BACKBONE_OUTPUT = "conv_7b_ac"  # the BaseNet's last layer; "before switch" in Table I
 POOL = "avg_pool"  # global average pooling that feeds both heads; "after multi-cell" in Table I
@@ -44,7 +45,7 @@ IMAGENET_URL = (
 IMAGENET_HASH = "d19885ff4a710c122648d3b5c3b684e4"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UsageError):
     """The backbone weights could not be found or fetched; the message is one actionable line."""
 
 
@@ -87,7 +88,7 @@ def build_m2cnn(
     preset: str = "paper",
     num_classes: int = NUM_CLASSES,
     cell_init: str = "identity",
-    bn_momentum: float = 0.99,
+    bn_momentum: float | None = None,
     multi_cell: bool = True,
     name: str | None = None,
 ) -> keras.Model:
@@ -97,15 +98,18 @@ def build_m2cnn(
     local file path (Keras's notop `.h5`, or a `.weights.h5` of an m2cnn model). Only the
     BaseNet is loaded; cells and heads stay freshly initialised.
     cell_init: "identity" (new Multi-Cell groups start as a max-pool, see above) or "random".
-    bn_momentum: of every BatchNorm's moving averages. Keras's 0.99 suits the paper's 10k+
-    steps; a run of a few hundred steps needs ~0.9, or inference-mode statistics lag so far
-    behind the weights that every prediction collapses to one grade.
+    bn_momentum: of every BatchNorm's moving averages; None keeps Keras's IRv2 value, 0.99,
+    which suits the paper's 10k+ steps. A run of a few hundred steps needs ~0.9, or
+    inference-mode statistics lag so far behind the weights that every prediction collapses to
+    one grade.
     multi_cell: False builds the plain BaseNet+MT at any resolution, Table II's "Multi-Task"
     column at 448 and 720 px, the ablation against which M²CNN is compared.
     Outputs: {"logits": (B, num_classes), "score": (B, 1)}, float32 under any dtype policy.
     """
     if cell_init not in ("identity", "random"):
-        raise ValueError(f"cell_init must be 'identity' or 'random', got {cell_init!r}")
+        raise UsageError(
+            f"cell_init must be 'identity' or 'random', got {cell_init!r}", setting="cell_init"
+        )
     p = get_preset(preset)
     path = multi_cell_path(image_size) if multi_cell else "small"
     groups = {"small": [], "medium": [("medium", p.n3)]}.get(
@@ -129,11 +133,23 @@ def build_m2cnn(
         for prefix, count in groups:
             _init_group_near_identity(model, prefix, count)
     for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization):
+        if bn_momentum is not None and isinstance(layer, layers.BatchNormalization):
             layer.momentum = bn_momentum
     if weights is not None and weights != "none":
         load_backbone_weights(model, weights, preset=preset)
     return model
+
+
+def build_from_settings(image_size: int, settings: ModelConfig) -> keras.Model:
+    """The network a run's model section describes, with fresh weights: `training.initialise`
+    loads what §III-A says it starts from (`settings.weights` or `settings.init`)."""
+    return build_m2cnn(
+        image_size,
+        preset=settings.preset,
+        num_classes=settings.num_classes,
+        bn_momentum=settings.bn_momentum,
+        multi_cell=settings.multi_cell,
+    )
 
 
 def backbone_layer_names(model: keras.Model) -> list[str]:
@@ -155,8 +171,8 @@ def resolve_imagenet_weights() -> str:
     except Exception as err:  # no network, proxy, truncated download: all end the same way
         raise WeightsUnavailable(
             f"could not download ImageNet weights {IMAGENET_NOTOP} ({type(err).__name__}); "
-            f"put that file in ~/.keras/models/ or pass --weights /path/to/{IMAGENET_NOTOP} "
-            "(or --weights none)"
+            f"put that file in ~/.keras/models/, or give its path as the weights (or none)",
+            setting="weights",
         ) from None
 
 
@@ -174,8 +190,9 @@ def load_backbone_weights(model: keras.Model, weights: str, *, preset: str = "pa
     path = Path(weights)
     if not path.is_file():
         raise WeightsUnavailable(
-            f"weights file not found: {weights}; pass --weights imagenet, none or an existing "
-            f"file such as {IMAGENET_NOTOP}"
+            f"weights file not found: {weights}; use imagenet, none or an existing file such "
+            f"as {IMAGENET_NOTOP}",
+            setting="weights",
         )
     inputs = keras.Input((None, None, 3))
     source = keras.Model(inputs, _backbone(inputs, get_preset("paper")), name="reference")
@@ -184,7 +201,8 @@ def load_backbone_weights(model: keras.Model, weights: str, *, preset: str = "pa
     except (ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsUnavailable(
-            f"{weights} is not an Inception-ResNet-v2 notop weights file ({first_line})"
+            f"{weights} is not an Inception-ResNet-v2 notop weights file ({first_line})",
+            setting="weights",
         ) from None
     return copy_weights_by_name(source, model, only=backbone_layer_names(model))
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import tensorflow as tf
 from _tfrecords import write_split
 
 from m2cnn_tf import data
-from m2cnn_tf.config import Config
+from m2cnn_tf.config import AugmentConfig, DataConfig
 
 SIZE = 32
 NO_AUG = dict(
@@ -20,7 +18,7 @@ NO_AUG = dict(
     shift=0.0,
     brightness=0.0,
     contrast=0.0,
-    augment_on="pipeline",
+    on="pipeline",
 )
 
 
@@ -75,8 +73,8 @@ def test_eval_split_is_exact_ordered_and_keeps_remainder(dataset):
 
 def test_train_without_augmentation_yields_the_records_shuffled_and_repeated(dataset):
     out, train, _, _, _ = dataset
-    cfg = Config(**NO_AUG)
-    ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=3, config=cfg)
+    cfg = AugmentConfig(**NO_AUG)
+    ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=3, augment=cfg)
     images = _unscale(np.concatenate([x.numpy() for x, _ in ds.take(10)]))  # two passes
     first = [im.tobytes() for im in images[:40]]
     assert sorted(first) == sorted(im.tobytes() for im in train)  # a permutation of the split
@@ -95,7 +93,7 @@ def test_same_seed_gives_the_same_stream_and_another_seed_does_not(dataset):
             batch_size=8,
             training=True,
             seed=seed,
-            config=Config(augment_on="pipeline"),
+            augment=AugmentConfig(on="pipeline"),
         )
         return [x.numpy() for x, _ in ds.take(3)]
 
@@ -106,8 +104,8 @@ def test_same_seed_gives_the_same_stream_and_another_seed_does_not(dataset):
 
 def test_flips_alone_give_one_of_the_four_mirror_images_exactly(dataset):
     out, train, _, _, _ = dataset
-    cfg = Config(**{**NO_AUG, "flip": True})
-    ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=1, config=cfg)
+    cfg = AugmentConfig(**{**NO_AUG, "flip": True})
+    ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=1, augment=cfg)
     scaled = {im.tobytes() for im in train}
     seen = set()
     for x, _ in ds.take(5):
@@ -120,7 +118,7 @@ def test_flips_alone_give_one_of_the_four_mirror_images_exactly(dataset):
 
 
 def test_affine_maps_are_flip_rotation_zoom_about_the_shifted_centre():
-    cfg = Config(rotation=180.0, zoom=0.2, shift=0.1)
+    cfg = AugmentConfig(rotation=180.0, zoom=0.2, shift=0.1)
     t = data.affine_transforms(tf.constant([1, 2], tf.int64), 64, 100, cfg).numpy()
     a = t[:, [0, 1, 3, 4]].reshape(-1, 2, 2)
     gram = np.einsum("bij,bkj->bik", a, a)
@@ -136,11 +134,22 @@ def test_affine_maps_are_flip_rotation_zoom_about_the_shifted_centre():
     np.testing.assert_array_equal(t[:, 6:], 0)
 
 
-def test_rotation_fills_with_gamma_and_keeps_the_centre(dataset):
-    out = dataset[0]
-    cfg = Config(**{**NO_AUG, "rotation": 45.0, "zoom": 0.3})
-    ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=2, config=cfg)
-    x = next(iter(ds))[0].numpy()
+def test_rotation_and_zoom_fill_the_corners_with_gamma_and_keep_the_centre():
+    # Noise around a constant disc of radius R at the centre. Rotation and zoom act about the
+    # centre, and an output pixel at distance r samples the input within r * 1.3 (zoom ≤ 30 %),
+    # so inside R / 1.3 − 1 (one pixel for the bilinear weights) every output pixel is the disc.
+    size, radius, disc = 64, 20, 200
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    images[:, r <= radius] = disc
+    cfg = AugmentConfig(**{**NO_AUG, "rotation": 45.0, "zoom": 0.3})
+    x = data.augment_batch(tf.constant(images), tf.constant([2, 9], tf.int64), cfg).numpy()
+
+    assert np.abs(x - data.scale_image(images).numpy()).max() > 0.5  # it did transform
+    centre = x[:, r <= radius / 1.3 - 1]
+    np.testing.assert_allclose(centre, disc / 127.5 - 1.0, atol=1e-6)
     gamma = 128 / 127.5 - 1.0
     corners = x[:, [0, 0, -1, -1], [0, -1, 0, -1]]
     # A corner is outside the source for rotations beyond a few degrees or zoom-out: γ fill.
@@ -149,10 +158,10 @@ def test_rotation_fills_with_gamma_and_keeps_the_centre(dataset):
 
 def test_brightness_and_contrast_are_an_affine_map_within_their_ranges(dataset):
     out = dataset[0]
-    cfg = Config(**{**NO_AUG, "brightness": 0.2, "contrast": 0.3})
-    ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=4, config=cfg)
+    cfg = AugmentConfig(**{**NO_AUG, "brightness": 0.2, "contrast": 0.3})
+    ds = data.make_dataset(out, SIZE, "train", batch_size=8, training=True, seed=4, augment=cfg)
     plain = data.make_dataset(
-        out, SIZE, "train", batch_size=8, training=True, seed=4, config=Config(**NO_AUG)
+        out, SIZE, "train", batch_size=8, training=True, seed=4, augment=AugmentConfig(**NO_AUG)
     )
     (x, _), (ref, _) = next(iter(ds)), next(iter(plain))
     gains = []
@@ -183,9 +192,9 @@ def test_balance_weights_decay_from_uniform_to_natural():
 
 def test_balance_resamples_a_skewed_split_toward_uniform(dataset):
     out = dataset[0]
-    cfg = Config(**NO_AUG, balance=True, balance_decay=0.5)
+    cfg = DataConfig(balance=True, balance_decay=0.5)
     ds = data.make_dataset(
-        out, SIZE, "train", batch_size=10, training=True, seed=0, config=cfg, steps_per_epoch=100
+        out, SIZE, "train", batch_size=10, training=True, seed=0, settings=cfg, steps_per_epoch=100
     )
     grades = np.concatenate([m["grade"].numpy() for _, m in ds.take(60)])
     freq = np.bincount(grades, minlength=5) / grades.size
@@ -197,7 +206,7 @@ def test_balance_resamples_a_skewed_split_toward_uniform(dataset):
         batch_size=10,
         training=True,
         seed=0,
-        config=cfg,
+        settings=cfg,
         start_epoch=30,
         steps_per_epoch=100,
     )
@@ -206,13 +215,15 @@ def test_balance_resamples_a_skewed_split_toward_uniform(dataset):
 
 
 def test_missing_size_lists_the_sizes_present(dataset):
-    with pytest.raises(data.DataError, match=rf"no 224 px records.*sizes in .*: {SIZE}\)"):
+    with pytest.raises(data.DataError, match=rf"no 224 px records.*sizes in .*: {SIZE}\)") as err:
         data.make_dataset(dataset[0], 224, "train", batch_size=2, training=True)
+    assert err.value.setting == "image_size" and "--" not in str(err.value)
 
 
 def test_batch_larger_than_the_split_is_a_clear_error(dataset):
-    with pytest.raises(data.DataError, match="--batch-size 64 is larger than the train split"):
+    with pytest.raises(data.DataError, match="batch size 64 is larger than the train split") as err:
         data.make_dataset(dataset[0], SIZE, "train", batch_size=64, training=True)
+    assert err.value.setting == "batch_size" and "--" not in str(err.value)
 
 
 def test_no_python_in_the_per_example_path(dataset):
@@ -223,7 +234,8 @@ def test_no_python_in_the_per_example_path(dataset):
         batch_size=4,
         training=True,
         seed=0,
-        config=dataclasses.replace(Config(), balance=True, augment_on="pipeline"),
+        settings=DataConfig(balance=True),
+        augment=AugmentConfig(on="pipeline"),
     )
     graph = ds._as_serialized_graph().numpy()
     assert b"PyFunc" not in graph and b"EagerPyFunc" not in graph
@@ -233,7 +245,7 @@ def test_no_python_in_the_per_example_path(dataset):
 def test_the_accelerator_variant_applies_the_same_augmentation_to_scaled_images(dataset):
     train = dataset[1][:8]
     seeds = tf.constant([11, 3], tf.int64)
-    cfg = Config(rotation=180.0, zoom=0.2, shift=0.1, brightness=0.1, contrast=0.2)
+    cfg = AugmentConfig(rotation=180.0, zoom=0.2, shift=0.1, brightness=0.1, contrast=0.2)
     on_cpu = data.augment_batch(tf.constant(train), seeds, cfg).numpy()
     on_device = data.augment_scaled(data.scale_image(train), seeds, cfg).numpy()
     assert np.abs(on_cpu - train / 127.5 + 1.0).max() > 0.5  # it did augment
@@ -244,6 +256,9 @@ def test_the_accelerator_variant_applies_the_same_augmentation_to_scaled_images(
 
 def test_default_training_pipeline_leaves_augmentation_to_the_train_step(dataset):
     out, train = dataset[0], dataset[1]
-    ds = data.make_dataset(out, SIZE, "train", batch_size=40, training=True, seed=0)
-    images = _unscale(next(iter(ds))[0].numpy())
-    assert sorted(im.tobytes() for im in images) == sorted(im.tobytes() for im in train)
+    for augment in (None, AugmentConfig()):  # no settings (evaluation's call), the run's default
+        ds = data.make_dataset(
+            out, SIZE, "train", batch_size=40, training=True, seed=0, augment=augment
+        )
+        images = _unscale(next(iter(ds))[0].numpy())
+        assert sorted(im.tobytes() for im in images) == sorted(im.tobytes() for im in train)

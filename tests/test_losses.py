@@ -30,12 +30,26 @@ def test_multitask_loss_is_ce_plus_mse_plus_weight_decay_by_hand():
 
 
 def test_weight_decay_covers_conv_and_dense_kernels_only():
+    # A small model with every kind of weight M²CNN has, the decayed ones listed by hand.
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="stem")(inputs)
+    x = keras.layers.BatchNormalization(scale=False, name="stem_bn")(x)
+    x = keras.layers.Conv2D(4, 1, use_bias=True, name="up")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = {
+        "logits": keras.layers.Dense(5, name="logits")(x),
+        "score": keras.layers.Dense(1, name="score")(x),
+    }
+    small = keras.Model(inputs, outputs)
+    decayed = [v.path for v in regularized_variables(small)]
+    assert decayed == ["stem/kernel", "up/kernel", "logits/kernel", "score/kernel"]
+
+
+def test_weight_decay_of_m2cnn_is_half_the_squared_kernels_by_hand():
     model = build_m2cnn(96, preset="tiny")
     decayed = regularized_variables(model)
-    expected = [
-        layer.kernel.path for layer in model.layers if type(layer).__name__ in ("Conv2D", "Dense")
-    ]
-    assert [v.path for v in decayed] == expected
-    assert not any("bias" in v.path or "_bn/" in v.path for v in decayed)
+    # Independently: by variable name, every kernel of the model and nothing else.
+    kernels = {v.path for v in model.weights if v.path.endswith("/kernel")}
+    assert {v.path for v in decayed} == kernels and len(decayed) == len(kernels)
     by_hand = 4e-5 * sum(float(np.sum(v.numpy().astype("float64") ** 2)) for v in decayed) / 2
     assert float(weight_decay_loss(decayed, 4e-5)) == pytest.approx(by_hand, rel=1e-4)

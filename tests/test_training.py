@@ -1,4 +1,5 @@
-"""Two-learning-rate training (m2cnn_tf.training, train.py): update rule, stage transfer, CLI.
+"""Two-learning-rate training (m2cnn_tf.trainer, callbacks, training; train.py): the update
+rule, stage transfer, the settings and their flags, the validation schedule, the CLI.
 
 The slower, multi-process checks (resume after kill, distribution, learning) live in
 test_training_runs.py.
@@ -6,8 +7,10 @@ test_training_runs.py.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -17,10 +20,19 @@ import pytest
 import tensorflow as tf
 from _tfrecords import grade_images, write_split
 
-import train
-from m2cnn_tf import checkpoints, training
-from m2cnn_tf.config import Config
+from m2cnn_tf import callbacks, checkpoints, config, training
+from m2cnn_tf.commands import train as train_cmd
+from m2cnn_tf.config import (
+    AugmentConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RuntimeConfig,
+)
+from m2cnn_tf.errors import UsageError
 from m2cnn_tf.model import backbone_layer_names, build_m2cnn
+from m2cnn_tf.trainer import TrainingError, TwoRateTrainer, make_optimizer
 
 SIZE = 80
 
@@ -61,10 +73,10 @@ def _reference_gradients(net, images, grades, weight_decay, loss="multitask"):
 
 def _one_sgd_step(net, pretrained, *, wd, lr_pre, lr_new, grades, seed, loss="multitask"):
     """One two-rate SGD step on random images: (trainer, reference gradients, weights before)."""
-    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=wd, loss=loss)
+    trainer = TwoRateTrainer(net, pretrained, weight_decay=wd, loss=loss)
     trainer.compile_two_rates(
-        training.make_optimizer("sgd", lr_pre),
-        training.make_optimizer("sgd", lr_new),
+        make_optimizer("sgd", lr_pre),
+        make_optimizer("sgd", lr_new),
         mixed_precision=False,
         jit_compile=False,
     )
@@ -136,14 +148,14 @@ def test_each_loss_mode_optimises_its_parts_of_eq_4_and_logs_all_of_them():
     ref = {k: float(v) for k, v in _reference_parts(net, images, grades, 0.02, False).items()}
     assert min(ref.values()) > 0
     for loss, terms in TERMS.items():
-        trainer = training.TwoRateTrainer(net, [], weight_decay=0.02, loss=loss)
+        trainer = TwoRateTrainer(net, [], weight_decay=0.02, loss=loss)
         _, parts = trainer._loss(images, grades, training=False)
         for key in ("ce", "mse", "reg"):
             assert float(parts[key]) == pytest.approx(ref[key], rel=1e-5), (loss, key)
         expected = ref["reg"] + sum(ref[t] for t in terms)
         assert float(parts["loss"]) == pytest.approx(expected, rel=1e-5), loss
-    with pytest.raises(ValueError, match="--loss must be one of multitask, ce, mse"):
-        training.TwoRateTrainer(net, [], weight_decay=0.0, loss="foo")
+    with pytest.raises(UsageError, match="unknown loss 'foo'; choose one of multitask, ce, mse"):
+        TwoRateTrainer(net, [], weight_decay=0.0, loss="foo")
 
 
 def test_keep_best_judges_a_ce_run_by_probabilities_and_others_by_scores(tmp_path):
@@ -154,8 +166,8 @@ def test_keep_best_judges_a_ce_run_by_probabilities_and_others_by_scores(tmp_pat
     ]
     for loss, best_epoch in (("ce", 2), ("mse", 1)):
         directory = tmp_path / loss
-        metric = training.best_metric(loss)
-        keep = training.KeepBest(
+        metric = callbacks.best_metric(loss)
+        keep = callbacks.KeepBest(
             net, directory, {"loss": loss}, None, True, lambda *_: None, metric
         )
         for epoch, logs in enumerate(epochs):
@@ -168,28 +180,18 @@ def test_stage_two_without_multi_cell_loads_all_of_stage_one_and_builds_no_cells
     stage1 = build_m2cnn(SIZE, preset="tiny")
     checkpoints.save_best(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
     config = Config(
-        stage=2, image_size=352, preset="tiny", model_dir=str(tmp_path), multi_cell=False
+        stage=2,
+        image_size=352,
+        model_dir=str(tmp_path),
+        model=ModelConfig(preset="tiny", multi_cell=False),
     )
     net, loaded, _ = training.initialise(config, log=lambda *_: None)
     assert net.input_shape[1] == 352
     assert not [layer.name for layer in net.layers if layer.name.startswith("medium_")]
     assert set(loaded) == {layer.name for layer in net.layers if layer.weights}
-    assert training.run_path(config) == "small"
-    assert training.run_path(dataclasses.replace(config, multi_cell=True)) == "medium"
-
-
-def test_loss_and_multi_cell_flags_reach_the_config():
-    args = ["train.py", "--stage", "2", "--data", "d", "--model-dir", "m"]
-    train.FLAGS.unparse_flags()
-    train.FLAGS([*args, "--loss", "mse", "--nomulti-cell"])
-    assert (train.config_from_flags().loss, train.config_from_flags().multi_cell) == ("mse", False)
-    train.FLAGS.unparse_flags()
-    train.FLAGS(args)
-    assert (train.config_from_flags().loss, train.config_from_flags().multi_cell) == (
-        "multitask",
-        True,
-    )
-    train.FLAGS.unparse_flags()
+    assert config.resolved_multi_cell_path() == "small"
+    with_cells = dataclasses.replace(config, model=ModelConfig(preset="tiny"))
+    assert with_cells.resolved_multi_cell_path() == "medium"
 
 
 def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path, capsys):
@@ -199,7 +201,9 @@ def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path
         v.assign(rng.normal(size=v.shape).astype("float32"))
     checkpoints.save_best(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
 
-    config = Config(stage=2, image_size=448, preset="tiny", model_dir=str(tmp_path))
+    config = Config(
+        stage=2, image_size=448, model_dir=str(tmp_path), model=ModelConfig(preset="tiny")
+    )
     net, loaded, origin = training.initialise(config)
     stage1_layers = {layer.name for layer in stage1.layers if layer.weights}
     assert set(loaded) == stage1_layers  # every stage-1 layer, heads included, carries over
@@ -209,7 +213,7 @@ def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path
     new_layers = {layer.name for layer in net.layers if layer.weights} - stage1_layers
     assert new_layers and all(n.startswith("medium_") for n in new_layers)
 
-    trainer = training.TwoRateTrainer(net, loaded, weight_decay=4e-5)
+    trainer = TwoRateTrainer(net, loaded, weight_decay=4e-5)
     old, new = trainer.groups()
     assert {v.path for v in old} == {
         v.path for n in stage1_layers for v in net.get_layer(n).trainable_weights
@@ -225,119 +229,54 @@ def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path
 
 
 BASE = ("--preset", "tiny", "--weights", "none", "--image-size", str(SIZE), "--batch-size", "4")
+RUN = ("--stage", "1", "--data", "{data}", "--model-dir", "{dir}")
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((), "stage"),
-        (("--stage", "4", "--data", "{data}", "--model-dir", "{dir}"), "stage"),
-        (("--stage", "1", "--data", "{data}", "--model-dir", "{dir}", "--bogus"), "bogus"),
-        (("--stage", "1", "--data", "{data}", "--model-dir", "{dir}", "--loss", "foo"), "--loss"),
+        ((), "--stage"),
+        (("--stage", "4", "--data", "{data}", "--model-dir", "{dir}"), "--stage"),
+        ((*RUN, "--bogus"), "bogus"),
+        ((*RUN, "--loss", "foo"), "--loss"),
         (("--stage", "1", "--data", "/nonexistent", "--model-dir", "{dir}"), "not a directory"),
-        (
-            (
-                "--stage",
-                "1",
-                "--data",
-                "{data}",
-                "--model-dir",
-                "{dir}",
-                *BASE,
-                "--batch-size",
-                "0",
-            ),
-            "--batch-size must be positive",
-        ),
-        (
-            (
-                "--stage",
-                "1",
-                "--data",
-                "{data}",
-                "--model-dir",
-                "{dir}",
-                *BASE,
-                "--image-size",
-                "64",
-            ),
-            "at least 75",
-        ),
-        (
-            (
-                "--stage",
-                "1",
-                "--data",
-                "{data}",
-                "--model-dir",
-                "{dir}",
-                *BASE,
-                "--image-size",
-                "224",
-            ),
-            "no 224 px records",
-        ),
-        (
-            (
-                "--stage",
-                "1",
-                "--data",
-                "{data}",
-                "--model-dir",
-                "{dir}",
-                *BASE,
-                "--batch-size",
-                "64",
-            ),
-            "larger than the train split",
-        ),
-        (
-            ("--stage", "2", "--data", "{data}", "--model-dir", "{dir}", *BASE),
-            "no checkpoint for stage 1",
-        ),
-        (
-            (
-                "--stage",
-                "1",
-                "--data",
-                "{data}",
-                "--model-dir",
-                "{dir}",
-                *BASE,
-                "--weights",
-                "/no.h5",
-            ),
-            "weights file not found",
-        ),
+        ((*RUN, *BASE, "--batch-size", "0"), "--batch-size: batch size must be positive, got 0"),
+        ((*RUN, *BASE, "--validation-freq", "0"), "--validation-freq: validation freq must be"),
+        ((*RUN, *BASE, "--image-size", "64"), "--image-size: image size must be at least 75"),
+        ((*RUN, *BASE, "--image-size", "224"), "--image-size: no 224 px records"),
+        ((*RUN, *BASE, "--batch-size", "64"), "--batch-size: batch size 64 is larger than the"),
+        (("--stage", "2", "--data", "{data}", "--model-dir", "{dir}", *BASE), "no checkpoint for"),
+        ((*RUN, *BASE, "--weights", "/no.h5"), "--weights: weights file not found"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(capsys, tmp_path, records_dir, args, message):
     args = [a.format(data=records_dir, dir=tmp_path) for a in args]
-    code = train.main(["train.py", *args])
+    code = train_cmd.run(["train.py", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
     assert message in err
 
 
-def test_nan_loss_stops_training_naming_the_step(tmp_path, records_dir):
-    config = Config(
+def _config(records_dir, model_dir, **optim) -> Config:
+    """A tiny, seeded, unaugmented stage-1 run on the 80 px records."""
+    return Config(
         stage=1,
         image_size=SIZE,
-        preset="tiny",
         data=str(records_dir),
-        model_dir=str(tmp_path),
-        weights="none",
-        optimizer="sgd",
-        lr_new=1e35,
-        epochs=1,
-        steps_per_epoch=4,
-        batch_size=4,
-        seed=0,
-        augment=False,
+        model_dir=str(model_dir),
+        model=ModelConfig(preset="tiny", weights="none"),
+        augment=AugmentConfig(enabled=False),
+        optim=OptimConfig(**{"epochs": 1, "batch_size": 4, **optim}),
+        runtime=RuntimeConfig(seed=0),
     )
-    with pytest.raises(training.TrainingError, match=r"loss became (nan|inf) at step [2-4] "):
+
+
+def test_nan_loss_stops_training_naming_the_step(tmp_path, records_dir):
+    config = _config(records_dir, tmp_path, optimizer="sgd", lr_new=1e35, steps_per_epoch=4)
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step [2-4] ") as err:
         training.run(config, log=lambda *_: None)
+    assert "--" not in str(err.value)
     assert not (tmp_path / "stage1" / "best.keras").exists()
 
 
@@ -347,10 +286,10 @@ def test_mixed_precision_step_updates_both_groups_and_skips_an_overflowing_step(
     keras.mixed_precision.set_global_policy("mixed_float16")  # conftest restores float32
     net = build_m2cnn(75, preset="tiny")
     pretrained = backbone_layer_names(net)[:10]
-    trainer = training.TwoRateTrainer(net, pretrained, weight_decay=4e-5)
+    trainer = TwoRateTrainer(net, pretrained, weight_decay=4e-5)
     trainer.compile_two_rates(
-        training.make_optimizer("sgd", 0.1),
-        training.make_optimizer("sgd", 0.01),
+        make_optimizer("sgd", 0.1),
+        make_optimizer("sgd", 0.01),
         mixed_precision=True,
         jit_compile=False,
     )
@@ -386,27 +325,17 @@ def test_out_of_memory_stops_with_a_smaller_batch_size_suggestion(
     def oom(self, *args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
-    monkeypatch.setattr(training.TwoRateTrainer, "fit", oom)
-    config = Config(
-        stage=1,
-        image_size=SIZE,
-        preset="tiny",
-        data=str(records_dir),
-        model_dir=str(tmp_path),
-        weights="none",
-        epochs=1,
-        batch_size=8,
-    )
+    monkeypatch.setattr(TwoRateTrainer, "fit", oom)
+    config = _config(records_dir, tmp_path, batch_size=8)
     with pytest.raises(
-        training.TrainingError,
-        match=r"out of memory at --batch-size 8; try a "
-        r"smaller --batch-size \(e.g. 4\)",
-    ):
+        TrainingError, match=r"^out of memory at batch size 8; try a smaller one \(e.g. 4\)$"
+    ) as err:
         training.run(config, log=lambda *_: None)
+    assert err.value.setting == "batch_size"
 
 
 def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
-    callback = training.DeferInterrupt()
+    callback = callbacks.DeferInterrupt()
     previous = signal.getsignal(signal.SIGINT)
     callback.on_train_begin()
     try:
@@ -422,3 +351,226 @@ def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
     finally:
         callback.restore()
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: one declaration per field, flags derived from it, config.json old and new
+
+# train.py's documented flags and their defaults: a contract, written out here by hand.
+DOCUMENTED_FLAGS = {
+    "stage": None,
+    "data": None,
+    "model-dir": None,
+    "image-size": None,
+    "weights": "imagenet",
+    "init": "",
+    "epochs": 30,
+    "steps-per-epoch": None,
+    "batch-size": 32,
+    "preset": "paper",
+    "loss": "multitask",
+    "multi-cell": True,
+    "lr-pretrained": 1e-4,
+    "lr-new": 1e-3,
+    "optimizer": "adam",
+    "weight-decay": 4e-5,
+    "bn-momentum": None,
+    "mixed-precision": False,
+    "xla": False,
+    "strategy": "default",
+    "seed": None,
+    "balance": False,
+    "resume": True,
+    "augment": True,
+    "augment-on": "step",
+    "backup-steps": None,
+    "validation-freq": 1,
+}
+
+
+def test_documented_flags_keep_their_names_and_defaults():
+    flags = train_cmd.FLAGS
+    for name, default in DOCUMENTED_FLAGS.items():
+        assert name in flags, name
+        assert flags[name].default == default, name
+    assert flags["stage"].parser.enum_values == ["1", "2", "3"]
+    assert flags["optimizer"].parser.enum_values == ["adam", "sgd", "momentum", "rmsprop"]
+    assert flags["strategy"].parser.enum_values == ["default", "mirrored", "multiworker"]
+    assert flags["loss"].parser.enum_values == ["multitask", "ce", "mse"]
+    assert flags["augment-on"].parser.enum_values == ["step", "pipeline"]
+    assert flags["preset"].parser.enum_values == ["paper", "tiny"]
+
+
+def test_every_setting_but_the_class_count_is_a_flag_with_its_help():
+    leaves = list(config._leaves())
+    keys = [config.flat_key(f) for _, f in leaves]
+    assert len(keys) == len(set(keys))  # one flat name (flag, old JSON key) per setting
+    flagged = {k.replace("_", "-") for k, (_, f) in zip(keys, leaves, strict=True)}
+    assert flagged - {"num-classes"} == set(train_cmd.FLAGS) - {"num-classes"}
+    assert "num-classes" not in train_cmd.FLAGS
+    for _, f in leaves:
+        assert f.metadata["help"].strip(), f.name
+
+
+def test_parsed_flags_land_in_their_sections(tmp_path):
+    argv = [
+        "train.py",
+        "--stage=2",
+        f"--data={tmp_path}",
+        "--model-dir=m",
+        "--loss=mse",
+        "--nomulti-cell",
+        "--noaugment",
+        "--augment-on=pipeline",
+        "--balance",
+        "--seed=7",
+        "--batch-size=8",
+        "--validation-freq=3",
+        "--rotation=30",
+    ]
+    train_cmd.FLAGS.unparse_flags()
+    train_cmd.FLAGS(argv)
+    try:
+        got = config.from_flags(train_cmd.FLAGS)
+    finally:
+        train_cmd.FLAGS.unparse_flags()
+    assert (got.stage, got.data, got.model_dir, got.image_size) == (2, str(tmp_path), "m", None)
+    assert got.model == ModelConfig(multi_cell=False)
+    assert got.input == DataConfig(balance=True)
+    assert got.augment == AugmentConfig(enabled=False, on="pipeline", rotation=30.0)
+    assert got.optim == OptimConfig(loss="mse", batch_size=8, validation_freq=3)
+    assert got.runtime == RuntimeConfig(seed=7)
+
+
+def test_saved_config_is_nested_json_and_loads_back(tmp_path):
+    original = _config(tmp_path / "data", tmp_path / "models", loss="ce", validation_freq=2)
+    original.save(tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["data"] == str(tmp_path / "data")  # predict.py reads the records folder here
+    assert saved["optim"]["loss"] == "ce" and saved["model"]["preset"] == "tiny"
+    assert saved["augment"]["enabled"] is False and saved["runtime"]["seed"] == 0
+    assert Config.load(tmp_path / "config.json") == original
+
+
+def test_a_flat_config_json_of_earlier_versions_still_loads(tmp_path):
+    # Written by the flat Config of version 0.1 (train.py --stage 2 ... --loss ce --noaugment).
+    flat = {
+        "augment": False,
+        "augment_on": "pipeline",
+        "backup_steps": 5,
+        "balance": True,
+        "balance_decay": 0.9,
+        "batch_size": 16,
+        "bn_momentum": 0.9,
+        "brightness": 0.1,
+        "contrast": 0.1,
+        "data": "data/demo/records",
+        "epochs": 2,
+        "fill_value": 128,
+        "flip": False,
+        "image_size": None,
+        "init": "",
+        "log_steps": 50,
+        "loss": "ce",
+        "lr_new": 0.001,
+        "lr_pretrained": 0.0001,
+        "mixed_precision": False,
+        "model_dir": "runs/demo/models",
+        "multi_cell": False,
+        "num_classes": 5,
+        "optimizer": "sgd",
+        "preset": "tiny",
+        "resume": True,
+        "rotation": 90.0,
+        "seed": 0,
+        "shift": 0.05,
+        "shuffle_buffer": 512,
+        "stage": 2,
+        "steps_per_epoch": None,
+        "strategy": "default",
+        "weight_decay": 4e-05,
+        "weights": "imagenet",
+        "xla": False,
+        "zoom": 0.1,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    loaded = Config.load(tmp_path / "config.json")
+    assert loaded == Config(
+        stage=2,
+        data="data/demo/records",
+        model_dir="runs/demo/models",
+        model=ModelConfig(preset="tiny", multi_cell=False, bn_momentum=0.9),
+        input=DataConfig(shuffle_buffer=512, balance=True, balance_decay=0.9),
+        augment=AugmentConfig(enabled=False, on="pipeline", flip=False, rotation=90.0),
+        optim=OptimConfig(loss="ce", optimizer="sgd", epochs=2, batch_size=16),
+        runtime=RuntimeConfig(seed=0, backup_steps=5),
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ({"optim": OptimConfig(batch_size=0)}, "batch_size"),
+        ({"optim": OptimConfig(optimizer="adagrad")}, "optimizer"),
+        ({"model": ModelConfig(bn_momentum=1.0)}, "bn_momentum"),
+        ({"augment": AugmentConfig(on="gpu")}, "augment_on"),
+        ({"runtime": RuntimeConfig(backup_steps=0)}, "backup_steps"),
+        ({"stage": 4}, "stage"),
+        ({"data": "/nonexistent"}, "data"),
+        ({"model_dir": ""}, "model_dir"),
+    ],
+)
+def test_check_config_names_the_setting_in_library_words(tmp_path, change, setting):
+    good = _config(tmp_path, tmp_path)
+    config.check_config(good)
+    with pytest.raises(UsageError) as err:
+        config.check_config(dataclasses.replace(good, **change))
+    assert err.value.setting == setting
+    assert "--" not in str(err.value)
+
+
+def test_validation_runs_every_nth_epoch_and_after_the_last():
+    assert training.validation_epochs(7, 3) == [3, 6, 7]
+    assert training.validation_epochs(6, 3) == [3, 6]
+    assert training.validation_epochs(4, 1) == [1, 2, 3, 4]
+    assert training.validation_epochs(2, 5) == [2]
+
+
+def test_keep_best_skips_epochs_without_validation(tmp_path):
+    net = build_m2cnn(75, preset="tiny")
+    keep = callbacks.KeepBest(net, tmp_path, {}, None, True, lambda *_: None)
+    keep.on_epoch_end(0, {"loss": 1.0})  # not validated: no kappa to judge
+    assert keep.best is None and not (tmp_path / checkpoints.BEST_META).exists()
+    keep.on_epoch_end(1, {"loss": 0.9, "val_kappa_scores": float("nan")})
+    assert keep.best == -math.inf  # validated, undefined kappa: still the first checkpoint
+    assert json.loads((tmp_path / checkpoints.BEST_META).read_text())["epoch"] == 2
+
+
+def _epochs_csv(directory) -> list[dict[str, str]]:
+    with (directory / "epochs.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_epoch_log_keeps_every_column_when_an_epoch_is_not_validated(tmp_path):
+    names = ["loss", "kappa_scores"]
+    path = str(tmp_path / "epochs.csv")
+    first = callbacks.EpochsCsv(path, names, append=False)
+    first.on_train_begin()
+    first.on_epoch_end(0, {"loss": 1.0})  # Keras's CSVLogger would drop val_kappa_scores here
+    first.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.7, "val_kappa_scores": 0.3})
+    first.on_train_end()
+    resumed = callbacks.EpochsCsv(path, names, append=True)
+    resumed.on_train_begin()
+    resumed.on_epoch_end(2, {"loss": 0.4})
+    resumed.on_train_end()
+    assert _epochs_csv(tmp_path) == [
+        {"epoch": "0", "loss": "1.0", "val_kappa_scores": "NA", "val_loss": "NA"},
+        {"epoch": "1", "loss": "0.5", "val_kappa_scores": "0.3", "val_loss": "0.7"},
+        {"epoch": "2", "loss": "0.4", "val_kappa_scores": "NA", "val_loss": "NA"},
+    ]
+
+
+def test_wall_time_is_written_for_people():
+    assert train_cmd.duration(48.4) == "48 s"
+    assert train_cmd.duration(312) == "5 min 12 s"
+    assert train_cmd.duration(7380) == "2 h 03 min"
