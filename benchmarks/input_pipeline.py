@@ -88,18 +88,18 @@ def variants(out: Path, size: int, batch: int):
     import tensorflow as tf
 
     from m2cnn_tf import data
-    from m2cnn_tf.config import Config
+    from m2cnn_tf.config import AugmentConfig
 
     one_core = tf.data.Options()
     one_core.threading.private_threadpool_size = 1
     one_core.threading.max_intra_op_parallelism = 1
-    cfg = Config(augment_on="pipeline")
-    plain = Config(augment=False)
+    cfg = AugmentConfig(on="pipeline")
+    plain = AugmentConfig(enabled=False)
     decode = data.make_dataset(
-        out, size, "train", batch_size=batch, training=True, seed=0, config=plain
+        out, size, "train", batch_size=batch, training=True, seed=0, augment=plain
     )
     ours = data.make_dataset(
-        out, size, "train", batch_size=batch, training=True, seed=0, config=cfg
+        out, size, "train", batch_size=batch, training=True, seed=0, augment=cfg
     )
     layers = keras.Sequential(
         [
@@ -126,9 +126,9 @@ def step_augment_rate(size: int, batch: int, seconds: float) -> float:
     import tensorflow as tf
 
     from m2cnn_tf import data
-    from m2cnn_tf.config import Config
+    from m2cnn_tf.config import AugmentConfig
 
-    cfg = Config()
+    cfg = AugmentConfig()
     images = tf.constant(
         np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), tf.float32
     )

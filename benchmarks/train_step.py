@@ -36,8 +36,8 @@ def main() -> int:
     import numpy as np
     import tensorflow as tf
 
-    from m2cnn_tf import training
     from m2cnn_tf.model import backbone_layer_names, build_m2cnn
+    from m2cnn_tf.trainer import TwoRateTrainer
 
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype("float32")
@@ -62,7 +62,7 @@ def main() -> int:
 
     keras.utils.set_random_seed(0)
     net = build_m2cnn(args.size, preset=args.preset)
-    two = training.TwoRateTrainer(net, backbone_layer_names(net), weight_decay=4e-5)
+    two = TwoRateTrainer(net, backbone_layer_names(net), weight_decay=4e-5)
     two.compile_two_rates(
         keras.optimizers.Adam(1e-4),
         keras.optimizers.Adam(1e-3),
