@@ -34,6 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
+from m2cnn_tf import __version__
 from m2cnn_tf.batching import MicroBatcher
 from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
@@ -319,6 +320,7 @@ def create_app(
 
     app = FastAPI(
         title="M²CNN grader",
+        version=__version__,
         summary=f"Diabetic retinopathy grades (0-4) of fundus photographs; {NOTICE}.",
         docs_url=None,
         redoc_url=None,

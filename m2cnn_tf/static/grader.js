@@ -119,7 +119,9 @@ function makeRow(entry) {
   thumb.src = URL.createObjectURL(entry.file);
   thumb.addEventListener("error", () => thumb.classList.add("none"));
   const row = el("tr", { className: "row" }, [
-    el("td", { className: "file" }, [thumb, el("span", { className: "name", textContent: entry.name })]),
+    el("td", {}, [
+      el("div", { className: "file" }, [thumb, el("span", { className: "name", textContent: entry.name })]),
+    ]),
     el("td", { className: "grade" }, [el("progress", { title: "waiting" })]),
     el("td", { className: "score" }),
     el("td", { className: "probs" }),
