@@ -54,7 +54,6 @@ class ServeSettings:
     """serve.py's request and batching settings."""
 
     limits: Limits
-    max_batch: int = 8
     max_wait_ms: float = 20.0
     token: str | None = None
     workers: int = 2  # decoding and preprocessing threads
@@ -151,6 +150,7 @@ async def page(request: Request, token: str | None = None) -> Response:
         "extensions": list(IMAGE_EXTENSIONS),
         "columns": list(CSV_COLUMNS),
         "max_upload_mb": settings.limits.max_file_bytes / MB,
+        "max_batch": grader.max_batch,
     }
     return templates.TemplateResponse(request, "index.html", context)
 
@@ -165,7 +165,7 @@ async def model_facts(request: Request) -> dict[str, Any]:
     batcher: MicroBatcher = request.app.state.batcher
     settings: ServeSettings = request.app.state.settings
     facts["serving"] = {
-        "max_batch": settings.max_batch,
+        "max_batch": batcher.max_batch,
         "max_wait_ms": settings.max_wait_ms,
         "max_upload_mb": settings.limits.max_file_bytes / MB,
         "max_files": settings.limits.max_files,
@@ -305,7 +305,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.batcher = MicroBatcher(
-            grader.infer, max_batch=settings.max_batch, max_wait=settings.max_wait_ms / 1000
+            grader.infer, max_batch=grader.max_batch, max_wait=settings.max_wait_ms / 1000
         )
         app.state.prep_pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="prepare")
         await app.state.batcher.run_on_model_thread(grader.warm_up)

@@ -66,7 +66,8 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "max-batch",
     8,
-    "Images per model call: requests that arrive together share one call.",
+    "Images per model call: requests that arrive together share it; padded to this size, so a "
+    "lone photograph costs a full call (lower it for a single user).",
     lower_bound=1,
     flag_values=FLAGS,
 )
@@ -198,7 +199,6 @@ def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None
     print(f"{PROG}: preprocessing parameters from {grader.params_source}", file=sys.stderr)
     settings = ServeSettings(
         limits=Limits(round(FLAGS["max-upload-mb"].value * MB), FLAGS["max-files"].value),
-        max_batch=max_batch,
         max_wait_ms=FLAGS["max-wait-ms"].value,
         token=token,
         workers=FLAGS.workers or min(4, os.cpu_count() or 1),

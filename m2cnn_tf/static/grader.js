@@ -3,8 +3,9 @@
 // and writes the results as predict.py's CSV. Plain JS, no dependencies, works offline.
 "use strict";
 
-const CONCURRENT_UPLOADS = 4;
 const body = document.body;
+// Enough requests in flight to fill the server's batches, within a browser's 6 per host.
+const CONCURRENT_UPLOADS = Math.max(1, Math.min(6, Number(body.dataset.maxBatch) || 1));
 const GRADES = JSON.parse(body.dataset.grades);
 const COLUMNS = JSON.parse(body.dataset.columns);
 const EXTENSIONS = JSON.parse(body.dataset.extensions);
