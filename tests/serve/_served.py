@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import subprocess
 import zlib
 from pathlib import Path
 
@@ -25,8 +24,6 @@ PARAMS = PreprocessParams(rho=4.0, base_size=256)
 class Served:
     url: str
     log: Path
-    model_dir: Path
-    process: subprocess.Popen
 
     def client(self, token: str | None = TOKEN, **kw) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

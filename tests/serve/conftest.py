@@ -118,7 +118,7 @@ def server(model_dir, tmp_path_factory) -> Served:
             process.kill()
             pytest.fail(f"serve.py did not start:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.2)
-    served = Served(url, log, model_dir, process)
+    served = Served(url, log)
     with served.client(token=None) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
     yield served
