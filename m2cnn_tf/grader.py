@@ -148,13 +148,15 @@ class Grader:
 
     def prepare(self, filename: str, data: bytes) -> Prepared:
         """Check the header (type by content, size before decoding), decode, preprocess."""
+        from m2cnn_tf.prediction import _error_text  # predict.py's wording of an error row
+
         try:
             info = image_headers.inspect(data, self.max_pixels)
             bgr = _decode_bgr(data, self.params.base_size)
             warnings = quality_warnings(bgr, info, self.size)
             base = preprocess_image(bgr, self.params)
         except Exception as err:  # BadImage, RefusedImage or a decoder's own: one bad file
-            return Prepared(filename, None, _one_line(err))
+            return Prepared(filename, None, _error_text(err))
         image = cv2.cvtColor(resize_to(base, self.size), cv2.COLOR_BGR2RGB)
         return Prepared(filename, image, None, warnings)
 
@@ -163,7 +165,7 @@ class Grader:
 
     def infer(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """predict.py's rows for up to `max_batch` images, in one model call of fixed shape,
-        each with its Grad-CAM panel (PNG bytes) when asked for."""
+        each with its Grad-CAM panel (`gradcam_png`, base64) when asked for."""
         if not 0 < len(jobs) <= self.max_batch:
             raise ValueError(f"a batch holds 1 to {self.max_batch} images, got {len(jobs)}")
         pad = np.zeros_like(jobs[0].image)
@@ -247,11 +249,6 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if np.isfinite(value) else None
-
-
-def _one_line(err: BaseException) -> str:
-    reason = getattr(err, "reason", None) or str(err) or type(err).__name__
-    return " ".join(str(reason).split())
 
 
 def _panel_png(rgb: np.ndarray, cam: np.ndarray) -> str:
