@@ -35,3 +35,9 @@ class Interrupted(M2cnnError):
     """Stopped by Ctrl-C after saving what can be resumed (exit 130)."""
 
     exit_code = 130
+
+
+def one_line(err: BaseException) -> str:
+    """An error's reason on one line: how a bad file is described in a CSV row or a response."""
+    reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+    return " ".join(str(reason).split())

@@ -26,7 +26,7 @@ from m2cnn_tf.checkpoints import CONFIG, stage_dir
 from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
 from m2cnn_tf.data import scale_image
-from m2cnn_tf.errors import UsageError
+from m2cnn_tf.errors import UsageError, one_line
 from m2cnn_tf.gradcam import GradCam, write_panel
 from m2cnn_tf.inference import make_predict_fn
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS, scores_to_grades
@@ -136,11 +136,6 @@ def _bounded_map(fn: Callable, items: Sequence, workers: int, window: int) -> It
                 pending.append((nxt, pool.submit(fn, nxt)))
 
 
-def _error_text(err: BaseException) -> str:
-    reason = getattr(err, "reason", None) or str(err) or type(err).__name__
-    return " ".join(str(reason).split())
-
-
 class Predictor:
     """A loaded model ready to grade raw fundus images (optionally with Grad-CAM panels).
 
@@ -205,7 +200,7 @@ class Predictor:
             batch.clear()
 
         for path, img, err in _bounded_map(self.preprocess, paths, self.workers, window):
-            batch.append((path, img, "" if err is None else _error_text(err)))
+            batch.append((path, img, "" if err is None else one_line(err)))
             if len(batch) >= self.batch_size:
                 yield from flush()
         if batch:

@@ -176,7 +176,7 @@ def _over_black(bgr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return ((bgr.astype(np.uint16) * a + 127) // 255).astype(np.uint8)
 
 
-def _decode_bgr(data: bytes, min_side: int | None) -> np.ndarray:
+def decode_bgr(data: bytes, min_side: int | None) -> np.ndarray:
     if not data:
         raise BadImage("empty file")
     kind = _sniff(data)
@@ -219,7 +219,7 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarr
     With `min_side`, a JPEG whose short side is at least twice that is decoded at 1/2, 1/4 or
     1/8 scale by libjpeg itself (step 1 of §II-A: cheaper than decoding full size and resizing).
     """
-    return cv2.cvtColor(_decode_bgr(read_bytes(path), min_side), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(decode_bgr(read_bytes(path), min_side), cv2.COLOR_BGR2RGB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def resize_to(base: np.ndarray, size: int) -> np.ndarray:
 
 def preprocess_bgr_file(path: str | os.PathLike, params: PreprocessParams) -> np.ndarray:
     """The base image of a file, in BGR: what data_prep encodes without a colour round trip."""
-    return preprocess_image(_decode_bgr(read_bytes(path), params.base_size), params)
+    return preprocess_image(decode_bgr(read_bytes(path), params.base_size), params)
 
 
 def preprocess_file(

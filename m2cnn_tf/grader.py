@@ -1,0 +1,262 @@
+"""What the served model says about uploaded photographs: the grader behind serve.py.
+
+A `Grader` holds one loaded model for the server's lifetime. `prepare` turns an upload's bytes
+into the model's input exactly as predict.py's `preprocess_file` turns a file into it (the same
+decoder, §II-A's crop, Eq. (1) at `base_size` with the training data's manifest parameters, the
+same resize), on any thread; `infer` grades a micro-batch through
+predict.py's own `Predictor`, on the model thread only. So a photograph gets the same grade,
+score and probabilities from the server as from predict.py.
+
+Ours (the paper serves nothing): every model call is padded with black images to `max_batch`.
+On the CPU, oneDNN picks kernels by batch shape and the outputs then differ in the last bits
+(about 1e-8); one fixed shape makes a photograph's numbers independent of whatever else arrived
+with it, so a result never depends on the server's load.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from m2cnn_tf import image_headers
+from m2cnn_tf.errors import one_line
+from m2cnn_tf.preprocessing import (
+    PreprocessParams,
+    decode_bgr,
+    find_disc,
+    preprocess_image,
+    resize_to,
+)
+
+# The backends serve.py can run the model with (predict.py's; the LiteRT one joins here).
+BACKENDS = ("keras",)
+# The International Clinical DR Severity Scale, grades 0-4 (§III-A, Kaggle's labels).
+GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
+NOTICE = "research use only, not a medical device"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One upload made ready for the model: its input image, or the reason it has none."""
+
+    filename: str
+    image: np.ndarray | None  # uint8 S×S×3 RGB, the model's input
+    error: str | None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One image for a micro-batch, and whether its Grad-CAM panel is wanted."""
+
+    image: np.ndarray
+    gradcam: bool = False
+
+
+def quality_warnings(bgr: np.ndarray, info: image_headers.ImageInfo, size: int) -> tuple[str, ...]:
+    """What may make a grade less trustworthy although the photograph could be graded."""
+    found = []
+    if info.grayscale:
+        found.append("grayscale photograph: the model was trained on colour photographs")
+    if (info.bit_depth or 8) > 8:
+        found.append(f"{info.bit_depth}-bit image, reduced to 8 bits per channel")
+    h, w = bgr.shape[:2]
+    x0, y0, x1, y1 = find_disc(bgr)
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        found.append(
+            "no clear fundus: no dark border around a disc was found, so the whole frame "
+            "was graded as the fundus"
+        )
+    across = round(max(x1 - x0, y1 - y0) * info.width / w)  # in the original's pixels
+    if across < size:
+        found.append(f"low resolution: the fundus is {across} px across, enlarged to {size} px")
+    return tuple(found)
+
+
+class Grader:
+    """One loaded model, predict.py's Predictor around it, and the facts of the model panel."""
+
+    def __init__(
+        self,
+        model,
+        meta: dict[str, Any],
+        params: PreprocessParams,
+        params_source: str,
+        *,
+        model_dir: str | Path,
+        stage: int,
+        backend: str = "keras",
+        cutpoints: Sequence[float] | None = None,
+        max_batch: int = 8,
+        max_pixels: int = image_headers.MAX_PIXELS,
+    ):
+        from m2cnn_tf.prediction import Predictor
+
+        self.model, self.meta = model, meta
+        self.params, self.params_source = params, params_source
+        self.model_dir, self.stage, self.backend = Path(model_dir), stage, backend
+        self.max_batch, self.max_pixels = max_batch, max_pixels
+        self.size = int(model.input_shape[1])
+        self._batch: list[np.ndarray] = []
+        self.predictor = Predictor(
+            model,
+            params,
+            batch_size=max_batch,
+            workers=1,
+            preprocess=self._batch.__getitem__,  # keys are positions in the current batch
+            **({"cutpoints": cutpoints} if cutpoints else {}),
+        )
+        self._gradcam = None
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        stage: int,
+        *,
+        backend: str = "keras",
+        data_dir: str | None = None,
+        **kw,
+    ) -> Grader:
+        """Load a stage's best checkpoint and its training data's preprocessing parameters."""
+        from m2cnn_tf import checkpoints
+        from m2cnn_tf.errors import UsageError
+        from m2cnn_tf.prediction import preprocess_params_for
+
+        if backend not in BACKENDS:
+            raise UsageError(
+                f"unknown backend {backend!r}; choose one of {BACKENDS}", setting="backend"
+            )
+        try:
+            model, meta = checkpoints.load_stage(model_dir, stage)
+        except checkpoints.CheckpointMissing as err:
+            raise UsageError(str(err)) from None
+        params, source = preprocess_params_for(model_dir, stage, data_dir)
+        return cls(
+            model, meta, params, source, model_dir=model_dir, stage=stage, backend=backend, **kw
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Any thread
+
+    def prepare(self, filename: str, data: bytes) -> Prepared:
+        """Check the header (type by content, size before decoding), decode, preprocess."""
+        try:
+            info = image_headers.inspect(data, self.max_pixels)
+            bgr = decode_bgr(data, self.params.base_size)
+            warnings = quality_warnings(bgr, info, self.size)
+            base = preprocess_image(bgr, self.params)
+        except Exception as err:  # BadImage, RefusedImage or a decoder's own: one bad file
+            return Prepared(filename, None, one_line(err))
+        image = cv2.cvtColor(resize_to(base, self.size), cv2.COLOR_BGR2RGB)
+        return Prepared(filename, image, None, warnings)
+
+    # -----------------------------------------------------------------------------------------
+    # The model thread only
+
+    def infer(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """predict.py's rows for up to `max_batch` images, in one model call of fixed shape,
+        each with its Grad-CAM panel (`gradcam_png`, base64) when asked for."""
+        if not 0 < len(jobs) <= self.max_batch:
+            raise ValueError(f"a batch holds 1 to {self.max_batch} images, got {len(jobs)}")
+        pad = np.zeros_like(jobs[0].image)
+        self._batch[:] = [job.image for job in jobs] + [pad] * (self.max_batch - len(jobs))
+        rows = list(self.predictor.rows(range(self.max_batch)))[: len(jobs)]
+        if any(job.gradcam for job in jobs):
+            for row, job, cam in zip(rows, jobs, self._cams(np.stack(self._batch)), strict=False):
+                if job.gradcam:
+                    row["gradcam_png"] = _panel_png(job.image, cam)
+        return rows
+
+    def _cams(self, images: np.ndarray) -> np.ndarray:
+        from m2cnn_tf.data import scale_image
+        from m2cnn_tf.gradcam import GradCam
+
+        if self._gradcam is None:
+            self._gradcam = GradCam(self.model)
+        return self._gradcam.cams(scale_image(images))
+
+    def warm_up(self) -> None:
+        """Trace the model call and Grad-CAM once, so that the first request is not slow."""
+        grey = np.full((self.size, self.size, 3), 128, np.uint8)
+        self.infer([Job(grey, gradcam=True)])
+
+    # -----------------------------------------------------------------------------------------
+    # The model panel
+
+    def facts(self) -> dict[str, Any]:
+        """Stage, resolution, preset, val kappa and date (best.json), the training data."""
+        from m2cnn_tf.checkpoints import BEST_META, stage_dir
+
+        meta = self.meta
+        metric = meta.get("best_metric", "val_kappa_scores")
+        best_json = stage_dir(self.model_dir, self.stage) / BEST_META
+        date = None
+        if best_json.is_file():
+            mtime = best_json.stat().st_mtime
+            date = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            )
+        return {
+            "stage": meta.get("stage", self.stage),
+            "resolution": meta.get("resolution", self.size),
+            "preset": meta.get("preset"),
+            "multi_cell_path": meta.get("multi_cell_path"),
+            "epoch": meta.get("epoch"),
+            "val_kappa": _finite(meta.get(metric)),
+            "val_kappa_metric": metric,
+            "date": date,
+            "backend": self.backend,
+            "cutpoints": list(self.predictor.cutpoints),
+            "preprocessing": {**self.params.to_dict(), "source": self.params_source},
+            "training_data": manifest_summary(self.params_source),
+            "grades": list(GRADE_NAMES),
+            "notice": NOTICE,
+        }
+
+
+def manifest_summary(source: str) -> dict[str, Any] | None:
+    """The training data's manifest in brief: what it was made from, how many images per split."""
+    path = Path(source)
+    if path.name != "manifest.json" or not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    counts = manifest.get("counts", {})
+    origin = manifest.get("source")
+    return {
+        "manifest": str(path),
+        "tool": manifest.get("tool"),
+        "source": origin.get("kind") if isinstance(origin, dict) else origin,
+        "sizes": manifest.get("params", {}).get("sizes"),
+        "images": {split: c.get("records") for split, c in counts.items()},
+        "grades": {split: c.get("grades") for split, c in counts.items()},
+        "finished_utc": manifest.get("timings", {}).get("finished_utc"),
+    }
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _panel_png(rgb: np.ndarray, cam: np.ndarray) -> str:
+    """Base64 PNG: the preprocessed image beside its Grad-CAM overlay (predict.py's panel,
+    without the caption: the page and the JSON carry the grade)."""
+    from m2cnn_tf.gradcam import overlay
+
+    panel = np.concatenate([rgb, overlay(rgb, cam)], axis=1)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("cannot encode the Grad-CAM panel")
+    return base64.b64encode(png.tobytes()).decode("ascii")

@@ -1,0 +1,230 @@
+"""serve.py's HTTP API through a real uvicorn server: grades equal predict.py's, every bad file
+gets its own error, request limits give 413/422, the token guards the page and the API, and
+nothing of an upload reaches the log.
+
+References: predict.py's own library path (`prediction.Predictor`) for the numbers, and the
+file formats' specifications (through Pillow's header reader) for the header sizes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from _served import MAX_FILES, MAX_UPLOAD_MB, SIZE, TOKEN, png_claiming, upload
+from PIL import Image
+
+from m2cnn_tf import image_headers
+from m2cnn_tf.commands import serve as serve_command
+
+KEYS = {"filename", "grade", "score", "probabilities", "referable", "warnings", "error"}
+
+
+def _grade(server, paths, names=None, **params) -> httpx.Response:
+    with server.client() as client:
+        return client.post("/v1/grade", files=upload(paths, names), params=params)
+
+
+def test_healthz_and_the_model_panel_facts(server):
+    with server.client(token=None) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+    with server.client() as client:
+        facts = client.get("/v1/model").json()
+    assert (facts["stage"], facts["resolution"], facts["preset"]) == (1, SIZE, "tiny")
+    assert facts["val_kappa"] == pytest.approx(0.4321) and facts["date"]
+    assert facts["training_data"]["images"] == {"train": 40, "val": 10, "test": 10}
+    assert facts["preprocessing"]["base_size"] == 256
+    assert facts["notice"] == "research use only, not a medical device"
+
+
+def test_grades_scores_and_probabilities_equal_predict_py_bit_for_bit(server, photos, predict_rows):
+    paths = [photos["good_jpeg"], photos["good_png"], photos["truncated"]]
+    response = _grade(server, paths)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    expected = predict_rows(paths)
+    assert [r["filename"] for r in results] == [p.name for p in paths]
+    for got, want in zip(results, expected, strict=True):
+        assert set(got) == KEYS
+        if want["error"]:
+            assert got["error"] == want["error"] and got["grade"] is None
+            continue
+        assert got["error"] is None
+        assert got["grade"] == want["grade"]
+        assert got["score"] == want["score"]  # the same float32, through JSON exactly
+        assert got["probabilities"] == [want[f"p{k}"] for k in range(5)]
+        assert got["referable"] == (want["grade"] >= 2)
+    # The model's outputs differ between the photographs, so equality is not a constant.
+    assert results[0]["score"] != results[1]["score"]
+
+
+def test_each_bad_file_gets_its_own_error_and_the_rest_is_graded(server, photos):
+    roles = ["good_jpeg", "truncated", "text", "empty", "bomb", "grayscale", "sixteen_bit"]
+    response = _grade(server, [photos[r] for r in roles])
+    assert response.status_code == 200
+    results = dict(zip(roles, response.json()["results"], strict=True))
+    assert results["truncated"]["error"] == "truncated JPEG"
+    assert results["text"]["error"].startswith("not an image")
+    assert results["empty"]["error"] == "empty file"
+    assert "60000 × 60000 px" in results["bomb"]["error"]
+    assert "refused before decoding" in results["bomb"]["error"]
+    for role in ("truncated", "text", "empty", "bomb"):
+        assert results[role]["grade"] is None and results[role]["probabilities"] is None
+    for role in ("good_jpeg", "grayscale", "sixteen_bit"):  # graded, as predict.py does
+        assert results[role]["error"] is None and results[role]["grade"] in range(5)
+    assert any("grayscale" in w for w in results["grayscale"]["warnings"])
+    assert any("16-bit" in w for w in results["sixteen_bit"]["warnings"])
+    assert results["good_jpeg"]["warnings"] == []
+    with server.client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_type_is_decided_by_content_not_by_file_name(server, photos):
+    paths = [photos["good_png"], photos["good_jpeg"], photos["text"]]
+    names = ["looks_like.jpg", "no_extension", "../../etc/passwd.png"]
+    results = _grade(server, paths, names).json()["results"]
+    assert [r["filename"] for r in results] == names  # echoed, never used as a path
+    assert results[0]["error"] is None and results[1]["error"] is None
+    assert results[2]["error"].startswith("not an image")
+
+
+def test_gradcam_png_is_the_preprocessed_image_beside_its_overlay(server, photos):
+    results = _grade(server, [photos["good_jpeg"], photos["text"]], gradcam="1").json()["results"]
+    assert set(results[0]) == KEYS | {"gradcam_png"} and results[1]["gradcam_png"] is None
+    png = np.frombuffer(base64.b64decode(results[0]["gradcam_png"]), np.uint8)
+    panel = cv2.imdecode(png, cv2.IMREAD_COLOR)
+    assert panel.shape == (SIZE, 2 * SIZE, 3)
+    assert "gradcam_png" not in _grade(server, [photos["good_jpeg"]]).json()["results"][0]
+
+
+def test_request_limits_answer_413_or_422_with_a_json_reason(server, photos, tmp_path):
+    big = tmp_path / "big.jpeg"
+    big.write_bytes(photos["good_jpeg"].read_bytes() + bytes(MAX_UPLOAD_MB * 1024 * 1024))
+    too_big = _grade(server, [photos["good_jpeg"], big])
+    assert too_big.status_code == 413 and "MB" in too_big.json()["detail"]
+    too_many = _grade(server, [photos["good_jpeg"]] * (MAX_FILES + 1))
+    assert too_many.status_code == 413 and str(MAX_FILES) in too_many.json()["detail"]
+    with server.client() as client:
+        only_a_field = client.post("/v1/grade", files={"note": (None, "hello")})
+        no_body = client.post("/v1/grade")
+        after = client.post("/v1/grade", files=upload([photos["good_jpeg"]]))
+    assert only_a_field.status_code == 422 and "no files" in only_a_field.json()["detail"]
+    assert no_body.status_code == 422 and "multipart" in no_body.json()["detail"]
+    assert after.status_code == 200 and after.json()["results"][0]["error"] is None
+
+
+def test_the_token_guards_the_page_and_the_api_but_not_healthz(server, photos):
+    with server.client(token=None, follow_redirects=False) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/v1/model").status_code == 401
+        assert anonymous.post("/v1/grade", files=upload([photos["good_jpeg"]])).status_code == 401
+        assert anonymous.get("/docs").status_code == 401
+        assert anonymous.get("/").status_code == 401  # the page that asks for the token
+        assert anonymous.get("/", params={"token": "wrong"}).status_code == 401
+        opened = anonymous.get("/", params={"token": TOKEN})
+        assert opened.status_code == 303 and opened.headers["location"] == "/"
+        assert "httponly" in opened.headers["set-cookie"].lower()
+        page = anonymous.get("/")  # the cookie now stands for the token
+        assert page.status_code == 200 and 'id="results"' in page.text
+    with server.client(token="wrong") as impostor:
+        assert impostor.get("/v1/model").status_code == 401
+
+
+def test_openapi_docs_are_served_from_the_package(server):
+    with server.client() as client:
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "/docs-static/swagger-ui-bundle.js" in docs.text
+        assert "cdn" not in docs.text.lower()
+        assert client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
+        schema = client.get("/openapi.json").json()
+    assert "multipart/form-data" in schema["paths"]["/v1/grade"]["post"]["requestBody"]["content"]
+
+
+def test_uploads_and_the_token_never_reach_the_log(server, photos, tmp_path):
+    secret = tmp_path / "secret.jpeg"
+    secret.write_bytes(b"CONTENT-MARKER-93ac" * 100)
+    _grade(server, [secret, photos["good_jpeg"]], ["NAME-MARKER-5d1e.jpeg", "x.jpeg"])
+    with server.client(token=None) as client:
+        client.get("/", params={"token": TOKEN})
+    log = server.log.read_text(errors="replace")
+    assert "POST /v1/grade 200" in log  # requests are logged ...
+    for marker in ("CONTENT-MARKER", "NAME-MARKER", TOKEN):  # ... their contents are not
+        assert marker not in log
+
+
+def test_healthz_answers_while_a_request_is_being_graded(server, photos):
+    paths = [photos["good_jpeg"], photos["good_png"]] * (MAX_FILES // 2)
+    done = threading.Event()
+    answered_during = 0
+
+    def grade():
+        try:
+            _grade(server, paths, gradcam="1")
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=grade)
+    worker.start()
+    with server.client(token=None) as client:
+        while not done.is_set():
+            ok = client.get("/healthz").json() == {"status": "ok"}
+            answered_during += ok and not done.is_set()
+    worker.join()
+    assert answered_during >= 1
+
+
+def test_server_binds_loopback_by_default_and_warns_elsewhere(server, capsys, tmp_path):
+    assert server.url.startswith("http://127.0.0.1:")
+    assert serve_command.FLAGS["host"].default == "127.0.0.1"
+    code = serve_command.run(
+        [
+            "serve.py",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--model-dir",
+            str(tmp_path),
+            "--stage",
+            "2",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "NO authentication" in err and "no checkpoint for stage 2" in err
+
+
+@pytest.mark.parametrize("bad", [["--stage", "4"], ["--max-batch", "0"], ["--backend", "onnx"]])
+def test_bad_flags_are_one_line_usage_errors(bad, capsys):
+    code = serve_command.run(["serve.py", "--model-dir", "m", "--stage", "1", *bad])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("serve.py: error:")
+
+
+# ---------------------------------------------------------------------------------------------
+# Header sizes, without decoding (TF-free, no server)
+
+
+@pytest.mark.parametrize(
+    "fmt, mode", [("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "I;16"),
+                  ("TIFF", "RGB"), ("BMP", "RGB"), ("WEBP", "RGB"), ("WEBP", "RGBA")],
+)  # fmt: skip
+def test_header_sizes_match_pillows_reading(fmt, mode):
+    image = Image.new(mode, (321, 123))
+    data = io.BytesIO()
+    image.save(data, fmt, **({"lossless": True} if mode == "RGBA" else {}))
+    info = image_headers.inspect(data.getvalue())
+    with Image.open(data) as reference:
+        assert (info.width, info.height) == reference.size
+    assert info.kind == fmt.lower().replace("webp", "webp")
+    assert info.grayscale == (mode in ("L", "I;16"))
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    with pytest.raises(image_headers.RefusedImage, match="refused before decoding"):
+        image_headers.inspect(png_claiming(60_000, 60_000))
+    assert image_headers.inspect(png_claiming(7000, 7000)).width == 7000  # 49 MP: accepted

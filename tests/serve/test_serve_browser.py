@@ -1,0 +1,98 @@
+"""The grader page in a real browser: Debian's headless Chromium driven by Playwright.
+
+Two good photographs and a broken one are uploaded; three rows appear in #results (two graded,
+one with its error), a Grad-CAM view opens, and the downloaded CSV equals predict.py's for the
+same files. No request may leave the machine: the page works offline. With
+M2CNN_SCREENSHOT=docs/grader.png the page is also saved as that screenshot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from _served import SIZE, TOKEN
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+INSTALL = "apt-get install -y chromium"
+ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-proxy-server",
+    "--disable-background-networking", "--disable-component-update", "--no-first-run",
+    "--disable-sync", "--disable-default-apps", "--disable-extensions",
+]  # fmt: skip
+FINISHED = "#results tbody tr[data-state=done], #results tbody tr[data-state=error]"
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    if CHROMIUM is None:
+        pytest.skip(f"no Chromium found: install it with `{INSTALL}` (never `playwright install`)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements.txt")
+    outside: list[str] = []
+
+    def loopback_only(route):
+        host = urlsplit(route.request.url).hostname or ""
+        if route.request.url.startswith(("data:", "blob:")) or host == "127.0.0.1":
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        context = browser.new_context(
+            accept_downloads=True, viewport={"width": 1360, "height": 860}
+        )
+        context.route("**/*", loopback_only)
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        sync_api.expect.set_options(timeout=120_000)
+        yield page, outside, sync_api
+        browser.close()
+
+
+def test_upload_two_photos_and_a_broken_one_view_gradcam_and_download_predict_py_csv(
+    server, photos, predict_rows, browser_page
+):
+    page, outside, sync_api = browser_page
+    page.goto(f"{server.url}/?token={TOKEN}")  # stores the token in a cookie, back to /
+    assert urlsplit(page.url).path == "/" and "token" not in page.url
+    assert "research use only, not a medical device" in page.locator("#model").inner_text().lower()
+
+    paths = [photos["good_jpeg"], photos["good_png"], photos["truncated"]]
+    page.set_input_files("#pick-files", [str(p) for p in paths])
+    sync_api.expect(page.locator(FINISHED)).to_have_count(3)  # no eval: the page's CSP holds
+    rows = page.locator("#results tbody tr")
+    assert rows.count() == 3
+    assert [rows.nth(i).get_attribute("data-state") for i in range(3)] == ["done", "done", "error"]
+    assert "truncated JPEG" in rows.nth(2).inner_text()
+    expected = predict_rows(paths)
+    for i in range(2):
+        grade_cell = rows.nth(i).locator("td.grade").inner_text()
+        assert grade_cell.startswith(str(expected[i]["grade"]))
+    if os.environ.get("M2CNN_SCREENSHOT"):
+        page.screenshot(path=os.environ["M2CNN_SCREENSHOT"], full_page=True)
+
+    rows.nth(0).click()  # the preprocessed photograph beside its Grad-CAM overlay
+    sync_api.expect(page.locator("#gradcam-img")).to_have_js_property("naturalWidth", 2 * SIZE)
+    assert page.locator("#gradcam-view").is_visible()
+    page.keyboard.press("Escape")
+
+    with page.expect_download() as download:
+        page.click("#download")
+    got = Path(download.value.path()).read_bytes().decode("utf-8")
+    assert got == _with_file_names(predict_rows.csv_text(paths))
+    assert outside == []  # nothing was fetched from outside the machine
+
+
+def _with_file_names(csv_text: str) -> str:
+    """predict.py's CSV with its `path` column cut to the file name, which is all a browser
+    sends of a file's path."""
+    lines = csv_text.split("\r\n")
+    for i, line in enumerate(lines[1:], start=1):
+        if line:
+            path, rest = line.split(",", 1)
+            lines[i] = f"{Path(path).name},{rest}"
+    return "\r\n".join(lines)
