@@ -202,7 +202,7 @@ class Grader:
         date = None
         if best_json.is_file():
             mtime = best_json.stat().st_mtime
-            date = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(
+            date = datetime.datetime.fromtimestamp(mtime, datetime.UTC).isoformat(
                 timespec="seconds"
             )
         return {

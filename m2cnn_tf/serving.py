@@ -38,8 +38,8 @@ from m2cnn_tf import __version__
 from m2cnn_tf.batching import MicroBatcher
 from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
-from m2cnn_tf.metrics import REFERABLE_GRADE
 from m2cnn_tf.grader import NOTICE, Grader, Job, Prepared
+from m2cnn_tf.metrics import REFERABLE_GRADE
 from m2cnn_tf.prediction import CSV_COLUMNS
 from m2cnn_tf.uploads import FIELD, MB, Limits, RequestRefused, read_uploads
 
