@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test lint demo demo-clean clean
+.PHONY: venv test lint demo demo-clean clean serve
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -98,3 +98,9 @@ $(DEMO)/summary.txt: $(foreach s,1 2 3,$(DEMO)/reports/stage$(s)/report.json) $(
 
 demo-clean:
 	rm -rf $(DEMO) $(DEMO_DATA)
+
+# make serve: the grader page and API (serve.py) on the stage-3 demo model, at
+# http://127.0.0.1:8000/; the demo recipe builds the model first if it is missing.
+SERVE_FLAGS ?=
+serve: $(DEMO)/stage3.done
+	$(PY) serve.py --model-dir $(DEMO)/models --stage 3 $(SERVE_FLAGS)

@@ -15,6 +15,7 @@ COMMANDS = [
     (["train.py"], ["--stage", "7", "--data", "d", "--model-dir", "m"]),
     (["evaluate.py"], ["--split", "holdout"]),
     (["predict.py"], ["--tta", "sideways"]),
+    (["serve.py"], ["--port", "http"]),
     (["-m", "data_prep.kaggle"], ["--workers", "many"]),
     (["-m", "data_prep.folder"], ["--workers", "many"]),
     (["-m", "data_prep.demo"], ["--per-grade", "lots"]),
