@@ -1,0 +1,200 @@
+"""CPU inference speed: Keras against LiteRT float32 / float16 / int8 (issue 11's benchmark; not
+a timed test).
+
+For the paper preset (random weights: speed does not depend on them) at 224 px (stage 1) and
+720 px (stage 3), each model is saved as a checkpoint and exported by `export.export_stage`, the
+path `export.py` runs (int8 calibrated on 16 synthetic records, the issue's count: a speed
+measurement needs ranges, not good ones). Then, at batch 1 and 8 and the default thread count
+(`backends.default_threads()`, all cores; TF uses all cores too), the ms per image of each
+backend's `predict` on preprocessed [-1, 1] batches: the best of --repeats calls after one
+warm-up, the backends interleaved so that load from other processes hits them alike. Also:
+file sizes, export times, load times in this process (TF already imported) and the first image
+after loading, and the cold start
+of one image in a fresh process (imports, load, one prediction), where LiteRT never imports TF.
+
+    python benchmarks/bench_litert.py [--sizes 224,720] [--batches 1,8] [--repeats 3]
+        [--preset paper]   (tiny: a quick check that the script runs)
+
+Targets (issue 11): at 720 px, int8 >= 5x and float32 >= 1.3x faster per image than Keras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from m2cnn_tf import backends, export, records
+from m2cnn_tf.checkpoints import save_best, stage_dir
+from m2cnn_tf.config import STAGE_SIZES
+from m2cnn_tf.model import build_m2cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+QUANTIZATIONS = ("none", "float16", "int8")
+TARGETS = {"litert int8": 5.0, "litert float32": 1.3}  # at 720 px: speed-up over Keras per image
+COLD = """
+import sys, time
+start = time.perf_counter()
+import numpy as np
+from m2cnn_tf import backends
+b = backends.load_backend(sys.argv[1], model_dir=sys.argv[2], stage=int(sys.argv[3]),
+                          litert_model=sys.argv[4] if len(sys.argv) > 4 else None)
+b.predict(np.zeros((1, b.image_size, b.image_size, 3), np.float32))
+print(time.perf_counter() - start, "tensorflow" in sys.modules)
+"""
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def _calibration_data(root: Path, size: int, count: int = export.MIN_CALIBRATION) -> Path:
+    """`count` grey fundus-like discs with noise, as data_prep's train records at `size`."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.45 * size) ** 2)[..., None]
+    path = root / str(size) / records.shard_name("train", 0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(count):
+            image = np.where(disc, 128 + rng.normal(0, 20, (size, size, 3)), 128)
+            encoded = tf.io.encode_png(np.clip(image, 0, 255).astype(np.uint8)).numpy()
+            example = records.make_example(
+                encoded, image_format="png", height=size, width=size, grade=i % 5,
+                image_id=f"{i}_left",
+            )  # fmt: skip
+            writer.write(example)
+    return root
+
+
+def _timed(fn) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def _ms_per_image(runners: dict, batch: int, size: int, repeats: int) -> dict[str, float]:
+    images = np.random.default_rng(1).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    for run in runners.values():
+        run(images)  # warm-up: tracing, kernel selection, tensor allocation
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(repeats):
+        for name, run in runners.items():
+            _, seconds = _timed(lambda run=run: run(images))
+            best[name] = min(best[name], seconds)
+    return {name: 1000 * s / batch for name, s in best.items()}
+
+
+def _cold_start(kind: str, model_dir: Path, stage: int, litert: Path | None) -> str:
+    argv = [sys.executable, "-c", COLD, kind, str(model_dir), str(stage)]
+    argv += [str(litert)] if litert else []
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True)
+    total = time.perf_counter() - start
+    inside, tf_loaded = done.stdout.split()
+    return f"{total:.1f} s (in Python {float(inside):.1f} s; TensorFlow imported: {tf_loaded})"
+
+
+def _verdicts(best: dict[str, tuple[float, int]], size: int) -> list[str]:
+    """Each runtime at its fastest batch size against Keras at its own, and the targets."""
+    keras_ms, keras_batch = best.pop("keras")
+    lines = [f"fastest per image: keras {keras_ms:.1f} ms (batch {keras_batch})"]
+    for name, (ms, batch) in best.items():
+        line = f"   {name:16s} {ms:9.1f} ms (batch {batch}): {keras_ms / ms:5.2f}x Keras"
+        target = TARGETS.get(name) if size == 720 else None
+        if target:
+            verdict = "met" if keras_ms / ms >= target else "MISSED"
+            line += f" (target at 720 px >= {target}x: {verdict})"
+        lines.append(line)
+    return lines
+
+
+def bench_size(size: int, work: Path, batches: list[int], repeats: int, preset: str) -> list[str]:
+    stage = next(s for s, px in STAGE_SIZES.items() if px == size)
+    model_dir, lines = work / "model", [f"\n== {preset} preset, {size} px (stage {stage}) =="]
+    save_best(build_m2cnn(size, preset=preset), stage_dir(model_dir, stage),
+              {"stage": stage, "resolution": size, "preset": preset})  # fmt: skip
+    keras.backend.clear_session()
+    gc.collect()
+    checkpoint = export.checkpoint_path(model_dir, stage)
+    lines.append(f"checkpoint {checkpoint.stat().st_size / 1e6:.0f} MB")
+    data = _calibration_data(work / "data", size)
+    files = {}
+    for q in QUANTIZATIONS:
+        calibration = str(data) if q == "int8" else None
+        files[q], seconds = _timed(
+            lambda q=q, c=calibration: export.export_stage(
+                model_dir, stage, fmt="litert", quantize=q, calibration=c, log=lambda _: None
+            )
+        )
+        lines.append(f"export {export.FILE_TAGS[q]:8s} {files[q].stat().st_size / 1e6:7.1f} MB "
+                     f"in {seconds:5.1f} s")  # fmt: skip
+        gc.collect()
+    where, loaded = {"model_dir": model_dir, "stage": stage}, {}
+    one = np.zeros((1, size, size, 3), np.float32)
+    for q in ("keras", *QUANTIZATIONS):  # load, then one image: LiteRT prepares its kernels then
+        name = "keras" if q == "keras" else f"litert {export.FILE_TAGS[q]}"
+        kind, extra = ("keras", {}) if q == "keras" else ("litert", {"litert_model": files[q]})
+        loaded[name], seconds = _timed(
+            lambda k=kind, e=extra: backends.load_backend(k, **where, **e)
+        )
+        _, first = _timed(lambda b=loaded[name]: b.predict(one))
+        lines.append(f"load {name:15s} {seconds:6.2f} s, then first image {first:6.2f} s")
+    threads = loaded["litert int8"].threads
+    lines.append(f"threads: LiteRT {threads}, TF intra-op default (all {os.cpu_count()} cores)")
+    best: dict[str, tuple[float, int]] = {}
+    for batch in batches:
+        lines.append(f"-- batch {batch}  ({_load()})")
+        ms = _ms_per_image({n: b.predict for n, b in loaded.items()}, batch, size, repeats)
+        for name, value in ms.items():
+            speedup = "" if name == "keras" else f"  {ms['keras'] / value:5.2f}x Keras"
+            lines.append(f"   {name:16s} {value:9.1f} ms/image{speedup}")
+            best[name] = min(best.get(name, (value, batch)), (value, batch))
+    lines += _verdicts(best, size)
+    loaded.clear()
+    gc.collect()
+    lines.append(
+        f"cold start, 1 image, keras:       {_cold_start('keras', model_dir, stage, None)}"
+    )
+    lines.append(f"cold start, 1 image, litert int8: "
+                 f"{_cold_start('litert', model_dir, stage, files['int8'])}")  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="224,720")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default="paper")
+    args = parser.parse_args()
+    machine = f"{platform.platform()}, {platform.processor() or platform.machine()}"
+    print(f"{machine}, python {platform.python_version()}, TF {tf.__version__}, "
+          f"Keras {keras.__version__}")  # fmt: skip
+    print(f"start: {_load()} (the machine is shared: other jobs' load slows every row alike)")
+    with tempfile.TemporaryDirectory(prefix="bench_litert-") as tmp:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            batches = [int(b) for b in args.batches.split(",")]
+            lines = bench_size(size, Path(tmp) / str(size), batches, args.repeats, args.preset)
+            print("\n".join(lines), flush=True)
+            keras.backend.clear_session()
+            gc.collect()
+    print(f"\nend: {_load()}")
+
+
+if __name__ == "__main__":
+    main()

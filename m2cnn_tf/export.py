@@ -1,0 +1,385 @@
+"""How a trained stage becomes a deployable file: a TF SavedModel, or a LiteRT (.tflite) model
+in float32, float16, dynamic-range or full-integer int8, each with a JSON sidecar that says
+what it is and where it came from, and the checks that refuse a file that does not match it.
+
+The LiteRT model is converted by TF's own `TFLiteConverter.from_saved_model` from the very
+SavedModel `export_saved_model` writes (`predict.py --export`), so both formats serve the same
+signature: `image` float32 (B, S, S, 3) scaled to [-1, 1] -> `logits`, `score`, `probabilities`.
+
+Choices the paper leaves open (ours, §II-C trains on CPUs' opposite, GPUs):
+- int8 is full-integer post-training quantisation, int8 input and output included, so the whole
+  graph runs on integer kernels; its activation ranges are calibrated on `DEFAULT_CALIBRATION`
+  preprocessed training records of the stage's own size, at least `MIN_CALIBRATION` (the count
+  the issue's measured 8x int8 conversion used).
+- The sidecar sits beside a .tflite (`model_int8.json`) and inside a SavedModel folder.
+- Sidecar checks are free of TensorFlow, so a LiteRT backend starts without importing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from m2cnn_tf.common import atomic_write_bytes, atomic_write_json, versions
+from m2cnn_tf.errors import UsageError
+
+FORMATS = ("savedmodel", "litert")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+FILE_TAGS = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
+DEFAULT_CALIBRATION = 300  # "a few hundred preprocessed training records" (issue 11)
+MIN_CALIBRATION = 16
+CALIBRATION_SPLIT = "train"
+EXPORT_DIR = "export"  # DIR/stage{N}/export/ holds a stage's deployable files
+SIDECAR_IN_DIR = "export.json"
+SCHEMA = 1
+
+Log = Callable[[str], None]
+
+
+class ExportError(UsageError):
+    """The export cannot be made from what was given (exit 2); the message says why."""
+
+
+class ModelFileError(UsageError):
+    """A deployable model file is missing, corrupt, or does not match its sidecar (exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where files go (TF-free)
+
+
+def stage_dir(model_dir: str | Path, stage: int) -> Path:
+    """`checkpoints.stage_dir` without importing Keras, which costs the LiteRT path ~5 s.
+    A test keeps the two equal until the layout moves into a TF-free module."""
+    return Path(model_dir) / f"stage{stage}"
+
+
+def checkpoint_path(model_dir: str | Path, stage: int) -> Path:
+    """`checkpoints.stage_dir(...) / checkpoints.BEST_MODEL`, TF-free as `stage_dir`."""
+    return stage_dir(model_dir, stage) / "best.keras"
+
+
+def default_out(model_dir: str | Path, stage: int, fmt: str, quantize: str = "none") -> Path:
+    """DIR/stage{N}/export/savedmodel, or DIR/stage{N}/export/model_<float32|...>.tflite."""
+    folder = stage_dir(model_dir, stage) / EXPORT_DIR
+    if fmt == "savedmodel":
+        return folder / "savedmodel"
+    return folder / f"model_{FILE_TAGS[quantize]}.tflite"
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """model_int8.tflite -> model_int8.json; a SavedModel folder holds its own export.json."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path / SIDECAR_IN_DIR
+    return model_path.with_suffix(".json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The sidecar and its checks (TF-free)
+
+
+def file_identity(path: str | Path, *, digest: bool = True) -> dict[str, Any]:
+    """Path, size, mtime and (unless digest=False) sha256 of a file."""
+    path = Path(path)
+    stat = path.stat()
+    found: dict[str, Any] = {"path": str(path.resolve()), "bytes": stat.st_size}
+    found["mtime"] = stat.st_mtime
+    if digest:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+        found["sha256"] = sha.hexdigest()
+    return found
+
+
+def read_sidecar(model_path: str | Path) -> dict[str, Any]:
+    path = sidecar_path(model_path)
+    if not path.is_file():
+        raise ModelFileError(
+            f"{model_path} has no sidecar {path.name}: export the stage with export.py, which "
+            "writes both"
+        )
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"cannot read the sidecar {path}: {err}") from None
+    if not isinstance(sidecar, dict) or sidecar.get("schema") != SCHEMA:
+        raise ModelFileError(f"{path} is not an m2cnn export sidecar (schema {SCHEMA})")
+    return sidecar
+
+
+def same_file(path: str | Path, recorded: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether a file is the one `file_identity` recorded, and its sha256 if it had to be read.
+
+    Unchanged size and mtime are taken as the same file without hashing it (a 430 MB checkpoint
+    costs ~1 s); anything else, a copy included, is decided by the sha256.
+    """
+    now = file_identity(path, digest=False)
+    if now["bytes"] == recorded.get("bytes") and now["mtime"] == recorded.get("mtime"):
+        return True, None
+    sha = file_identity(path)["sha256"]
+    return sha == recorded.get("sha256"), sha
+
+
+def check_model_file(model_path: str | Path, sidecar: dict[str, Any]) -> None:
+    """The file is the one the sidecar describes, not another export or a copy cut short."""
+    same, sha = same_file(model_path, sidecar.get("file") or {})
+    if not same:
+        raise ModelFileError(
+            f"{model_path} does not match its sidecar (sha256 {str(sha)[:12]}…, recorded "
+            f"{str((sidecar.get('file') or {}).get('sha256'))[:12]}…): the file was changed or "
+            "cut short; export it again"
+        )
+
+
+def check_source(
+    model_path: str | Path, sidecar: dict[str, Any], model_dir: str | Path | None, stage: int | None
+) -> None:
+    """The exported model comes from this stage, and from the checkpoint now at
+    DIR/stage{N}/best.keras when there is one (a file shipped without it stands alone)."""
+    name = Path(model_path).name
+    if stage is not None and sidecar.get("stage") != stage:
+        raise ModelFileError(f"{name} was exported from stage {sidecar.get('stage')}, not {stage}")
+    if model_dir is None or stage is None:
+        return
+    checkpoint = checkpoint_path(model_dir, stage)
+    if not checkpoint.is_file():
+        return
+    claimed = sidecar.get("source_checkpoint") or {}
+    same, sha = same_file(checkpoint, claimed)
+    if not same:
+        raise ModelFileError(
+            f"{name} does not match the checkpoint it claims: it was exported from "
+            f"{claimed.get('path')} (sha256 {str(claimed.get('sha256'))[:12]}…), and {checkpoint} "
+            f"is now another model (sha256 {str(sha)[:12]}…); export the stage again"
+        )
+
+
+def check_image_size(model_path: str | Path, sidecar: dict[str, Any], image_size: int) -> None:
+    if sidecar.get("image_size") != image_size:
+        raise ModelFileError(
+            f"{Path(model_path).name} takes {sidecar.get('image_size')} px images, the data is "
+            f"{image_size} px; export the stage that matches, or use data of its size",
+            setting="image_size",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data for int8
+
+
+def calibration_records(data_dir: str | Path, size: int, count: int, log: Log) -> list[bytes]:
+    """Up to `count` serialized train records at `size` px, a seeded sample across the shards.
+
+    Fewer than `count` are used as they are, with a note; fewer than MIN_CALIBRATION, wrong-size
+    data or no data are an ExportError that says which sizes and how many records there are.
+    """
+    import tensorflow as tf
+
+    from m2cnn_tf import records
+
+    files = _calibration_files(data_dir, size, count)
+    raw = tf.data.TFRecordDataset(files).shuffle(4 * count, seed=0).take(count)
+    chosen = [bytes(r) for r in raw.as_numpy_iterator()]
+    if len(chosen) < MIN_CALIBRATION:
+        raise ExportError(
+            f"only {len(chosen)} {CALIBRATION_SPLIT} records at {size} px in {data_dir}; int8 "
+            f"calibration needs at least {MIN_CALIBRATION}",
+            setting="calibration",
+        )
+    spec = {k: records.FEATURES[k] for k in ("image/height", "image/width")}
+    shapes = [tf.io.parse_single_example(r, spec) for r in chosen]
+    wrong = [(int(s["image/height"]), int(s["image/width"])) for s in shapes]
+    wrong = [hw for hw in wrong if hw != (size, size)]
+    if wrong:
+        raise ExportError(
+            f"{len(wrong)} of {len(chosen)} calibration records in {data_dir}/{size} are "
+            f"{wrong[0][0]}x{wrong[0][1]} px, not {size}x{size}: the data was converted at "
+            "another size",
+            setting="calibration",
+        )
+    fewer = f"all {len(chosen)}" if len(chosen) < count else str(count)
+    log(f"calibrating on {fewer} {CALIBRATION_SPLIT} records at {size} px"
+        + (f" ({count} wanted)" if len(chosen) < count else ""))  # fmt: skip
+    return chosen
+
+
+def _calibration_files(data_dir: str | Path, size: int, count: int) -> list[str]:
+    from m2cnn_tf import records
+
+    if not Path(data_dir).is_dir():
+        raise ExportError(f"calibration data {data_dir} does not exist", setting="calibration")
+    try:
+        files = records.shard_paths(data_dir, size, CALIBRATION_SPLIT)
+    except FileNotFoundError as err:
+        raise ExportError(str(err), setting="calibration") from None
+    if files:
+        return files
+    there = []
+    for other in records.available_sizes(data_dir):
+        shards = records.shard_paths(data_dir, other, CALIBRATION_SPLIT)
+        n = _count(shards, cap=count)
+        there.append(f"{other} px: {n}{'+' if n >= count else ''} {CALIBRATION_SPLIT} records")
+    raise ExportError(
+        f"calibration data {data_dir} has no {CALIBRATION_SPLIT} records at {size} px, the "
+        f"model's size (it has {'; '.join(there) if there else 'no records at all'})",
+        setting="calibration",
+    )
+
+
+def _count(files: list[str], cap: int) -> int:
+    import tensorflow as tf
+
+    if not files:
+        return 0
+    return int(tf.data.TFRecordDataset(files).take(cap).reduce(0, lambda n, _: n + 1))
+
+
+def representative_images(chosen: list[bytes], log: Log = print) -> Callable[[], Iterator[list]]:
+    """The converter's representative dataset: one scaled image (1, S, S, 3) per record, with
+    a progress line every 50 (at 720 px the calibration of a paper model takes minutes)."""
+    import tensorflow as tf
+
+    from m2cnn_tf import records
+    from m2cnn_tf.data import scale_image
+
+    def generate():
+        for i, serialized in enumerate(chosen, 1):
+            image = records.decode_image(records.parse_example(serialized))
+            yield [scale_image(image)[tf.newaxis].numpy()]
+            if i % 50 == 0:
+                log(f"calibrated {i} of {len(chosen)}")
+
+    return generate
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def convert_litert(
+    saved_model_dir: str | Path,
+    quantize: str,
+    representative: Callable[[], Iterator[list]] | None = None,
+) -> bytes:
+    """A .tflite flatbuffer from a SavedModel, quantised as asked (see the module docstring)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "int8":
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    try:
+        return converter.convert()
+    except Exception as err:  # the converter's errors are long MLIR dumps
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ExportError(f"LiteRT conversion ({quantize}) failed: {first}") from None
+
+
+def _check_request(fmt: str, quantize: str, calibration: str | None, count: int) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}", setting="format")
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}", setting="quantize")
+    if fmt == "savedmodel" and quantize != "none":
+        raise ExportError("a SavedModel is float32; quantisation needs litert", setting="quantize")
+    if quantize == "int8" and not calibration:
+        raise ExportError(
+            "int8 needs calibration data: a data_prep folder with train records at the stage's "
+            "size",
+            setting="calibration",
+        )
+    if calibration and quantize != "int8":
+        raise ExportError("calibration data is used by int8 only", setting="calibration")
+    if quantize == "int8" and count < MIN_CALIBRATION:
+        raise ExportError(f"at least {MIN_CALIBRATION}, got {count}", setting="calibration_count")
+
+
+def export_stage(
+    model_dir: str | Path,
+    stage: int,
+    *,
+    fmt: str,
+    quantize: str = "none",
+    calibration: str | None = None,
+    calibration_count: int = DEFAULT_CALIBRATION,
+    out: str | Path | None = None,
+    log: Log = print,
+) -> Path:
+    """Export the best checkpoint of a stage as `fmt`; returns the model's path (sidecar beside).
+
+    Bad requests fail before the checkpoint loads, bad calibration data before any conversion;
+    the model file and then its sidecar are written atomically: a reader never sees half of one.
+    """
+    _check_request(fmt, quantize, calibration, calibration_count)
+    out = Path(out) if out else default_out(model_dir, stage, fmt, quantize)
+    if out.suffix == ".json":
+        raise ExportError(f"{out} would be taken for a sidecar; name the model otherwise",
+                          setting="out")  # fmt: skip
+    from m2cnn_tf import checkpoints
+    from m2cnn_tf.prediction import export_saved_model, preprocess_params_for
+
+    try:
+        source = file_identity(checkpoints.best_model_path(model_dir, stage))
+        model, meta = checkpoints.load_stage(model_dir, stage)
+    except checkpoints.CheckpointMissing as err:
+        raise ExportError(str(err), setting="model_dir") from None
+    size = int(model.input_shape[1])
+    chosen = calibration_records(calibration, size, calibration_count, log) if calibration else []
+    params, params_source = preprocess_params_for(model_dir, stage)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        saved = export_saved_model(model, Path(tmp) / "savedmodel")
+        if fmt == "savedmodel":
+            _replace_dir(saved, out)
+        else:
+            flat = convert_litert(saved, quantize, representative_images(chosen, log))
+            atomic_write_bytes(out, flat)
+    sidecar = {
+        "schema": SCHEMA,
+        "format": fmt,
+        "quantization": quantize,
+        "file": None if fmt == "savedmodel" else file_identity(out),
+        "stage": stage,
+        "image_size": size,
+        "preset": meta.get("preset"),
+        "source_checkpoint": source,
+        "calibration": {"count": len(chosen), "requested": calibration_count,
+                        "data": str(calibration), "split": CALIBRATION_SPLIT}
+        if quantize == "int8" else None,
+        "preprocessing": {"params": params.to_dict(), "source": params_source},
+        "signature": {"input": "image: float32 (B, S, S, 3) in [-1, 1]",
+                      "outputs": ["logits", "probabilities", "score"]},
+        "export_seconds": round(time.perf_counter() - start, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+    }  # fmt: skip
+    atomic_write_json(sidecar_path(out), sidecar)
+    return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move a finished folder into place; the old one is removed only after the move."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
