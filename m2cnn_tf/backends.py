@@ -139,6 +139,17 @@ class LiteRTBackend:
         }
 
 
+def runtime_of(model) -> tuple[Any, int, Any]:
+    """(what `inference.make_predict_fn` calls, the image side, the Keras model or None) for a
+    Keras model or a Backend. A Keras backend hands over its model, so its numbers are those of
+    the compiled Keras graph, as before backends existed."""
+    if isinstance(model, LiteRTBackend):
+        return model.predict, model.image_size, None
+    if isinstance(model, KerasBackend):
+        model = model.model
+    return model, int(model.input_shape[1]), model
+
+
 def default_litert_path(model_dir: str | Path, stage: int, quantize: str | None = None) -> Path:
     """The stage's exported .tflite: DIR/stage{N}/export/model_<float32|float16|dynamic|int8>
     .tflite for `quantize`, or without it the first that exists in LITERT_PREFERENCE order."""

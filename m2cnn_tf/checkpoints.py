@@ -17,20 +17,14 @@ from typing import Any
 import keras
 
 from m2cnn_tf import cells  # noqa: F401  (registers ResidualScale for deserialisation)
-from m2cnn_tf.common import atomic_write_json
+from m2cnn_tf.common import BEST_META, BEST_MODEL, CONFIG, atomic_write_json, stage_dir
 from m2cnn_tf.errors import UsageError
 
-BEST_MODEL = "best.keras"
-BEST_META = "best.json"
-CONFIG = "config.json"
+__all__ = ["BEST_META", "BEST_MODEL", "CONFIG", "CheckpointMissing", "stage_dir"]
 
 
 class CheckpointMissing(UsageError):
     """No usable checkpoint where one was expected; the message is one actionable line."""
-
-
-def stage_dir(model_dir: str | Path, stage: int) -> Path:
-    return Path(model_dir) / f"stage{stage}"
 
 
 def save_best(model: keras.Model, directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -70,9 +64,12 @@ def load_model(path: str | Path) -> keras.Model:
         raise CheckpointMissing(f"cannot load checkpoint {path}: {err}") from None
 
 
+def read_meta(model_dir: str | Path, stage: int) -> dict[str, Any]:
+    """What the best model of a stage is (best.json; empty when there is none)."""
+    meta_path = best_model_path(model_dir, stage).with_name(BEST_META)
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
 def load_stage(model_dir: str | Path, stage: int) -> tuple[keras.Model, dict[str, Any]]:
     """The best model of a stage and its metadata (best.json)."""
-    path = best_model_path(model_dir, stage)
-    meta_path = path.with_name(BEST_META)
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return load_model(path), meta
+    return load_model(best_model_path(model_dir, stage)), read_meta(model_dir, stage)

@@ -2,7 +2,7 @@
 
 §III-A "Evaluation Metric" and Table II/III: the quadratic weighted kappa, read two ways. The
 steps, each in the module named for it:
-1. load the stage's best checkpoint (`checkpoints`);
+1. load the stage's best checkpoint, or its LiteRT export (`backends`);
 2. predict the split's TFRecords, with optional TTA (`inference`);
 3. fit cut points and eye blending on val, if asked, and apply them (`calibration`);
 4. compute the figures (`metrics`);
@@ -19,7 +19,7 @@ from typing import Any
 import tensorflow as tf
 from tqdm import tqdm
 
-from m2cnn_tf import checkpoints, data
+from m2cnn_tf import backends, checkpoints, data
 from m2cnn_tf.calibration import BLEND_METHOD, Calibration, fit_calibration
 from m2cnn_tf.errors import M2cnnError, UsageError
 from m2cnn_tf.inference import Predictions, check_tta, predict_dataset
@@ -101,14 +101,21 @@ def run_evaluation(
     batch_size: int = 16,
     n_boot: int = 1000,
     seed: int = 0,
+    backend: str = "keras",
+    litert_model: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint of a stage on a split, write the report files into
-    `out_dir` and return report.json's content."""
+    """Evaluate the best checkpoint of a stage (on `backend`: the Keras model, or its LiteRT
+    export) on a split, write the report files into `out_dir` and return report.json's
+    content."""
     check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
-    model, meta = checkpoints.load_stage(model_dir, stage)
-    image_size = int(model.input_shape[1])
+    runtime = backends.load_backend(
+        backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads
+    )
+    model, image_size, _ = backends.runtime_of(runtime)
+    meta = checkpoints.read_meta(model_dir, stage)
     preds, shards = predict_split(
         model, data_dir, image_size, split, tta=tta, batch_size=batch_size
     )
@@ -125,6 +132,7 @@ def run_evaluation(
         checkpoint=_checkpoint_record(model_dir, stage, meta),
         data={"dir": str(Path(data_dir).resolve()), "shards": shards},
         tta=tta,
+        backend=runtime.describe(),
         **_calibration_record(calibration, fit_thresholds, split),
     )
     write_report(out_dir, report, final, {"score_own": preds.scores} if per_patient else None)

@@ -27,7 +27,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from m2cnn_tf.common import atomic_write_bytes, atomic_write_json, versions
+from m2cnn_tf.common import (
+    BEST_MODEL,
+    atomic_write_bytes,
+    atomic_write_json,
+    stage_dir,
+    versions,
+)
 from m2cnn_tf.errors import UsageError
 
 FORMATS = ("savedmodel", "litert")
@@ -55,15 +61,9 @@ class ModelFileError(UsageError):
 # Where files go (TF-free)
 
 
-def stage_dir(model_dir: str | Path, stage: int) -> Path:
-    """`checkpoints.stage_dir` without importing Keras, which costs the LiteRT path ~5 s.
-    A test keeps the two equal until the layout moves into a TF-free module."""
-    return Path(model_dir) / f"stage{stage}"
-
-
 def checkpoint_path(model_dir: str | Path, stage: int) -> Path:
-    """`checkpoints.stage_dir(...) / checkpoints.BEST_MODEL`, TF-free as `stage_dir`."""
-    return stage_dir(model_dir, stage) / "best.keras"
+    """The stage's best checkpoint, found without importing Keras (~5 s on the LiteRT path)."""
+    return stage_dir(model_dir, stage) / BEST_MODEL
 
 
 def default_out(model_dir: str | Path, stage: int, fmt: str, quantize: str = "none") -> Path:
@@ -331,8 +331,9 @@ def export_stage(
     if out.suffix == ".json":
         raise ExportError(f"{out} would be taken for a sidecar; name the model otherwise",
                           setting="out")  # fmt: skip
+    # Here, not at the top: loading a LiteRT file must not import TF (~5 s).
     from m2cnn_tf import checkpoints
-    from m2cnn_tf.prediction import export_saved_model, preprocess_params_for
+    from m2cnn_tf.prediction import preprocess_params_for
 
     try:
         source = file_identity(checkpoints.best_model_path(model_dir, stage))
@@ -372,6 +373,37 @@ def export_stage(
     }  # fmt: skip
     atomic_write_json(sidecar_path(out), sidecar)
     return out
+
+
+def export_saved_model(model, export_dir: str | Path) -> Path:
+    """A TF SavedModel whose `serving_default` maps a preprocessed batch to the outputs.
+
+    Input `image`: float32 (B, S, S, 3), already preprocessed and scaled to [-1, 1] (as
+    `data.scale_image`). Outputs: `logits` (B, 5), `score` (B, 1), `probabilities` (B, 5).
+    Serving systems outside Python get the model without Keras and without any Python code.
+    """
+    import keras  # here, not at the top: the LiteRT path of this module never loads TF
+    import tensorflow as tf
+
+    size = int(model.input_shape[1])
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(image):
+        out = model(image, training=False)
+        return {
+            "logits": out["logits"],
+            "score": out["score"],
+            "probabilities": tf.nn.softmax(out["logits"], axis=-1),
+        }
+
+    archive.add_endpoint(
+        name="serving_default",
+        fn=serve,
+        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name="image")],
+    )
+    archive.write_out(str(export_dir), verbose=False)
+    return Path(export_dir)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from m2cnn_tf import image_headers
+from m2cnn_tf.backends import load_backend, load_keras, runtime_of
 from m2cnn_tf.errors import one_line
 from m2cnn_tf.preprocessing import (
     PreprocessParams,
@@ -36,8 +37,6 @@ from m2cnn_tf.preprocessing import (
     resize_to,
 )
 
-# The backends serve.py can run the model with (predict.py's; the LiteRT one joins here).
-BACKENDS = ("keras",)
 # The International Clinical DR Severity Scale, grades 0-4 (§III-A, Kaggle's labels).
 GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
 NOTICE = "research use only, not a medical device"
@@ -93,7 +92,6 @@ class Grader:
         *,
         model_dir: str | Path,
         stage: int,
-        backend: str = "keras",
         cutpoints: Sequence[float] | None = None,
         max_batch: int = 8,
         max_pixels: int = image_headers.MAX_PIXELS,
@@ -102,9 +100,10 @@ class Grader:
 
         self.model, self.meta = model, meta
         self.params, self.params_source = params, params_source
-        self.model_dir, self.stage, self.backend = Path(model_dir), stage, backend
+        self.model_dir, self.stage = Path(model_dir), stage
+        self.backend = getattr(model, "kind", "keras")
         self.max_batch, self.max_pixels = max_batch, max_pixels
-        self.size = int(model.input_shape[1])
+        self.size = runtime_of(model)[1]
         self._batch: list[np.ndarray] = []
         self.predictor = Predictor(
             model,
@@ -112,9 +111,9 @@ class Grader:
             batch_size=max_batch,
             workers=1,
             preprocess=self._batch.__getitem__,  # keys are positions in the current batch
+            gradcam_model=lambda: load_keras(model_dir, stage).model,
             **({"cutpoints": cutpoints} if cutpoints else {}),
         )
-        self._gradcam = None
 
     @classmethod
     def load(
@@ -123,26 +122,24 @@ class Grader:
         stage: int,
         *,
         backend: str = "keras",
+        litert_model: str | None = None,
+        threads: int | None = None,
         data_dir: str | None = None,
         **kw,
     ) -> Grader:
-        """Load a stage's best checkpoint and its training data's preprocessing parameters."""
-        from m2cnn_tf import checkpoints
-        from m2cnn_tf.errors import UsageError
+        """Load a stage's best checkpoint (or its LiteRT export) and its training data's
+        preprocessing parameters."""
+        from m2cnn_tf.checkpoints import read_meta
         from m2cnn_tf.prediction import preprocess_params_for
 
-        if backend not in BACKENDS:
-            raise UsageError(
-                f"unknown backend {backend!r}; choose one of {BACKENDS}", setting="backend"
-            )
-        try:
-            model, meta = checkpoints.load_stage(model_dir, stage)
-        except checkpoints.CheckpointMissing as err:
-            raise UsageError(str(err)) from None
+        model = load_backend(
+            backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads
+        )
         params, source = preprocess_params_for(model_dir, stage, data_dir)
         return cls(
-            model, meta, params, source, model_dir=model_dir, stage=stage, backend=backend, **kw
-        )
+            model, read_meta(model_dir, stage), params, source, model_dir=model_dir, stage=stage,
+            **kw,
+        )  # fmt: skip
 
     # -----------------------------------------------------------------------------------------
     # Any thread
@@ -171,18 +168,11 @@ class Grader:
         self._batch[:] = [job.image for job in jobs] + [pad] * (self.max_batch - len(jobs))
         rows = list(self.predictor.rows(range(self.max_batch)))[: len(jobs)]
         if any(job.gradcam for job in jobs):
-            for row, job, cam in zip(rows, jobs, self._cams(np.stack(self._batch)), strict=False):
+            cams = self.predictor.cams(np.stack(self._batch))
+            for row, job, cam in zip(rows, jobs, cams, strict=False):
                 if job.gradcam:
                     row["gradcam_png"] = _panel_png(job.image, cam)
         return rows
-
-    def _cams(self, images: np.ndarray) -> np.ndarray:
-        from m2cnn_tf.data import scale_image
-        from m2cnn_tf.gradcam import GradCam
-
-        if self._gradcam is None:
-            self._gradcam = GradCam(self.model)
-        return self._gradcam.cams(scale_image(images))
 
     def warm_up(self) -> None:
         """Trace the model call and Grad-CAM once, so that the first request is not slow."""

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
+from m2cnn_tf.backends import runtime_of
 from m2cnn_tf.checkpoints import CONFIG, stage_dir
 from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
@@ -139,9 +139,10 @@ def _bounded_map(fn: Callable, items: Sequence, workers: int, window: int) -> It
 class Predictor:
     """A loaded model ready to grade raw fundus images (optionally with Grad-CAM panels).
 
-    `model`: a Keras model, or any object with `input_shape` that `inference.make_predict_fn`
-    accepts (Grad-CAM panels need the Keras model). `cutpoints`: the four score cut points
-    (rounding by default; evaluate.py's report.json has fitted ones).
+    `model`: a Keras model or a `backends.Backend` (Keras or LiteRT). Grad-CAM panels need
+    the Keras model: a LiteRT predictor loads it through `gradcam_model` when first asked.
+    `cutpoints`: the four score cut points (rounding by default; evaluate.py's report.json has
+    fitted ones).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class Predictor:
         batch_size: int = 16,
         workers: int | None = None,
         preprocess: Callable[[Path], np.ndarray] | None = None,
+        gradcam_model: Callable[[], Any] | None = None,
     ):
         if batch_size < 1:
             raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
@@ -161,14 +163,14 @@ class Predictor:
             raise UsageError(
                 f"needs {len(DEFAULT_CUTPOINTS)} numbers, got {len(cutpoints)}", setting="cutpoints"
             )
-        self.model = model
-        self.image_size = int(model.input_shape[1])
+        call, self.image_size, self.model = runtime_of(model)
+        self._gradcam_model = gradcam_model
         self.params = params
         self.cutpoints = tuple(sorted(float(c) for c in cutpoints))
         self.batch_size = batch_size
         self.workers = workers or min(4, os.cpu_count() or 1)
         # uint8 batches in, scaled inside the graph: one call per batch, no float copy on host.
-        self.predict_fn = make_predict_fn(model, tta)
+        self.predict_fn = make_predict_fn(call, tta)
         self.preprocess = preprocess or (lambda p: _preprocess_one(p, self.image_size, params))
         self._gradcam = None
         self._panel_names: set[str] = set()
@@ -188,7 +190,7 @@ class Predictor:
             if good:
                 images = np.stack([img for _, img in good])
                 out = {k: v.numpy() for k, v in self.predict_fn(images).items()}
-                cams = self._cams(images) if gradcam_dir is not None else None
+                cams = self.cams(images) if gradcam_dir is not None else None
                 for i, (path, img) in enumerate(good):
                     outputs[path] = self._row(path, out["score"][i], out["probabilities"][i])
                     if cams is not None:
@@ -220,8 +222,13 @@ class Predictor:
     def _error_row(path: Path, error: str) -> dict[str, Any]:
         return {**dict.fromkeys(CSV_COLUMNS, ""), "path": str(path), "error": error}
 
-    def _cams(self, images: np.ndarray) -> np.ndarray:
+    def cams(self, images: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps of a uint8 batch (loads the Keras model first if this has none)."""
         if self._gradcam is None:
+            if self.model is None and self._gradcam_model is None:
+                raise UsageError("Grad-CAM needs the Keras model; this predictor has none")
+            if self.model is None:
+                self.model = self._gradcam_model()
             self._gradcam = GradCam(self.model)
         return self._gradcam.cams(scale_image(images))
 
@@ -249,37 +256,3 @@ def write_rows(rows: Iterable[dict[str, Any]], out) -> tuple[int, int]:
         if row["error"]:
             print(f"error: {row['path']}: {row['error']}", file=sys.stderr)
     return written, failed
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-def export_saved_model(model, export_dir: str | Path) -> Path:
-    """A TF SavedModel whose `serving_default` maps a preprocessed batch to the outputs.
-
-    Input `image`: float32 (B, S, S, 3), already preprocessed and scaled to [-1, 1] (as
-    `data.scale_image`). Outputs: `logits` (B, 5), `score` (B, 1), `probabilities` (B, 5).
-    Serving systems outside Python get the model without Keras and without any Python code.
-    """
-    import keras
-
-    size = int(model.input_shape[1])
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-
-    def serve(image):
-        out = model(image, training=False)
-        return {
-            "logits": out["logits"],
-            "score": out["score"],
-            "probabilities": tf.nn.softmax(out["logits"], axis=-1),
-        }
-
-    archive.add_endpoint(
-        name="serving_default",
-        fn=serve,
-        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name="image")],
-    )
-    archive.write_out(str(export_dir), verbose=False)
-    return Path(export_dir)

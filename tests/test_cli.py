@@ -16,6 +16,7 @@ COMMANDS = [
     (["evaluate.py"], ["--split", "holdout"]),
     (["predict.py"], ["--tta", "sideways"]),
     (["serve.py"], ["--port", "http"]),
+    (["export.py"], ["--quantize", "int4"]),
     (["-m", "data_prep.kaggle"], ["--workers", "many"]),
     (["-m", "data_prep.folder"], ["--workers", "many"]),
     (["-m", "data_prep.demo"], ["--per-grade", "lots"]),

@@ -11,6 +11,7 @@ let the int8 agreement test pass whatever the quantisation did).
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -18,15 +19,19 @@ import re
 import shutil
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from _tfrecords import grade_images, write_split
+from synthetic_fundus import fundus
 
 from m2cnn_tf import backends, checkpoints, cli, export
 from m2cnn_tf.checkpoints import save_best, stage_dir
+from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.commands import export as command
+from m2cnn_tf.commands import predict as predict_cmd
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.metrics import scores_to_grades
 from m2cnn_tf.model import POOL, build_m2cnn
@@ -55,6 +60,7 @@ def stage(tmp_path_factory):
     images = grade_images(grades, SIZE, seed=3)
     data = root / "data"
     write_split(data, SIZE, "train", images[:N_TRAIN], grades[:N_TRAIN])
+    write_split(data, SIZE, "test", images[N_TRAIN:], grades[N_TRAIN:])
     (data / "manifest.json").write_text(json.dumps({"preprocess": PARAMS}))
     scaled = images.astype("float32") / 127.5 - 1.0
     keras.utils.set_random_seed(7)
@@ -152,6 +158,65 @@ def test_savedmodel_export_serves_the_keras_outputs_with_its_sidecar_inside(stag
 
 
 # ---------------------------------------------------------------------------------------------
+# predict.py and evaluate.py with --backend litert
+
+
+def _predict_csv(stage, photos: Path, out: Path, *extra: str) -> list[dict[str, str]]:
+    argv = ["predict.py", f"--model-dir={stage['model_dir']}", "--stage=1", f"--out={out}"]
+    assert predict_cmd.run([*argv, *extra, str(photos)]) == 0
+    with out.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_with_the_float32_litert_backend_writes_the_keras_csv(stage, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(photos / f"{i}.png"), fundus(180, 240, seed=i))
+    path, _ = _export(stage, "none")
+    keras_rows = _predict_csv(stage, photos, tmp_path / "keras.csv")
+    lite_rows = _predict_csv(
+        stage, photos, tmp_path / "litert.csv", "--backend=litert", f"--litert-model={path}",
+        f"--gradcam={tmp_path / 'cams'}",
+    )  # fmt: skip
+    assert [r["path"] for r in lite_rows] == [r["path"] for r in keras_rows]
+    for k, lite in zip(keras_rows, lite_rows, strict=True):
+        assert lite["grade"] == k["grade"] and lite["grade_prob"] == k["grade_prob"]
+        for key in ("score", "p0", "p1", "p2", "p3", "p4"):
+            assert abs(float(lite[key]) - float(k[key])) <= 1e-4
+    # Grad-CAM needs gradients: the Keras model is loaded for it.
+    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 6
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_evaluate_with_the_litert_backend_reports_beside_the_keras_kappa(stage, tmp_path, quantize):
+    path, _ = _export(stage, quantize)
+    reports = {}
+    for name, extra in (("keras", []), (quantize, ["--backend=litert", f"--litert-model={path}"])):
+        out = tmp_path / name
+        argv = [
+            "evaluate.py",
+            f"--model-dir={stage['model_dir']}",
+            "--stage=1",
+            f"--data={stage['data']}",
+            "--split=test",
+            f"--out={out}",
+            "--bootstrap=20",
+        ]
+        assert evaluate_cmd.run([*argv, *extra]) == 0  # fmt: skip
+        reports[name] = json.loads((out / "report.json").read_text())
+    keras_kappa, lite_kappa = (reports[n]["scores"]["kappa"] for n in ("keras", quantize))
+    print(f"test kappa from scores: keras {keras_kappa:.4f}, litert {quantize} {lite_kappa:.4f}")
+    assert reports[quantize]["backend"]["backend"] == "litert"
+    assert reports[quantize]["backend"]["quantization"] == quantize
+    assert reports[quantize]["n_images"] == reports["keras"]["n_images"] == N_TEST
+    if quantize == "none":  # float32: the same grades, so the same kappa
+        assert lite_kappa == pytest.approx(keras_kappa, abs=1e-9)
+    else:
+        assert abs(lite_kappa - keras_kappa) <= 0.1
+
+
+# ---------------------------------------------------------------------------------------------
 # The sidecar and the default file
 
 
@@ -183,8 +248,7 @@ def test_litert_backend_without_a_file_takes_the_stages_fastest_export(stage):
     assert backend.image_size == SIZE
 
 
-def test_the_export_layout_is_the_checkpoint_layout(tmp_path):
-    assert export.stage_dir(tmp_path, 3) == checkpoints.stage_dir(tmp_path, 3)
+def test_the_export_checkpoint_path_is_the_one_checkpoints_looks_for(tmp_path):
     expected = re.escape(str(export.checkpoint_path(tmp_path, 3)))
     with pytest.raises(checkpoints.CheckpointMissing, match=expected):
         checkpoints.best_model_path(tmp_path, 3)

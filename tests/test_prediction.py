@@ -24,6 +24,7 @@ from m2cnn_tf import checkpoints, gradcam, prediction
 from m2cnn_tf.checkpoints import CheckpointMissing, save_best, stage_dir
 from m2cnn_tf.commands import predict as predict_cmd
 from m2cnn_tf.errors import UsageError
+from m2cnn_tf.export import export_saved_model
 from m2cnn_tf.model import build_m2cnn
 from m2cnn_tf.preprocessing import PreprocessParams, preprocess_file
 
@@ -189,7 +190,7 @@ def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
 
 def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
     model = workspace["model"]
-    export = prediction.export_saved_model(model, tmp_path / "export")
+    export = export_saved_model(model, tmp_path / "export")
     loaded = tf.saved_model.load(str(export))
     serve = loaded.signatures["serving_default"]
     x = np.random.default_rng(1).uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)

@@ -2,6 +2,7 @@
 
     python evaluate.py --model-dir DIR --stage N --data OUT --split val|test --out REPORT_DIR
         [--thresholds fit] [--tta none|flips|dihedral] [--per-patient] [--min-kappa K]
+        [--backend keras|litert] [--litert-model FILE] [--threads N]
     python evaluate.py --compare REPORT_DIR1 REPORT_DIR2 ... [--min-kappa K]
 
 Writes REPORT_DIR/report.json, predictions.csv, confusion_matrix.png and roc_referable.png, and
@@ -19,35 +20,24 @@ import sys
 from absl import flags
 
 from m2cnn_tf import cli
+from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
 
 PROG = "evaluate.py"
 FLAGS = flags.FlagValues()
 _F = {"flag_values": FLAGS}
-flags.DEFINE_string(
-    "model-dir", None, "Folder holding stage{N}/best.keras (train.py --model-dir).", **_F
-)
-flags.DEFINE_integer(
-    "stage", None, "Stage to evaluate: 1 (224 px), 2 (448 px), 3 (720 px).", lower_bound=1, **_F
-)
+model_flags.define_stage(FLAGS, "Stage to evaluate: 1 (224 px), 2 (448 px), 3 (720 px).")
+model_flags.define_backend(FLAGS)
+model_flags.define_inference(FLAGS)
 flags.DEFINE_string("data", None, "data_prep's OUT folder (OUT/<size>/<split>-*.tfrecord).", **_F)
 flags.DEFINE_enum("split", None, ["val", "test"], "Split to evaluate.", **_F)
 flags.DEFINE_string("out", None, "Report folder: report.json, predictions.csv, plots.", **_F)
 flags.DEFINE_enum(
     "thresholds", "round", ["round", "fit"], "Score cut points: round, or fit on val.", **_F
 )
-flags.DEFINE_enum(
-    "tta",
-    "none",
-    cli.TTA_CHOICES,
-    "Test-time augmentation: average the outputs over the 4 flips, or over the 8 symmetries of "
-    "the square (dihedral: flips and 90° rotations).",
-    **_F,
-)
 flags.DEFINE_bool(
     "per-patient", False, "Blend each eye with the fellow eye (weight fit on val).", **_F
 )
-flags.DEFINE_integer("batch-size", 16, "Images per model call.", lower_bound=1, **_F)
 flags.DEFINE_integer(
     "bootstrap", 1000, "Bootstrap replicates for the kappa 95% CI.", lower_bound=1, **_F
 )
@@ -97,6 +87,8 @@ def _evaluate() -> dict:
         per_patient=FLAGS["per-patient"].value,
         batch_size=FLAGS["batch-size"].value,
         n_boot=FLAGS.bootstrap,
+        backend=FLAGS.backend,
+        **model_flags.backend_options(FLAGS),
     )
     print(reports.tables([(reports.run_label(FLAGS.out, report), report)]))
     print(f"\nreport written to {FLAGS.out}")

@@ -1,7 +1,8 @@
 """Grade raw fundus photographs with a trained stage, or export it as a TF SavedModel.
 
     python predict.py --model-dir DIR --stage N [--out preds.csv] [--gradcam OUT_DIR]
-        [--tta none|flips|dihedral] [--cutpoints a,b,c,d] IMAGE_OR_DIR...
+        [--tta none|flips|dihedral] [--cutpoints a,b,c,d]
+        [--backend keras|litert] [--litert-model FILE] [--threads N] IMAGE_OR_DIR...
     python predict.py --model-dir DIR --stage N --export EXPORT_DIR
 
 One CSV row per image (stdout without --out), in input order: grade (from the score),
@@ -21,17 +22,15 @@ from typing import TextIO
 from absl import flags
 
 from m2cnn_tf import cli
+from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
 
 PROG = "predict.py"
 FLAGS = flags.FlagValues()
 _F = {"flag_values": FLAGS}
-flags.DEFINE_string(
-    "model-dir", None, "Folder holding stage{N}/best.keras (train.py --model-dir).", **_F
-)
-flags.DEFINE_integer(
-    "stage", None, "Stage whose best checkpoint to use (1, 2 or 3).", lower_bound=1, **_F
-)
+model_flags.define_stage(FLAGS, "Stage whose best checkpoint to use (1, 2 or 3).")
+model_flags.define_backend(FLAGS)
+model_flags.define_inference(FLAGS)
 flags.DEFINE_string("out", None, "CSV file for the predictions (default: stdout).", **_F)
 flags.DEFINE_string("gradcam", None, "Folder for one Grad-CAM overlay PNG per image.", **_F)
 flags.DEFINE_string("export", None, "Write a TF SavedModel here instead of predicting.", **_F)
@@ -42,17 +41,8 @@ flags.DEFINE_string(
     "(default: the one in the stage's config.json).",
     **_F,
 )
-flags.DEFINE_integer("batch-size", 16, "Images per model call.", lower_bound=1, **_F)
 flags.DEFINE_integer(
     "workers", None, "Preprocessing threads (default: min(4, cores)).", lower_bound=1, **_F
-)
-flags.DEFINE_enum(
-    "tta",
-    "none",
-    cli.TTA_CHOICES,
-    "Test-time augmentation: average the outputs over the 4 flips, or over the 8 symmetries of "
-    "the square (dihedral: flips and 90° rotations).",
-    **_F,
 )
 flags.DEFINE_list(
     "cutpoints", None, "Four score cut points, e.g. from evaluate.py's report.json.", **_F
@@ -83,20 +73,20 @@ def _output() -> AbstractContextManager[TextIO]:
 
 
 def _export(model) -> None:
-    from m2cnn_tf import prediction
+    from m2cnn_tf.export import export_saved_model
 
-    path = prediction.export_saved_model(model, FLAGS.export)
+    path = export_saved_model(model, FLAGS.export)
     print(
         f"SavedModel written to {path} (signature serving_default: image -> logits, "
         "score, probabilities)"
     )
 
 
-def _grade(model, inputs: list[str], cutpoints: list[float] | None) -> int:
+def _grade(backend, inputs: list[str], cutpoints: list[float] | None) -> int:
     """Grade every image into the CSV; exit 1 if any failed."""
     from tqdm import tqdm
 
-    from m2cnn_tf import prediction
+    from m2cnn_tf import backends, prediction
 
     model_dir, stage = FLAGS["model-dir"].value, FLAGS.stage
     params, source = prediction.preprocess_params_for(model_dir, stage, FLAGS.data)
@@ -105,8 +95,9 @@ def _grade(model, inputs: list[str], cutpoints: list[float] | None) -> int:
     if not paths:
         raise UsageError(f"no image files found in {' '.join(inputs)}")
     predictor = prediction.Predictor(
-        model,
+        backend,
         params,
+        gradcam_model=lambda: backends.load_keras(model_dir, stage).model,
         tta=FLAGS.tta,
         batch_size=FLAGS["batch-size"].value,
         workers=FLAGS.workers,
@@ -134,13 +125,16 @@ def _body(rest: list[str]) -> int:
         raise UsageError("no images given: pass image files or folders (or --export EXPORT_DIR)")
     cutpoints = _cutpoints()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from m2cnn_tf import checkpoints
+    from m2cnn_tf import backends
 
-    model, _ = checkpoints.load_stage(FLAGS["model-dir"].value, FLAGS.stage)
+    model_dir, stage = FLAGS["model-dir"].value, FLAGS.stage
     if FLAGS.export:
-        _export(model)
+        _export(backends.load_keras(model_dir, stage).model)
         return cli.EXIT_OK
-    return _grade(model, rest, cutpoints)
+    backend = backends.load_backend(
+        FLAGS.backend, model_dir=model_dir, stage=stage, **model_flags.backend_options(FLAGS)
+    )
+    return _grade(backend, rest, cutpoints)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -28,27 +28,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags
 
 from m2cnn_tf import cli
+from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import RunFailed, UsageError
-from m2cnn_tf.grader import BACKENDS
 
 TOKEN_ENV = "M2CNN_SERVE_TOKEN"
 PROG = "serve.py"
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string(
-    "model-dir",
-    None,
-    "Folder holding stage{N}/best.keras (train.py --model-dir).",
-    flag_values=FLAGS,
-)
-flags.DEFINE_integer(
-    "stage",
-    None,
-    "Stage whose best checkpoint to serve (1, 2 or 3).",
-    lower_bound=1,
-    upper_bound=3,
-    flag_values=FLAGS,
-)
+model_flags.define_stage(FLAGS, "Stage whose best checkpoint to serve (1, 2 or 3).")
+model_flags.define_backend(FLAGS)
 flags.DEFINE_string(
     "host",
     "127.0.0.1",
@@ -96,13 +84,6 @@ flags.DEFINE_string(
     "token",
     None,
     f"Require this bearer token for the page and the API (default: ${TOKEN_ENV}).",
-    flag_values=FLAGS,
-)
-flags.DEFINE_enum(
-    "backend",
-    "keras",
-    BACKENDS,
-    "How the model runs (as predict.py's --backend).",
     flag_values=FLAGS,
 )
 flags.DEFINE_string(
@@ -194,7 +175,7 @@ def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None
     max_batch = FLAGS["max-batch"].value
     grader = Grader.load(
         FLAGS["model-dir"].value, FLAGS.stage, backend=FLAGS.backend, data_dir=FLAGS.data,
-        cutpoints=cutpoints, max_batch=max_batch,
+        cutpoints=cutpoints, max_batch=max_batch, **model_flags.backend_options(FLAGS),
     )  # fmt: skip
     print(f"{PROG}: preprocessing parameters from {grader.params_source}", file=sys.stderr)
     settings = ServeSettings(
