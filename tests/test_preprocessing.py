@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from synthetic_fundus import fundus
 
+from m2cnn_tf.decoding import BadImage, load_image
 from m2cnn_tf.preprocessing import (
-    BadImage,
     PreprocessParams,
     crop_to_square,
     find_disc,
     graham_normalise,
-    load_image,
     preprocess_file,
     preprocess_image,
 )
