@@ -125,8 +125,10 @@ def decode_bgr(
     data: bytes, min_side: int | None, *, partial_ok: bool = False
 ) -> tuple[np.ndarray, str]:
     """(BGR uint8 pixels, flag): the flag is "" or, with `partial_ok`, why the pixels are
-    incomplete ("truncated JPEG": libjpeg grey-fills what is missing). Raises BadImage for what
-    cannot be used: without `partial_ok` a truncated file, in any case one with no pixels."""
+    incomplete ("truncated JPEG": given an end marker, libjpeg decodes what is there and
+    fills the rest with grey). Raises BadImage for what cannot be used: without `partial_ok` a
+    truncated file, in any case one with no pixels (a JPEG cut inside its header; a truncated
+    PNG, which OpenCV does not decode in part)."""
     if not data:
         raise BadImage("empty file")
     kind = _sniff(data)
@@ -137,6 +139,8 @@ def decode_bgr(
         flag = "truncated PNG"
     if flag and not partial_ok:
         raise BadImage(flag)
+    if flag == "truncated JPEG":  # OpenCV decodes nothing of it without an end marker
+        data = data + b"\xff\xd9"
     buf = np.frombuffer(data, np.uint8)
     factor = _reduction(_image_size(data), min_side)
     if kind == "jpeg":

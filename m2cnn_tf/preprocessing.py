@@ -56,7 +56,9 @@ class PreprocessParams:
 
     alpha: float = dataclasses.field(default=4.0, metadata={"help": "Eq. (1) α"})
     beta: float = dataclasses.field(default=-4.0, metadata={"help": "Eq. (1) β"})
-    rho: float = dataclasses.field(default=10.0, metadata={"help": "Eq. (1) ρ, in base pixels"})
+    rho: float = dataclasses.field(
+        default=10.0, metadata={"help": "Eq. (1) ρ: G's σ, in the pixels the ρ scale says"}
+    )
     gamma: float = dataclasses.field(default=128.0, metadata={"help": "Eq. (1) γ"})
     mask: bool = dataclasses.field(
         default=True, metadata={"flag": "no-mask", "help": "skip the 90% circular mask"}
