@@ -139,15 +139,8 @@ def setting(
     required: the flag has no default and must be given (the field's default serves the library).
     off_word: a bool field's flag also takes this word for False (`--augment none`).
     """
-    metadata = dict(
-        help=help,
-        choices=choices,
-        check=check,
-        key=key,
-        flag=flag,
-        required=required,
-        off_word=off_word,
-    )
+    metadata = dict(help=help, choices=choices, check=check, key=key, flag=flag)
+    metadata.update(required=required, off_word=off_word)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -431,19 +424,10 @@ class _SwitchParser(flags.BooleanParser):
         return super().parse(argument)
 
 
-def _switches() -> dict[str, str]:
-    """Flag name → its off word, for every switch that has one."""
-    return {
-        flat_key(f).replace("_", "-"): f.metadata["off_word"]
-        for _, f in _leaves()
-        if f.metadata["off_word"]
-    }
-
-
 def join_switch_words(argv: Iterable[str]) -> list[str]:
     """`--augment none` → `--augment=none`: absl never gives a boolean flag the argument after
     it, so a switch's off word is joined to it before parsing."""
-    words = _switches()
+    words = {flat_key(f).replace("_", "-"): f.metadata["off_word"] for _, f in _leaves()}
     out: list[str] = []
     for arg in argv:
         previous = out[-1].lstrip("-") if out and out[-1].startswith("-") else None
