@@ -6,6 +6,9 @@ Listing → preprocessed (m2cnn_tf.preprocessing), encoded images → sharded TF
 * the plan (data_prep.plan) fixes which record goes into which chunk and shard;
 * workers (data_prep.worker, separate processes, no TensorFlow) decode, preprocess and encode
   one image at a time; the parent serializes Examples and writes each finished chunk as a part;
+* an image that cannot be used is skipped in train; in val and test (`worker.KEEP_SPLITS`) an
+  image is skipped only when it has no pixels at all, and one kept although imperfect (a
+  truncated JPEG) is flagged in the manifest;
 * every file comes into place whole (data_prep.layout); a chunk is done when its summary JSON
   exists. After kill -9 the same call redoes only unfinished chunks, and the deterministic
   pipeline makes the redone records byte-identical.
@@ -27,7 +30,6 @@ from typing import Any
 
 from data_prep.executor import Executor
 from data_prep.layout import (
-    MANIFEST,
     STATE,
     Layout,
     finalize_shard,
@@ -39,9 +41,10 @@ from data_prep.layout import (
 from data_prep.manifest import summarize_skips, write_manifest
 from data_prep.plan import conversion_key, make_plan, order_items
 from data_prep.sources import Item, Listing, Skip
-from data_prep.worker import Settings, check_image, encode_image
+from data_prep.worker import KEEP_SPLITS, Encoded, Settings, check_image, encode_item
 from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.errors import Interrupted, RunFailed, UsageError
+from m2cnn_tf.manifest import MANIFEST
 
 Log = Callable[[str], None]
 
@@ -53,6 +56,7 @@ class Result:
     manifest: Path
     records: dict[str, int]  # per split
     skipped: int  # inputs left out, each listed with its reason in the manifest
+    flagged: int = 0  # val/test images kept although imperfect, each listed in the manifest
     resumed: int = 0  # images an interrupted run had already converted
     already_complete: bool = False  # the same conversion was found finished; nothing redone
 
@@ -138,7 +142,8 @@ def _timings(stats: dict[str, int], seconds: float, workers: int) -> dict[str, A
 
 def _result(out: Path, manifest: dict[str, Any], **kw: Any) -> Result:
     records = {split: c["records"] for split, c in manifest["counts"].items()}
-    return Result(out / MANIFEST, records, len(manifest["skipped"]), **kw)
+    flagged = len(manifest.get("flagged", []))
+    return Result(out / MANIFEST, records, len(manifest["skipped"]), flagged, **kw)
 
 
 def _finished(out: Path, key: str) -> Result | None:
@@ -193,7 +198,7 @@ def _check_all(
     problems = list(listing.skipped)
     flat = [it for items in by_split.values() for it in items]
     with _progress(settings, len(flat), 0, "checking") as bar:
-        for item, reason in executor.map(check_image, flat, path=_path):
+        for item, reason in executor.map(check_image, flat, args=_path):
             if reason:
                 problems.append(Skip(item.image_id, item.path, reason, item.split))
             bar.update(1)
@@ -222,11 +227,11 @@ def _run_chunks(
                 finalize_shard(layout, s, split, j)
     total = sum(len(v) for v in by_split.values())
     tasks = ((split, c, it) for split, c, members in todo for it in members)
-    pending: dict[tuple[str, int], list[tuple[Item, dict[int, bytes] | str]]] = {}
+    pending: dict[tuple[str, int], list[tuple[Item, Encoded | str]]] = {}
     sizes_of = {(split, c): len(members) for split, c, members in todo}
     processed = 0
     with _progress(settings, total, reused, "converting") as bar:
-        for (split, c, item), result in executor.map(encode_image, tasks, path=_task_path):
+        for (split, c, item), result in executor.map(encode_item, tasks, args=_task_args):
             pending.setdefault((split, c), []).append((item, result))
             bar.update(1)
             processed += 1
@@ -235,12 +240,14 @@ def _run_chunks(
     return {"processed": processed, "reused": reused, "chunks_redone": len(todo)}
 
 
-def _path(item: Item) -> str:
-    return item.path
+def _path(item: Item) -> tuple[str]:
+    return (item.path,)
 
 
-def _task_path(task: tuple[str, int, Item]) -> str:
-    return task[2].path
+def _task_args(task: tuple[str, int, Item]) -> tuple[str, bool]:
+    """encode_item's arguments: the path, and whether the image is kept if imperfect."""
+    split, _, item = task
+    return item.path, split in KEEP_SPLITS
 
 
 def _write_chunk(
@@ -249,19 +256,21 @@ def _write_chunk(
     records: Any,
     split: str,
     c: int,
-    results: list[tuple[Item, dict[int, bytes] | str]],
+    results: list[tuple[Item, Encoded | str]],
 ) -> None:
     """One chunk's parts at every size, then its summary (the chunk is done), then any shard
     this chunk completes."""
     grades: collections.Counter = collections.Counter()
-    skipped = []
+    skipped, flagged = [], []
     per_size: dict[int, list[bytes]] = {s: [] for s in settings.sizes}
     for item, result in results:
         if isinstance(result, str):
             skipped.append(Skip(item.image_id, item.path, result, split).to_dict())
             continue
+        if result.flag:
+            flagged.append(Skip(item.image_id, item.path, result.flag, split).to_dict())
         grades[item.grade] += 1
-        for s, data in result.items():
+        for s, data in result.images.items():
             per_size[s].append(
                 records.make_example(
                     data,
@@ -280,6 +289,7 @@ def _write_chunk(
         "records": len(results) - len(skipped),
         "grades": {str(g): n for g, n in sorted(grades.items())},
         "skipped": skipped,
+        "flagged": flagged,
     }
     atomic_write_json(layout.chunk_json(split, c), summary)
     for s in settings.sizes:
@@ -299,6 +309,11 @@ def _log_summary(
     )
     for note in manifest["notes"]:
         log(f"note: {note}")
+    if result.flagged:
+        log(
+            f"kept {result.flagged} imperfect val/test image(s): "
+            f"{summarize_skips(manifest['flagged'])}; each is flagged in {result.manifest}"
+        )
     if result.skipped:
         log(
             f"skipped {result.skipped} input(s): {summarize_skips(manifest['skipped'])}; "

@@ -13,8 +13,8 @@ TASK_TIMEOUT = 300  # seconds; one image takes well under one
 
 
 class Executor:
-    """Ordered map of an image path → result over worker processes, with a bounded window so
-    memory stays flat however large the dataset. One worker runs in-process.
+    """Ordered map of an image's arguments (its path, ...) → result over worker processes, with
+    a bounded window so memory stays flat however large the dataset. One worker runs in-process.
 
     Workers fork from a forkserver that imported only data_prep.worker: they never inherit
     TensorFlow (or its threads) from the parent, whatever the parent has imported.
@@ -37,16 +37,17 @@ class Executor:
         self.close()
 
     def map(
-        self, fn: Callable[[str], Any], tasks: Iterable[Any], path: Callable[[Any], str]
+        self, fn: Callable[..., Any], tasks: Iterable[Any], args: Callable[[Any], tuple]
     ) -> Iterator[tuple[Any, Any]]:
-        """(task, fn(path(task))) in task order; only plain paths cross to the workers."""
+        """(task, fn(*args(task))) in task order; only the plain arguments (a path, a switch)
+        cross to the workers."""
         if self.pool is None:
             for task in tasks:
-                yield task, fn(path(task))
+                yield task, fn(*args(task))
             return
         window: collections.deque = collections.deque()
         for task in tasks:
-            window.append((task, self.pool.apply_async(fn, (path(task),))))
+            window.append((task, self.pool.apply_async(fn, args(task))))
             if len(window) >= 4 * self.workers:
                 yield self._next(window)
         while window:

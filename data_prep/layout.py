@@ -2,6 +2,7 @@
 
     OUT/<size>/<split>-<iiiii>-of-<nnnnn>.tfrecord   final shards (m2cnn_tf.records)
     OUT/manifest.json                                 written last: the conversion is complete
+                                                      (m2cnn_tf.manifest.MANIFEST)
     OUT/.state/plan.json                              the fixed plan (data_prep.plan)
     OUT/.state/chunks/<split>-<ccccc>.json            a chunk is done: its records and skips
     OUT/.state/parts/<size>/<split>-<ccccc>.tfrecord  a done chunk's records at one size
@@ -27,7 +28,6 @@ from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.errors import UsageError
 
 STATE = ".state"
-MANIFEST = "manifest.json"
 
 
 @dataclasses.dataclass

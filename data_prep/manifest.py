@@ -1,5 +1,7 @@
 """What a finished conversion records in OUT/manifest.json: its inputs, settings, counts, shards
-with checksums, every skipped input with its reason, timings and versions.
+with checksums, every skipped input with its reason, every val/test image kept although
+imperfect (`flagged`), the images each split's source listed (`expected`), timings and versions.
+m2cnn_tf.manifest reads it (record counts for training, completeness for evaluation).
 
 The manifest is written last, atomically: it exists only for a complete conversion, and its
 `key` lets a rerun of the same command recognise it.
@@ -14,13 +16,14 @@ from typing import Any
 
 import cv2
 
-from data_prep.layout import MANIFEST, Layout, finalize_shard, read_json
+from data_prep.layout import Layout, finalize_shard, read_json
 from data_prep.plan import now
 from data_prep.sources import Item, Listing
 from data_prep.worker import Settings
 from m2cnn_tf import common
 from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.errors import RunFailed
+from m2cnn_tf.manifest import MANIFEST
 
 
 def versions() -> dict[str, str]:
@@ -37,10 +40,12 @@ def summarize_skips(skipped: Sequence[dict[str, str]]) -> str:
 
 def _counts(
     layout: Layout, by_split: dict[str, list[Item]]
-) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
-    """Records and grades per split, and the images the workers skipped, from the chunks."""
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]], list[dict[str, str]]]:
+    """Records and grades per split, and the images the workers skipped and flagged, from the
+    chunks."""
     counts: dict[str, dict[str, Any]] = {}
     skipped: list[dict[str, str]] = []
+    flagged: list[dict[str, str]] = []
     for split in by_split:
         grades: collections.Counter = collections.Counter()
         total = 0
@@ -49,8 +54,22 @@ def _counts(
             grades.update({int(g): n for g, n in chunk["grades"].items()})
             total += chunk["records"]
             skipped.extend(chunk["skipped"])
+            flagged.extend(chunk.get("flagged", []))  # chunks of an older, resumed run: none
         counts[split] = {"records": total, "grades": {str(g): grades[g] for g in range(5)}}
-    return counts, skipped
+    return counts, skipped, flagged
+
+
+def expected_images(by_split: dict[str, list[Item]], listing: Listing) -> dict[str, int]:
+    """Per split, the distinct images its source rows name: those converted, those the workers
+    skipped and those the listing rejected (a missing file, a bad grade). Evaluation compares
+    the images it graded with this (m2cnn_tf.manifest.completeness)."""
+    ids: dict[str, set[str]] = collections.defaultdict(set)
+    for split, items in by_split.items():
+        ids[split].update(it.image_id for it in items)
+    for skip in listing.skipped:
+        if skip.split:
+            ids[skip.split].add(skip.image_id)
+    return {split: len(ids[split]) for split in common.SPLITS if split in ids}
 
 
 def _shards(
@@ -82,7 +101,7 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Write OUT/manifest.json (the conversion is then complete) and return it."""
     plan = layout.plan
-    counts, worker_skips = _counts(layout, by_split)
+    counts, worker_skips, flagged = _counts(layout, by_split)
     skipped = [s.to_dict() for s in listing.skipped] + worker_skips
     manifest = {
         "key": plan["key"],
@@ -97,9 +116,12 @@ def write_manifest(
             "estimated_bytes_per_image": plan["estimated_bytes_per_image"],
         },
         "counts": counts,
+        "expected": expected_images(by_split, listing),
         "shards": _shards(layout, by_split, settings.sizes),
         "skipped": skipped,
         "skipped_summary": dict(collections.Counter(s["reason"] for s in skipped)),
+        "flagged": flagged,
+        "flagged_summary": dict(collections.Counter(s["reason"] for s in flagged)),
         "notes": listing.notes,
         "timings": {"first_started_utc": plan["created_utc"], "finished_utc": now(), **timings},
         "versions": versions(),

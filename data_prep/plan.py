@@ -71,12 +71,16 @@ def _estimate_bytes(
     step = max(1, len(flat) // _PILOT_IMAGES)
     pilot: Iterable[str] = [it.path for it in flat[::step][:_PILOT_IMAGES]]
     seen: dict[int, list[int]] = {s: [] for s in settings.sizes}
-    for _, result in map_images(encode_image, pilot, path=str):
+    for _, result in map_images(encode_image, pilot, args=_path_only):
         if isinstance(result, dict):
             for s, data in result.items():
                 seen[s].append(len(data))
     fallback = _FALLBACK_BYTES_PER_PIXEL[settings.image_format]
     return {s: float(np.mean(v)) if v else fallback * s * s for s, v in seen.items()}
+
+
+def _path_only(path: str) -> tuple[str]:
+    return (path,)
 
 
 def make_plan(

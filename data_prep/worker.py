@@ -22,8 +22,13 @@ from m2cnn_tf.preprocessing import (
     PreprocessParams,
     encode,
     preprocess_bgr_file,
+    preprocess_bgr_file_kept,
     resize_to,
 )
+
+# The splits a kappa is reported on (§III-A, Table II/III): an image that decodes is never
+# dropped from them, or the kappa would not be comparable with the paper's or the leaderboard's.
+KEEP_SPLITS = ("val", "test")
 
 
 def default_workers() -> int:
@@ -116,19 +121,40 @@ def _error_reason(e: Exception) -> str:
     return f"error: {type(e).__name__}: {text}".rstrip(": ")
 
 
-def encode_image(path: str) -> dict[int, bytes] | str:
-    """One image → {size: encoded bytes}, every size resized from the one base image."""
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One image at every size, and why it is kept although imperfect ("" when it is sound)."""
+
+    images: dict[int, bytes]
+    flag: str = ""
+
+
+def encode_item(path: str, keep: bool) -> Encoded | str:
+    """One image → its encoded sizes, every size resized from the one base image; or the reason
+    it is skipped. With `keep` (val and test) a partly decodable image is kept and flagged
+    (`preprocessing.preprocess_bgr_file_kept`); only one with no pixels at all is skipped."""
     assert _settings is not None, "init_worker first"
     s = _settings
     try:
-        base = preprocess_bgr_file(path, s.params)
-        return {
+        if keep:
+            base, flag = preprocess_bgr_file_kept(path, s.params)
+        else:
+            base, flag = preprocess_bgr_file(path, s.params), ""
+        sizes = {
             size: encode(resize_to(base, size), s.image_format, s.jpeg_quality) for size in s.sizes
         }
+        return Encoded(sizes, flag)
     except BadImage as e:
         return e.reason
     except Exception as e:  # one odd file must not end an hours-long run; it is reported
         return _error_reason(e)
+
+
+def encode_image(path: str) -> dict[int, bytes] | str:
+    """One sound image → {size: encoded bytes}, or the reason it is skipped (the train split's
+    rule, and the plan's pilot images)."""
+    result = encode_item(path, keep=False)
+    return result.images if isinstance(result, Encoded) else result
 
 
 def check_image(path: str) -> str | None:

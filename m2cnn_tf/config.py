@@ -10,6 +10,7 @@ of the run, each part receiving only its own section:
   every config.json has had (predict.py reads it).
 - `augment` (AugmentConfig): the train-time augmentation and where it runs. Read by
   `data.make_dataset` (tf.data) or `trainer.TwoRateTrainer` (the train step), never both.
+  All of it is ours: the paper describes no augmentation.
 - `optim` (OptimConfig): what is optimised and for how long: objective, optimizers, learning
   rates, L_reg, epochs, batch, validation schedule. Read by the trainer and the fit loop.
 - `runtime` (RuntimeConfig): how the run executes (precision, XLA, devices, seed, resuming,
@@ -20,7 +21,9 @@ of the run, each part receiving only its own section:
 Each field declares its help text and, where there is one, its choice list and valid range in
 `dataclasses.field(metadata=...)`. `define_flags` turns the fields into absl flags (train.py's,
 named after the field: `--batch-size`, `--augment-on`), `from_flags` builds the `Config` back and
-`check_config` validates it, so adding a setting is one edit: a field here.
+`check_config` validates it, so adding a setting is one edit: a field here. A switch may also
+take a word that turns it off (`--augment none`, the spelling of `--tta none`), besides absl's
+`--noaugment` and `--augment=false`; `join_switch_words` lets that word follow after a space.
 
 The resolved `Config` is saved as nested JSON next to every checkpoint (`Config.save`);
 `Config.from_dict` also reads the flat config.json of earlier versions, whose keys are the flag
@@ -127,20 +130,30 @@ def setting(
     key: str | None = None,
     flag: bool = True,
     required: bool = False,
+    off_word: str | None = None,
 ) -> Any:
     """A config field with what the flag and the checks need.
 
     key: the field's flat name: its flag (`_` → `-`) and its key in a flat config.json of
     earlier versions (default: the field name). flag=False keeps a field off the command line.
     required: the flag has no default and must be given (the field's default serves the library).
+    off_word: a bool field's flag also takes this word for False (`--augment none`).
     """
-    metadata = dict(help=help, choices=choices, check=check, key=key, flag=flag, required=required)
+    metadata = dict(help=help, choices=choices, check=check, key=key, flag=flag)
+    metadata.update(required=required, off_word=off_word)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network (Fig. 2) and its starting weights (§III-A "Parameter Initialization")."""
+    """The network (Fig. 2) and its starting weights (§III-A "Parameter Initialization").
+
+    `sync_bn` is ours: the paper does not say how it spread training over devices. Under the
+    mirrored and multiworker strategies each replica sees its share of the global batch, so
+    without synchronisation BatchNorm normalises by per-replica statistics (at 720 px, a global
+    batch of 16 on 8 GPUs gives 2 images per BatchNorm) and keeps one replica's moving
+    averages. Synchronised, every BatchNorm uses the global batch's statistics, as on one device.
+    """
 
     preset: str = setting(
         "paper",
@@ -155,6 +168,11 @@ class ModelConfig:
         None,
         "BatchNorm moving-average momentum (default: the model's 0.99; ~0.9 suits short runs).",
         check=FRACTION,
+    )
+    sync_bn: bool | None = setting(
+        None,
+        "Synchronise BatchNorm's batch statistics over all replicas (default: on with more "
+        "than one replica, off with one).",
     )
     weights: str = setting("imagenet", "Stage-1 backbone: imagenet, none or PATH.")
     init: str = setting("", "Start from this .keras checkpoint instead of stage N-1's best.")
@@ -175,9 +193,20 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Train-split augmentation (m2cnn_tf.data): the fundus has no "up", so any rotation."""
+    """Train-split augmentation (m2cnn_tf.data): the fundus has no "up", so any rotation.
 
-    enabled: bool = setting(True, "Augment the train split.", key="augment")
+    Ours, all of it: the paper describes no augmentation (README, deviations table). On by
+    default because Kaggle's photographs vary in orientation, framing and exposure; `enabled`
+    False (`none`) turns every part off, in tf.data and in the train step alike.
+    """
+
+    enabled: bool = setting(
+        True,
+        "Augment the train split (ours: the paper describes none); none or false: no "
+        "augmentation at all.",
+        key="augment",
+        off_word="none",
+    )
     on: str = setting(
         "step",
         "Augment in the train step on the accelerator, or in tf.data on the CPU.",
@@ -382,6 +411,33 @@ def _value_type(section: str | None, f: dataclasses.Field) -> type:
     return hint
 
 
+class _SwitchParser(flags.BooleanParser):
+    """absl's boolean parser that also reads one word as False."""
+
+    def __init__(self, off_word: str):
+        super().__init__()
+        self.off_word = off_word
+
+    def parse(self, argument: Any) -> bool | None:
+        if isinstance(argument, str) and argument.strip().lower() == self.off_word:
+            return False
+        return super().parse(argument)
+
+
+def join_switch_words(argv: Iterable[str]) -> list[str]:
+    """`--augment none` → `--augment=none`: absl never gives a boolean flag the argument after
+    it, so a switch's off word is joined to it before parsing."""
+    words = {flat_key(f).replace("_", "-"): f.metadata["off_word"] for _, f in _leaves()}
+    out: list[str] = []
+    for arg in argv:
+        previous = out[-1].lstrip("-") if out and out[-1].startswith("-") else None
+        if previous in words and arg.strip().lower() == words[previous]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def define_flags(flag_values: flags.FlagValues) -> None:
     """One absl flag per setting, named after its flat key, with the field's help and choices."""
     for section, f in _leaves():
@@ -394,6 +450,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
             strings = [str(c) for c in choices]
             default = None if default is None else str(default)
             flags.DEFINE_enum(name, default, strings, help_text, flag_values=flag_values)
+        elif f.metadata["off_word"]:
+            parser = _SwitchParser(f.metadata["off_word"])
+            switch = flags.Flag(parser, None, name, default, help_text, boolean=True)
+            flags.DEFINE_flag(switch, flag_values=flag_values)
         else:
             define = {
                 bool: flags.DEFINE_bool,

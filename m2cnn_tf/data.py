@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from m2cnn_tf import records
+from m2cnn_tf import manifest, records
 from m2cnn_tf.config import NUM_CLASSES, AugmentConfig, DataConfig
 from m2cnn_tf.errors import UsageError
 
@@ -66,6 +66,27 @@ def split_files(data_dir: str | os.PathLike, image_size: int, split: str) -> lis
     if not files:
         raise DataError(f"no {split} shards in {size_dir}")
     return files
+
+
+def split_size(
+    data_dir: str | os.PathLike, image_size: int, split: str, files: Sequence[str] | None = None
+) -> int:
+    """Records in a split: from data_prep's manifest.json when it describes these very shards
+    (`manifest.split_counts`), otherwise counted by reading them, which at 720 px means reading
+    the whole split (about 14 GB for Kaggle's train and val)."""
+    files = split_files(data_dir, image_size, split) if files is None else files
+    known = manifest.split_counts(data_dir, image_size, split, files)
+    return known.records if known is not None else count_records(files)
+
+
+def split_grade_counts(
+    data_dir: str | os.PathLike, image_size: int, split: str, files: Sequence[str] | None = None
+) -> list[int]:
+    """Records per grade in a split: from the manifest as `split_size`, otherwise by parsing
+    every record's grade."""
+    files = split_files(data_dir, image_size, split) if files is None else files
+    known = manifest.split_counts(data_dir, image_size, split, files)
+    return known.grades if known is not None else grade_counts(files)
 
 
 def count_records(files: Sequence[str]) -> int:
@@ -248,24 +269,46 @@ def make_dataset(
         ds = ds.map(lambda x, m: (scale_image(x), m), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(options)
     here = augment is not None and augment.enabled and augment.on == "pipeline"
+    settings = settings or DataConfig()
+    counts, total = _train_counts(data_dir, image_size, split, files, settings, batch_size)
     return _training_dataset(
         files,
         decode,
-        split=split,
+        counts=counts,
+        total=total,
         batch_size=batch_size,
         seed=seed,
-        settings=settings or DataConfig(),
+        settings=settings,
         augment=augment if here else None,
         start_epoch=start_epoch,
         steps_per_epoch=steps_per_epoch,
     )
 
 
+def _train_counts(
+    data_dir, image_size: int, split: str, files: list[str], settings: DataConfig, batch: int
+) -> tuple[list[int], int]:
+    """(records per grade, or [] unless balancing; records), checked against the batch size."""
+    if settings.balance:
+        counts = split_grade_counts(data_dir, image_size, split, files)
+        total = sum(counts)
+    else:
+        counts, total = [], split_size(data_dir, image_size, split, files)
+    if batch > total:
+        raise DataError(
+            f"batch size {batch} is larger than the {split} split ({total} images in "
+            f"{os.path.dirname(files[0])}); use a batch of at most {total}",
+            setting="batch_size",
+        )
+    return counts, total
+
+
 def _training_dataset(
     files: list[str],
     decode,
     *,
-    split: str,
+    counts: list[int],
+    total: int,
     batch_size: int,
     seed: int | None,
     settings: DataConfig,
@@ -277,14 +320,6 @@ def _training_dataset(
     options = tf.data.Options()
     options.deterministic = deterministic
     seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-    counts = grade_counts(files) if settings.balance else []
-    total = sum(counts) if settings.balance else count_records(files)
-    if batch_size > total:
-        raise DataError(
-            f"batch size {batch_size} is larger than the {split} split ({total} images in "
-            f"{os.path.dirname(files[0])}); use a batch of at most {total}",
-            setting="batch_size",
-        )
     raw = _records(files, shuffle=True, seed=seed, deterministic=deterministic)
     if settings.balance:
         per_epoch = (steps_per_epoch or total // batch_size) * batch_size

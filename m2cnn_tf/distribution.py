@@ -1,14 +1,76 @@
-"""How a run is spread over devices and machines: the tf.distribute strategy, which process
-writes the shared outputs, and how the input is split between workers."""
+"""How a run is spread over devices and machines: which devices TensorFlow sees and a run will
+use, the tf.distribute strategy, which process writes the shared outputs, and how the input is
+split between workers."""
 
 from __future__ import annotations
 
+import collections
 import os
+from collections.abc import Sequence
 
 import tensorflow as tf
 
 from m2cnn_tf.config import STRATEGIES, unknown_choice
 from m2cnn_tf.errors import RunFailed, UsageError
+
+
+def gpu_names() -> list[str]:
+    """The GPUs TensorFlow sees, by name ("GPU" when the driver gives none).
+
+    Lists physical devices only, which leaves the TF context uninitialised: it may run before
+    `make_strategy`, and before logical devices are configured.
+    """
+    names = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(gpu)
+        except (ValueError, tf.errors.OpError):
+            details = {}
+        names.append(details.get("device_name") or "GPU")
+    return names
+
+
+def gpu_count() -> int:
+    """GPUs visible to TensorFlow: 0 with the plain CPU wheel or without the CUDA libraries."""
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def device_line(gpus: Sequence[str], strategy: str, mixed_precision: bool) -> str:
+    """`devices: 2 × GPU (NVIDIA H100 80GB HBM3), mixed precision on`, or `devices: CPU only
+    (no GPU visible to TensorFlow)`: what a run with `strategy` computes on, given the GPUs seen.
+
+    The default strategy computes on the first GPU only; mirrored and multiworker on every local
+    one. GPUs seen but unused are named, so a forgotten strategy shows.
+    """
+    if not gpus:
+        return "devices: CPU only (no GPU visible to TensorFlow)"
+    used = list(gpus) if strategy in ("mirrored", "multiworker") else list(gpus[:1])
+    kinds = collections.Counter(used)
+    if len(kinds) == 1:
+        what = f"{len(used)} × GPU ({used[0]})"
+    else:
+        what = f"{len(used)} × GPU (" + ", ".join(f"{n} × {k}" for k, n in kinds.items()) + ")"
+    line = f"devices: {what}, mixed precision {'on' if mixed_precision else 'off'}"
+    if len(used) < len(gpus):
+        line += f"; {len(gpus)} GPUs visible, the mirrored strategy would use all"
+    return line
+
+
+def mixed_precision_warning(gpus: Sequence[str], mixed_precision: bool) -> str | None:
+    """The one-line warning for mixed precision without a GPU, or None."""
+    if mixed_precision and not gpus:
+        return (
+            "warning: mixed precision without a GPU: the CPU has no fast float16 arithmetic, so "
+            "the run is slower than in float32; mixed precision is meant for GPUs"
+        )
+    return None
+
+
+def describe_devices(strategy: str = "default", mixed_precision: bool = False) -> list[str]:
+    """What train.py prints before anything else: the device line, then any warning."""
+    gpus = gpu_names()
+    warning = mixed_precision_warning(gpus, mixed_precision)
+    return [device_line(gpus, strategy, mixed_precision)] + ([warning] if warning else [])
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:

@@ -8,7 +8,10 @@ steps, each in the module named for it:
 4. compute the figures (`metrics`);
 5. write report.json, predictions.csv and the plots (`reports`).
 Anything fitted is fitted on val and applied to the evaluated split; when that split is val
-itself the figures are optimistic, and report.json says so.
+itself the figures are optimistic, and report.json says so. report.json also says how many
+images were graded against how many the split's source lists (data_prep's manifest.json), and
+which are missing: a kappa over fewer images than the paper's is not comparable with it, and
+the evaluation warns when the numbers differ.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 import tensorflow as tf
 from tqdm import tqdm
 
-from m2cnn_tf import backends, checkpoints, data
+from m2cnn_tf import backends, checkpoints, data, manifest
 from m2cnn_tf.calibration import BLEND_METHOD, Calibration, fit_calibration
 from m2cnn_tf.errors import M2cnnError, UsageError
 from m2cnn_tf.inference import Predictions, check_tta, predict_dataset
@@ -88,6 +91,28 @@ def _calibration_record(cal: Calibration, fit_thresholds: bool, split: str) -> d
     }
 
 
+def completeness_record(
+    data_dir: str | Path, split: str, preds: Predictions, log=print
+) -> dict[str, Any]:
+    """report.json's `n_images`, `n_expected` (None without a manifest), `missing_ids` and
+    `flagged` (graded, but kept by data_prep although imperfect); a one-line warning through
+    `log` when the split's source lists another number of images than were graded."""
+    found = manifest.completeness(data_dir, split, (str(i) for i in preds.ids))
+    n_images = len(preds)
+    if found.n_expected is not None and n_images != found.n_expected:
+        log(
+            f"warning: evaluated {n_images} {split} images, but the split's source lists "
+            f"{found.n_expected} ({len(found.missing)} known missing, by id in report.json's "
+            "missing_ids); this kappa is not comparable with one over the whole split"
+        )
+    return {
+        "n_images": n_images,
+        "n_expected": found.n_expected,
+        "missing_ids": found.missing,
+        "flagged": found.flagged,
+    }
+
+
 def run_evaluation(
     model_dir: str | Path,
     stage: int,
@@ -104,10 +129,11 @@ def run_evaluation(
     backend: str = "keras",
     litert_model: str | Path | None = None,
     threads: int | None = None,
+    log=print,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint of a stage (on `backend`: the Keras model, or its LiteRT
     export) on a split, write the report files into `out_dir` and return report.json's
-    content."""
+    content; warnings go through `log`."""
     check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
@@ -134,6 +160,7 @@ def run_evaluation(
         tta=tta,
         backend=runtime.describe(),
         **_calibration_record(calibration, fit_thresholds, split),
+        **completeness_record(data_dir, split, preds, log),
     )
     write_report(out_dir, report, final, {"score_own": preds.scores} if per_patient else None)
     return report

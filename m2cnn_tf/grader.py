@@ -28,10 +28,10 @@ import numpy as np
 
 from m2cnn_tf import image_headers
 from m2cnn_tf.backends import load_backend, load_keras, runtime_of
+from m2cnn_tf.decoding import decode_bgr
 from m2cnn_tf.errors import one_line
 from m2cnn_tf.preprocessing import (
     PreprocessParams,
-    decode_bgr,
     find_disc,
     preprocess_image,
     resize_to,
@@ -148,7 +148,7 @@ class Grader:
         """Check the header (type by content, size before decoding), decode, preprocess."""
         try:
             info = image_headers.inspect(data, self.max_pixels)
-            bgr = decode_bgr(data, self.params.base_size)
+            bgr, _ = decode_bgr(data, self.params.base_size)  # refuses a cut-off file
             warnings = quality_warnings(bgr, info, self.size)
             base = preprocess_image(bgr, self.params)
         except Exception as err:  # BadImage, RefusedImage or a decoder's own: one bad file

@@ -90,6 +90,7 @@ def build_m2cnn(
     cell_init: str = "identity",
     bn_momentum: float | None = None,
     multi_cell: bool = True,
+    sync_bn: bool = False,
     name: str | None = None,
 ) -> keras.Model:
     """Build M²CNN for one input resolution; the cells it gets follow Table I / §II-C.
@@ -104,6 +105,8 @@ def build_m2cnn(
     one grade.
     multi_cell: False builds the plain BaseNet+MT at any resolution, Table II's "Multi-Task"
     column at 448 and 720 px, the ablation against which M²CNN is compared.
+    sync_bn: every BatchNorm computes its batch statistics over all replicas of the
+    tf.distribute strategy it runs under (`set_batchnorm`).
     Outputs: {"logits": (B, num_classes), "score": (B, 1)}, float32 under any dtype policy.
     """
     if cell_init not in ("identity", "random"):
@@ -132,23 +135,45 @@ def build_m2cnn(
     if cell_init == "identity":
         for prefix, count in groups:
             _init_group_near_identity(model, prefix, count)
-    for layer in model.layers:
-        if bn_momentum is not None and isinstance(layer, layers.BatchNormalization):
-            layer.momentum = bn_momentum
+    set_batchnorm(model, momentum=bn_momentum, synchronized=sync_bn)
     if weights is not None and weights != "none":
         load_backbone_weights(model, weights, preset=preset)
     return model
 
 
-def build_from_settings(image_size: int, settings: ModelConfig) -> keras.Model:
-    """The network a run's model section describes, with fresh weights: `training.initialise`
-    loads what §III-A says it starts from (`settings.weights` or `settings.init`)."""
+def set_batchnorm(
+    model: keras.Model, *, momentum: float | None = None, synchronized: bool = False
+) -> None:
+    """Every BatchNorm's moving-average momentum (None keeps it) and whether it computes its
+    batch statistics over all replicas (Keras's `synchronized`, read when the layer is called).
+
+    A synchronised layer saves `synchronized: true` in its config, which Keras loads in safe mode
+    anywhere. In inference it computes exactly what an unsynchronised layer does; in training on
+    one device, the same statistics up to float rounding (its variance is E[x²] − E[x]²).
+    """
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            if momentum is not None:
+                layer.momentum = momentum
+            layer.synchronized = synchronized
+
+
+def sync_bn_enabled(settings: ModelConfig, replicas: int) -> bool:
+    """The model section's `sync_bn`, or by default: on with more than one replica."""
+    return settings.sync_bn if settings.sync_bn is not None else replicas > 1
+
+
+def build_from_settings(image_size: int, settings: ModelConfig, replicas: int = 1) -> keras.Model:
+    """The network a run's model section describes, for a strategy of `replicas` replicas, with
+    fresh weights: `training.initialise` loads what §III-A says it starts from
+    (`settings.weights` or `settings.init`)."""
     return build_m2cnn(
         image_size,
         preset=settings.preset,
         num_classes=settings.num_classes,
         bn_momentum=settings.bn_momentum,
         multi_cell=settings.multi_cell,
+        sync_bn=sync_bn_enabled(settings, replicas),
     )
 
 

@@ -3,6 +3,7 @@
 This is the only implementation: data_prep writes TFRecords with `preprocess_file` and prediction
 calls the same function, so training and inference can never see different preprocessing.
 Eq. (1) runs once per image at `base_size`; every output size is resized from that one image.
+Decoding the file is m2cnn_tf.decoding's job.
 
 Internally images stay BGR (OpenCV's order) and are converted to RGB only at the public
 boundary: every step is per channel or channel-symmetric, so the order does not change results.
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
+from m2cnn_tf.decoding import BadImage, decode_bgr, read_bytes
 from m2cnn_tf.errors import UsageError
 
 # Border noise: the disc is whatever is clearly brighter than the darkest image corners.
@@ -34,18 +35,30 @@ _BLUR_REDUCTION = 2  # the masked fast path blurs at 1/2 resolution (error bound
 # How a preprocessed image is stored (m2cnn_tf.records): JPEG by default, PNG lossless (ours).
 FORMATS = ("jpeg", "png")
 
+# What ρ is measured in. §III-A gives ρ = 10 but not the scale it applies at. Graham [6], whose
+# constants (α, β, ρ, γ) the paper takes, first resizes every photograph to a disc radius of
+# 300 px and blurs with σ = radius / 30 = 10 px. Here the disc fills the base_size square, so
+# its radius is base_size / 2 (360 px at 720). "base": ρ is σ in pixels of the base image (ours,
+# the default since the first version: σ = 10 at radius 360, i.e. radius / 36). "graham": ρ is in
+# pixels at Graham's radius and scales with the base image (σ = ρ·base_size/600 = 12 at 720).
+RHO_SCALES = ("base", "graham")
+GRAHAM_RADIUS = 300  # px: the disc radius at which Graham's ρ = 10 applies
+
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessParams:
     """Eq. (1) constants (§III-A: α=4, β=−4, ρ=10, γ=128) and Graham's 90% circular mask.
 
-    `base_size` is the reference resolution at which Eq. (1) is applied; ρ is in its pixels.
+    `base_size` is the reference resolution at which Eq. (1) is applied; `rho_scale` says what
+    ρ is measured in (`RHO_SCALES`), and `sigma` is the blur it gives in base pixels.
     Each field's `help` is the text of its data_prep flag (data_prep.options).
     """
 
     alpha: float = dataclasses.field(default=4.0, metadata={"help": "Eq. (1) α"})
     beta: float = dataclasses.field(default=-4.0, metadata={"help": "Eq. (1) β"})
-    rho: float = dataclasses.field(default=10.0, metadata={"help": "Eq. (1) ρ, in base pixels"})
+    rho: float = dataclasses.field(
+        default=10.0, metadata={"help": "Eq. (1) ρ: G's σ, in the pixels the ρ scale says"}
+    )
     gamma: float = dataclasses.field(default=128.0, metadata={"help": "Eq. (1) γ"})
     mask: bool = dataclasses.field(
         default=True, metadata={"flag": "no-mask", "help": "skip the 90% circular mask"}
@@ -55,6 +68,14 @@ class PreprocessParams:
     )
     base_size: int = dataclasses.field(
         default=720, metadata={"help": "resolution Eq. (1) runs at; every size comes from it"}
+    )
+    rho_scale: str = dataclasses.field(
+        default="base",
+        metadata={
+            "choices": RHO_SCALES,
+            "help": "what ρ is measured in: base = pixels of the base image (σ = ρ); graham = "
+            "pixels at Graham's disc radius of 300 px, scaled to the base (σ = ρ·base/600)",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -66,160 +87,27 @@ class PreprocessParams:
             raise UsageError(
                 f"must be in (0, 1], got {self.mask_fraction}", setting="mask_fraction"
             )
+        if self.rho_scale not in RHO_SCALES:
+            raise UsageError(
+                f"must be one of {', '.join(RHO_SCALES)}, got {self.rho_scale!r}",
+                setting="rho_scale",
+            )
 
-    def to_dict(self) -> dict[str, float | int | bool]:
-        return dataclasses.asdict(self)
+    @property
+    def sigma(self) -> float:
+        """G(ρ)'s standard deviation in pixels of the base image."""
+        if self.rho_scale == "graham":
+            return self.rho * (self.base_size / 2) / GRAHAM_RADIUS
+        return self.rho
 
-
-class BadImage(ValueError):
-    """An input that cannot become a training example; `reason` is short and human."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding
-
-
-def read_bytes(path: str | os.PathLike) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise BadImage("missing file") from None
-    except IsADirectoryError:
-        raise BadImage("not a file") from None
-    except OSError as e:
-        raise BadImage(f"unreadable file ({e.strerror or e})") from None
-
-
-def _sniff(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    return "other"
-
-
-def _jpeg_is_complete(data: bytes) -> bool:
-    """A JPEG ends with the EOI marker FFD9; libjpeg would silently grey-fill a cut-off one.
-
-    Some cameras append trailers after EOI, so a file that does not end in FFD9 is decoded by
-    Pillow at 1/8 scale, which raises on truncation (cheap, and only for such rare files).
-    """
-    if data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        return True
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-    except (OSError, SyntaxError, ValueError):
-        return False
-    return True
-
-
-def _image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header only; None if Pillow cannot tell."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception:
-        return None
-
-
-def _reduction(size: tuple[int, int] | None, min_side: int | None) -> int:
-    """Largest libjpeg scale-down (1, 2, 4, 8) that keeps the short side ≥ min_side."""
-    if not min_side or size is None:
-        return 1
-    short = min(size)
-    for factor in (8, 4, 2):
-        if short // factor >= min_side:
-            return factor
-    return 1
-
-
-_REDUCED_FLAGS = {
-    1: cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
-}
-
-
-def _to_bgr8(img: np.ndarray) -> np.ndarray:
-    """Grayscale, alpha and 16-bit inputs become 8-bit BGR (alpha composited over black)."""
-    if img.dtype == np.uint16:
-        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    channels = img.shape[2]
-    if channels == 1:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    if channels == 2:  # grey + alpha
-        grey = np.ascontiguousarray(img[..., 0])
-        return _over_black(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), img[..., 1])
-    if channels == 4:
-        return _over_black(np.ascontiguousarray(img[..., :3]), img[..., 3])
-    return img
-
-
-def _over_black(bgr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    a = alpha.astype(np.uint16)[..., None]
-    return ((bgr.astype(np.uint16) * a + 127) // 255).astype(np.uint8)
-
-
-def decode_bgr(data: bytes, min_side: int | None) -> np.ndarray:
-    if not data:
-        raise BadImage("empty file")
-    kind = _sniff(data)
-    if kind == "jpeg" and not _jpeg_is_complete(data):
-        raise BadImage("truncated JPEG")
-    if kind == "png" and b"IEND" not in data[-16:]:
-        raise BadImage("truncated PNG")
-    buf = np.frombuffer(data, np.uint8)
-    factor = _reduction(_image_size(data), min_side)
-    if kind == "jpeg":
-        img = cv2.imdecode(buf, _REDUCED_FLAGS[factor])
-    else:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-        if img is None:
-            img = _pil_decode(data)
-        if img is not None:
-            img = _to_bgr8(img)
-            if factor > 1:
-                h, w = img.shape[:2]
-                img = cv2.resize(img, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
-    if img is None or img.size == 0:
-        raise BadImage("not an image" if kind == "other" else f"corrupt {kind.upper()}")
-    return img
-
-
-def _pil_decode(data: bytes) -> np.ndarray | None:
-    """Formats OpenCV lacks (e.g. GIF); returns BGR or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
-    except Exception:
-        return None
-
-
-def load_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode a fundus photograph to RGB uint8, raising BadImage for unusable files.
-
-    With `min_side`, a JPEG whose short side is at least twice that is decoded at 1/2, 1/4 or
-    1/8 scale by libjpeg itself (step 1 of §II-A: cheaper than decoding full size and resizing).
-    """
-    return cv2.cvtColor(decode_bgr(read_bytes(path), min_side), cv2.COLOR_BGR2RGB)
+    def to_dict(self) -> dict[str, float | int | bool | str]:
+        """The fields, as manifests record them. `rho_scale` is left out at "base": manifests
+        from before it existed mean that, and their conversions keep their key (a rerun of the
+        same command still finds them complete)."""
+        values = dataclasses.asdict(self)
+        if values["rho_scale"] == "base":
+            del values["rho_scale"]
+        return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,19 +171,23 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def crop_to_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Crop to the disc, pad to a centred black square, resize to size×size (§II-A steps 2–4).
+    """Crop to the disc, pad to a centred black square, resize to size×size (§II-A steps 2–4)."""
+    x0, y0, x1, y1 = find_disc(img)
+    return fit_square(img[y0:y1, x0:x1], size)
+
+
+def fit_square(crop: np.ndarray, size: int) -> np.ndarray:
+    """`crop` resized to fit size×size, centred on black.
 
     The crop is resized first and pasted into the black square, which equals padding first
     and resizing, minus the cost of resizing the padding.
     """
-    x0, y0, x1, y1 = find_disc(img)
-    crop = img[y0:y1, x0:x1]
     ch, cw = crop.shape[:2]
     scale = size / max(ch, cw)
     nw = max(1, min(size, round(cw * scale)))
     nh = max(1, min(size, round(ch * scale)))
     resized = _resize(crop, nw, nh)
-    out = np.zeros((size, size, *img.shape[2:]), np.uint8)
+    out = np.zeros((size, size, *crop.shape[2:]), np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = resized
     return out
@@ -343,8 +235,10 @@ def gaussian_blur(img: np.ndarray, rho: float, fast: bool) -> np.ndarray:
 
 
 def graham_normalise(square: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """Eq. (1): I_c = αI + βG(ρ)∗I + γ, rounded and clipped to uint8, then the 90% mask → γ."""
-    blurred = gaussian_blur(square, params.rho, fast=params.mask)
+    """Eq. (1): I_c = αI + βG(ρ)∗I + γ, rounded and clipped to uint8, then the 90% mask → γ.
+
+    G(ρ) blurs with `params.sigma`: ρ in the unit `params.rho_scale` says."""
+    blurred = gaussian_blur(square, params.sigma, fast=params.mask)
     out = cv2.addWeighted(square, params.alpha, blurred, params.beta, params.gamma, dtype=cv2.CV_8U)
     if params.mask:
         outside, fill = _outside_fill(out.shape[0], params.mask_fraction, params.gamma)
@@ -369,7 +263,27 @@ def resize_to(base: np.ndarray, size: int) -> np.ndarray:
 
 def preprocess_bgr_file(path: str | os.PathLike, params: PreprocessParams) -> np.ndarray:
     """The base image of a file, in BGR: what data_prep encodes without a colour round trip."""
-    return preprocess_image(decode_bgr(read_bytes(path), params.base_size), params)
+    return preprocess_image(decode_bgr(read_bytes(path), params.base_size)[0], params)
+
+
+def preprocess_bgr_file_kept(
+    path: str | os.PathLike, params: PreprocessParams
+) -> tuple[np.ndarray, str]:
+    """The val/test form of `preprocess_bgr_file`: nothing that decodes is dropped.
+
+    Returns (base image, flag): "" for a sound image, otherwise why it is kept although
+    imperfect. A truncated file is used as far as it decodes ("truncated JPEG"); an image in
+    which no fundus is found is squared whole ("no fundus visible (all dark)"). Only a file
+    with no pixels at all raises BadImage. Sound images come out exactly as
+    `preprocess_bgr_file` makes them.
+    """
+    img, flag = decode_bgr(read_bytes(path), params.base_size, partial_ok=True)
+    try:
+        square = crop_to_square(img, params.base_size)
+    except BadImage as e:
+        square = fit_square(img, params.base_size)
+        flag = f"{flag}; {e.reason}" if flag else e.reason
+    return graham_normalise(square, params), flag
 
 
 def preprocess_file(

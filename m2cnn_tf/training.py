@@ -35,7 +35,12 @@ from m2cnn_tf.callbacks import (
 from m2cnn_tf.common import versions
 from m2cnn_tf.config import Config, OptimConfig, RuntimeConfig, check_config
 from m2cnn_tf.errors import Interrupted
-from m2cnn_tf.model import build_from_settings, copy_weights_by_name, load_backbone_weights
+from m2cnn_tf.model import (
+    build_from_settings,
+    copy_weights_by_name,
+    load_backbone_weights,
+    sync_bn_enabled,
+)
 from m2cnn_tf.trainer import TrainingError, TwoRateTrainer, make_optimizer
 
 BACKUP = "backup"
@@ -81,10 +86,12 @@ def run(config: Config, log=print) -> dict[str, Any]:
     datasets = make_datasets(config, strategy, stage.start_epoch)
     trainer, origin = make_trainer(config, strategy, log)
     old, new = trainer.groups()
+    replicas = strategy.num_replicas_in_sync
+    sync = ", synchronised BatchNorm" if sync_bn_enabled(config.model, replicas) else ""
     log(
         f"groups: {len(old)} trainable variables at LR1={config.optim.lr_pretrained:g}, "
         f"{len(new)} at LR2={config.optim.lr_new:g}; {datasets.steps} steps/epoch, "
-        f"{strategy.num_replicas_in_sync} replica(s)"
+        f"{replicas} replica(s){sync}"
     )
     callbacks = make_callbacks(config, trainer, stage, datasets.steps, origin, log)
     history = fit(trainer, datasets, callbacks, config.optim, stage)
@@ -139,8 +146,8 @@ def _backup_epoch(backup_dir: Path) -> int:
 def make_datasets(config: Config, strategy: tf.distribute.Strategy, start_epoch: int) -> Datasets:
     """The train stream (from the resume epoch on) and the val split, ready for `strategy`."""
     size, batch = config.resolved_image_size(), config.optim.batch_size
-    n_train = data.count_records(data.split_files(config.data, size, "train"))
-    n_val = data.count_records(data.split_files(config.data, size, "val"))
+    n_train = data.split_size(config.data, size, "train")
+    n_val = data.split_size(config.data, size, "val")
     steps = config.optim.steps_per_epoch or n_train // batch
     train = data.make_dataset(
         config.data,
@@ -170,13 +177,14 @@ def count_variables(net: keras.Model, layer_names: Sequence[str]) -> tuple[int, 
     return inside, len(net.weights) - inside
 
 
-def initialise(config: Config, log=print) -> tuple[keras.Model, list[str], str]:
-    """Build the stage's model and load what §III-A says it starts from.
+def initialise(config: Config, log=print, replicas: int = 1) -> tuple[keras.Model, list[str], str]:
+    """Build the stage's model for a strategy of `replicas` replicas and load what §III-A says
+    it starts from.
 
     Returns (model, names of layers that arrived trained = the LR1 group, where they came from).
     """
     settings = config.model
-    net = build_from_settings(config.resolved_image_size(), settings)
+    net = build_from_settings(config.resolved_image_size(), settings, replicas)
     if settings.init or config.stage > 1:
         path = settings.init or checkpoints.best_model_path(config.model_dir, config.stage - 1)
         source = checkpoints.load_model(path)
@@ -204,7 +212,7 @@ def make_trainer(
     optim, runtime = config.optim, config.runtime
     seed = runtime.seed if runtime.seed is not None else random.SystemRandom().randrange(2**31)
     with strategy.scope():
-        net, loaded, origin = initialise(config, log=log)
+        net, loaded, origin = initialise(config, log=log, replicas=strategy.num_replicas_in_sync)
         trainer = TwoRateTrainer(
             net, loaded, optim.weight_decay, augment=config.augment, seed=seed, loss=optim.loss
         )
@@ -228,6 +236,7 @@ def make_callbacks(
         "preset": config.model.preset,
         "multi_cell_path": config.resolved_multi_cell_path(),
         "multi_cell": config.model.multi_cell,
+        "sync_bn": any(getattr(layer, "synchronized", False) for layer in trainer.net.layers),
         "loss": config.optim.loss,
         "init": origin,
         "flags": config.to_dict(),

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from _tfrecords import write_split
 
-from m2cnn_tf import data
-from m2cnn_tf.config import AugmentConfig, DataConfig
+from m2cnn_tf import data, training
+from m2cnn_tf.config import AugmentConfig, Config, DataConfig, OptimConfig
 
 SIZE = 32
 NO_AUG = dict(
@@ -262,3 +267,87 @@ def test_default_training_pipeline_leaves_augmentation_to_the_train_step(dataset
         )
         images = _unscale(next(iter(ds))[0].numpy())
         assert sorted(im.tobytes() for im in images) == sorted(im.tobytes() for im in train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Record counts: from data_prep's manifest.json, by reading only without one
+
+
+def _with_manifest(records_dir: Path, target: Path, splits: dict[str, np.ndarray]) -> Path:
+    """A copy of `records_dir` with a manifest.json as data_prep writes it (its `counts` and
+    `shards` sections) for the shards `write_split` wrote (record i in shard i % n)."""
+    shutil.copytree(records_dir, target)
+    shards, counts = [], {}
+    for split, grades in splits.items():
+        files = data.split_files(target, SIZE, split)
+        for j, path in enumerate(files):
+            shards.append(
+                {
+                    "path": Path(path).relative_to(target).as_posix(),
+                    "split": split,
+                    "records": len(range(j, len(grades), len(files))),
+                    "bytes": os.path.getsize(path),
+                }
+            )
+        bincount = np.bincount(grades, minlength=5)
+        counts[split] = {
+            "records": len(grades),
+            "grades": {str(g): int(n) for g, n in enumerate(bincount)},
+        }
+    manifest = {"counts": counts, "shards": {str(SIZE): shards}}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _make_unreadable(records_dir: Path) -> None:
+    """Zero every shard, keeping its size: any attempt to read a record now fails."""
+    for path in (records_dir / str(SIZE)).iterdir():
+        path.write_bytes(bytes(path.stat().st_size))
+
+
+def test_counts_come_from_the_manifest_without_reading_a_record(dataset, tmp_path):
+    out, _, train_grades, _, val_grades = dataset
+    copy = _with_manifest(out, tmp_path / "r", {"train": train_grades, "val": val_grades})
+    _make_unreadable(copy)
+    with pytest.raises(tf.errors.DataLossError):
+        data.count_records(data.split_files(copy, SIZE, "train"))  # the records are unreadable
+    assert data.split_size(copy, SIZE, "train") == 40
+    assert data.split_grade_counts(copy, SIZE, "train") == np.bincount(train_grades).tolist()
+    config = Config(
+        data=str(copy), model_dir=str(tmp_path / "m"), image_size=SIZE,
+        optim=OptimConfig(batch_size=4), input=DataConfig(balance=True),
+    )  # fmt: skip
+    datasets = training.make_datasets(config, tf.distribute.get_strategy(), 0)
+    assert (datasets.steps, datasets.val_steps) == (10, 3)  # 40 // 4 and ceil(11 / 4)
+
+
+def test_without_a_manifest_the_records_are_counted_by_reading(dataset, monkeypatch):
+    out, _, train_grades, _, _ = dataset
+    assert not (out / "manifest.json").exists()
+    read = []
+    count_records, grade_counts = data.count_records, data.grade_counts
+    monkeypatch.setattr(data, "count_records", lambda f: read.append(f) or count_records(f))
+    monkeypatch.setattr(data, "grade_counts", lambda f: read.append(f) or grade_counts(f))
+    assert data.split_size(out, SIZE, "train") == 40
+    assert data.split_size(out, SIZE, "val") == 11
+    assert data.split_grade_counts(out, SIZE, "train") == np.bincount(train_grades).tolist()
+    assert len(read) == 3
+
+
+@pytest.mark.parametrize("change", ["bytes", "records", "missing shard"])
+def test_a_manifest_that_does_not_describe_the_shards_is_not_trusted(dataset, tmp_path, change):
+    out, _, train_grades, _, val_grades = dataset
+    copy = _with_manifest(out, tmp_path / "r", {"train": train_grades, "val": val_grades})
+    manifest = json.loads((copy / "manifest.json").read_text())
+    shards = manifest["shards"][str(SIZE)]
+    if change == "bytes":  # a shard was rewritten since
+        shards[0]["bytes"] += 1
+        manifest["counts"]["train"]["records"] = shards[0]["records"] = 999
+    elif change == "records":  # counts disagree with the shards
+        manifest["counts"]["train"]["records"] = 999
+    else:  # the manifest lists fewer shards than are there
+        manifest["shards"][str(SIZE)] = [
+            s for s in shards if not s["path"].startswith("32/train-00000")
+        ]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert data.split_size(copy, SIZE, "train") == 40

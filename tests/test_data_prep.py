@@ -24,6 +24,7 @@ from data_prep import cli, folder, kaggle, options
 from data_prep import convert as engine
 from data_prep.worker import Settings
 from m2cnn_tf import errors, records
+from m2cnn_tf import manifest as manifest_reader
 from m2cnn_tf.preprocessing import PreprocessParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,6 +253,54 @@ def test_strict_checks_every_image_before_writing(tmp_path, capsys):
     assert len(read_split(out, 64, "train")) == 5
 
 
+def test_val_and_test_keep_every_image_that_decodes_and_flag_the_imperfect(tmp_path, capsys):
+    # Public rows (patients 1001, 1003) are val, Private (1002, 1004) test; see kaggle_dir.
+    src = kaggle_dir(tmp_path / "k", patients=3, test_patients=4)
+    for path in (src / "train" / "1_left.jpeg", src / "test" / "1001_left.jpeg"):
+        data = path.read_bytes()  # truncated: skipped from train, kept in val
+        path.write_bytes(data[: len(data) // 2])
+    cv2.imwrite(str(src / "test" / "1002_left.jpeg"), np.zeros((96, 128, 3), np.uint8))
+    (src / "test" / "1002_right.jpeg").write_bytes(b"")  # no pixels at all: skipped
+    (src / "test" / "1003_right.jpeg").unlink()  # missing: skipped by the listing
+    out = tmp_path / "out"
+    assert run(kaggle, ["--kaggle-dir", str(src), "--out", str(out), *FAST]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    flagged = {f["image_id"]: (f["split"], f["reason"]) for f in m["flagged"]}
+    assert flagged == {
+        "1001_left": ("val", "truncated JPEG"),
+        "1002_left": ("test", "no fundus visible (all dark)"),
+    }
+    skipped = {s["image_id"]: (s["split"], s["reason"]) for s in m["skipped"]}
+    assert skipped == {
+        "1_left": ("train", "truncated JPEG"),
+        "1002_right": ("test", "empty file"),
+        "1003_right": ("val", "missing file"),
+    }
+    assert ids(read_split(out, 64, "val")) == {"1001_left", "1001_right", "1003_left"}
+    assert ids(read_split(out, 64, "test")) == {"1002_left", "1004_left", "1004_right"}
+    assert "1_left" not in ids(read_split(out, 64, "train"))
+    assert m["expected"] == {"train": 6, "val": 4, "test": 4}  # the CSV rows of each split
+    assert m["flagged_summary"] == {"truncated JPEG": 1, "no fundus visible (all dark)": 1}
+    log = capsys.readouterr().out
+    assert "kept 2 imperfect val/test image(s): 1 truncated JPEG, 1 no fundus" in log
+    # What an evaluation of the split reads back (m2cnn_tf.manifest).
+    graded = ids(read_split(out, 64, "val"))
+    val = manifest_reader.completeness(out, "val", graded)
+    assert (val.n_expected, val.missing) == (4, ["1003_right"])
+    assert val.flagged == [{"id": "1001_left", "reason": "truncated JPEG"}]
+
+
+def test_the_manifest_counts_are_what_training_reads_instead_of_the_records(kaggle_out):
+    for size in (32, 64):
+        for split in ("train", "val", "test"):
+            files = records.shard_paths(kaggle_out, size, split)
+            known = manifest_reader.split_counts(kaggle_out, size, split, files)
+            rows = read_split(kaggle_out, size, split)
+            assert known is not None and known.records == len(rows)
+            grades = [int(r["image/grade"]) for r in rows]
+            assert known.grades == [grades.count(g) for g in range(5)]
+
+
 def test_greyscale_rgba_and_16_bit_inputs_are_converted_not_skipped(tmp_path):
     images = tmp_path / "imgs"
     images.mkdir()
@@ -336,13 +385,14 @@ def test_processing_flags_make_the_settings_they_name(capsys):
     argv += ["--alpha", "3", "--beta", "-3", "--rho", "5", "--gamma", "100", "--no-mask"]
     argv += ["--mask-fraction", "0.8", "--format", "png", "--jpeg-quality", "80", "--seed", "4"]
     argv += ["--shard-mb", "2", "--workers", "3", "--strict", "--no-progress"]
+    argv += ["--rho-scale", "graham"]
     kaggle.FLAGS.unparse_flags()
     kaggle.FLAGS([kaggle.PROG, *argv])
     expected = Settings(
         sizes=(32, 64),
         params=PreprocessParams(
             alpha=3.0, beta=-3.0, rho=5.0, gamma=100.0, mask=False, mask_fraction=0.8,
-            base_size=96,
+            base_size=96, rho_scale="graham",
         ),
         image_format="png",
         jpeg_quality=80,

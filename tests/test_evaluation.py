@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -377,3 +378,80 @@ def test_min_kappa_gate_after_an_evaluation_checks_its_report(tmp_path, workspac
     above = repr(float(np.nextafter(float(exact), 2.0)))
     code, _, _ = _cli(capsys, "--compare", tmp_path / "a", "--min-kappa", above)
     assert code == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing disappears unnoticed: n_images against the images the split's source lists
+
+
+def test_without_a_manifest_the_report_counts_its_images_and_expects_nothing(val_plain):
+    _, report = val_plain
+    assert report["n_images"] == 40
+    assert (report["n_expected"], report["missing_ids"], report["flagged"]) == (None, [], [])
+
+
+def _data_with_manifest(workspace, target: Path, manifest: dict) -> Path:
+    shutil.copytree(workspace["data"], target)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_evaluate_warns_in_one_line_when_the_split_lacks_images_its_source_lists(
+    tmp_path, workspace, capsys
+):
+    manifest = {
+        "expected": {"val": 42, "test": 30},
+        "skipped": [
+            {"image_id": "900_right", "path": "x", "reason": "empty file", "split": "val"},
+            {"image_id": "900_left", "path": "y", "reason": "missing file", "split": "val"},
+            {"image_id": "901_left", "path": "z", "reason": "missing file", "split": "test"},
+        ],
+        "flagged": [
+            {"image_id": "100_left", "path": "w", "reason": "truncated JPEG", "split": "val"}
+        ],
+    }
+    data = _data_with_manifest(workspace, tmp_path / "data", manifest)
+    code, out, err = _cli(
+        capsys, "--model-dir", workspace["model_dir"], "--stage", "1", "--data", data,
+        "--split", "val", "--bootstrap", "10", "--out", tmp_path / "r",
+    )  # fmt: skip
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: evaluated 40 val images, but the split's source lists 42 (2 known missing, by "
+        "id in report.json's missing_ids); this kappa is not comparable with one over the whole "
+        "split"
+    ]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert (report["n_images"], report["n_expected"]) == (40, 42)
+    assert report["missing_ids"] == ["900_left", "900_right"]
+    assert report["flagged"] == [{"id": "100_left", "reason": "truncated JPEG"}]
+
+
+def _predictions(ids: list[str]) -> inference.Predictions:
+    n = len(ids)
+    return inference.Predictions(
+        ids=np.array(ids), patients=np.array(ids), eyes=np.array([""] * n),
+        grades=np.zeros(n, int), scores=np.zeros(n), probs=np.full((n, 5), 0.2),
+    )  # fmt: skip
+
+
+def test_a_complete_split_gives_no_warning_and_an_older_manifest_still_counts(tmp_path):
+    lines: list[str] = []
+    (tmp_path / "manifest.json").write_text(json.dumps({"expected": {"test": 3}}))
+    record = evaluation.completeness_record(
+        tmp_path, "test", _predictions(["a", "b", "c"]), lines.append
+    )
+    assert (record["n_images"], record["n_expected"], record["missing_ids"]) == (3, 3, [])
+    assert lines == []
+    # A manifest from before `expected`: the split's records plus its skipped images.
+    older = {
+        "counts": {"test": {"records": 3, "grades": {}}},
+        "skipped": [{"image_id": "d", "path": "", "reason": "empty file", "split": "test"}],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(older))
+    record = evaluation.completeness_record(
+        tmp_path, "test", _predictions(["a", "b", "c"]), lines.append
+    )
+    assert (record["n_expected"], record["missing_ids"]) == (4, ["d"])
+    assert len(lines) == 1 and lines[0].startswith("warning: evaluated 3 test images")

@@ -10,6 +10,7 @@ from keras.src.legacy.saving import legacy_h5_format
 
 from m2cnn_tf import model as m2
 from m2cnn_tf.checkpoints import load_stage, save_best, stage_dir
+from m2cnn_tf.config import ModelConfig
 from m2cnn_tf.model import (
     WeightsUnavailable,
     backbone_layer_names,
@@ -240,3 +241,41 @@ def test_without_multi_cell_any_resolution_is_the_plain_basenet():
     model = build_m2cnn(448, preset="tiny", multi_cell=False)
     assert not any(layer.name.startswith(("medium_", "large_")) for layer in model.layers)
     assert spatial_sizes(model) == (12, 12)
+
+
+def _norms(model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def test_sync_bn_defaults_to_on_with_more_than_one_replica_and_can_be_turned_off():
+    def synchronised(settings, replicas):
+        net = m2.build_from_settings(96, settings, replicas)
+        return {layer.synchronized for layer in _norms(net)}
+
+    assert synchronised(ModelConfig(preset="tiny"), 1) == {False}
+    assert synchronised(ModelConfig(preset="tiny"), 2) == {True}
+    assert synchronised(ModelConfig(preset="tiny", sync_bn=False), 8) == {False}
+    assert synchronised(ModelConfig(preset="tiny", sync_bn=True), 1) == {True}
+
+
+def test_a_checkpoint_with_synchronised_bn_loads_in_safe_mode_and_transfers_by_name(tmp_path):
+    model = build_m2cnn(96, preset="tiny", sync_bn=True)
+    rng = np.random.default_rng(4)
+    for layer in _norms(model):  # non-trivial statistics, so a lost value would show
+        mean, var = layer.moving_mean, layer.moving_variance
+        mean.assign(rng.normal(0, 0.1, mean.shape).astype("float32"))
+        var.assign(rng.uniform(0.5, 2.0, var.shape).astype("float32"))
+    save_best(model, stage_dir(tmp_path, 1), {"stage": 1})
+    loaded, _ = load_stage(tmp_path, 1)  # safe mode, outside any tf.distribute strategy
+    assert all(layer.synchronized for layer in _norms(loaded))
+    x = rng.uniform(-1, 1, (2, 96, 96, 3)).astype("float32")
+    for key in ("logits", "score"):
+        np.testing.assert_allclose(
+            loaded.predict(x, verbose=0)[key], model.predict(x, verbose=0)[key], atol=1e-6
+        )
+    # Stage transfer into a model built without synchronisation (one device) copies everything.
+    plain = build_m2cnn(96, preset="tiny")
+    copied = copy_weights_by_name(loaded, plain)
+    assert set(copied) == {layer.name for layer in plain.layers if layer.weights}
+    for a, b in zip(plain.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from synthetic_fundus import fundus
 
+from m2cnn_tf.decoding import BadImage, decode_bgr, load_image
+from m2cnn_tf.errors import UsageError
 from m2cnn_tf.preprocessing import (
-    BadImage,
     PreprocessParams,
     crop_to_square,
     find_disc,
     graham_normalise,
-    load_image,
+    preprocess_bgr_file,
+    preprocess_bgr_file_kept,
     preprocess_file,
     preprocess_image,
 )
@@ -274,3 +276,94 @@ def test_params_reject_invalid_values():
         PreprocessParams(rho=0)
     with pytest.raises(ValueError):
         PreprocessParams(mask_fraction=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# ρ's reference scale
+
+
+def test_rho_is_in_base_pixels_by_default_and_left_out_of_the_recorded_params():
+    p = PreprocessParams()
+    assert (p.rho_scale, p.sigma) == ("base", 10.0)  # σ = 10 px at the 720 base (radius 360)
+    assert "rho_scale" not in p.to_dict()  # the params of conversions made before it existed
+    assert PreprocessParams(**p.to_dict()) == p
+
+
+@pytest.mark.parametrize(("base", "sigma"), [(720, 12.0), (600, 10.0), (448, 7.4666)])
+def test_grahams_scale_gives_rho_at_a_disc_radius_of_300_px(base, sigma):
+    # Graham: photographs resized to radius 300 px, blurred with σ = 300 / 30 = 10 px. Here the
+    # disc fills the base square (radius base / 2), so σ = 10 · (base / 2) / 300.
+    p = PreprocessParams(base_size=base, rho_scale="graham")
+    assert p.sigma == pytest.approx(sigma, abs=1e-4)
+    assert p.to_dict()["rho_scale"] == "graham"
+
+
+def test_eq1_blurs_with_the_sigma_of_its_scale():
+    square = crop_to_square(fundus(120, 160, seed=8), 160)
+    graham = PreprocessParams(base_size=160, mask=False, rho_scale="graham")  # σ = 8/3
+    as_base = PreprocessParams(base_size=160, mask=False, rho=10 * 80 / 300)
+    ours = graham_normalise(square, graham).astype(int)
+    ref = reference_eq1(square, as_base).astype(int)
+    assert np.abs(ours - ref).max() <= 1 and np.mean(ours != ref) < 0.01  # float32 rounding
+    assert not np.array_equal(
+        graham_normalise(square, graham),
+        graham_normalise(square, PreprocessParams(base_size=160, mask=False)),
+    )
+
+
+def test_unknown_rho_scale_is_a_usage_error_naming_the_setting():
+    with pytest.raises(UsageError) as e:
+        PreprocessParams(rho_scale="radius")
+    assert e.value.setting == "rho_scale"
+
+
+# ---------------------------------------------------------------------------------------------
+# val and test: kept if it decodes at all
+
+
+def _jpeg(path, img, keep: float = 1.0):
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    data = buf.tobytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def test_a_sound_image_is_kept_unflagged_and_exactly_as_the_strict_path_makes_it(tmp_path):
+    path = _jpeg(tmp_path / "a.jpeg", fundus(seed=9))
+    p = PreprocessParams(base_size=64)
+    base, flag = preprocess_bgr_file_kept(path, p)
+    assert flag == ""
+    np.testing.assert_array_equal(base, preprocess_bgr_file(path, p))
+
+
+def test_a_truncated_jpeg_is_kept_as_far_as_it_decodes_and_flagged(tmp_path):
+    img = fundus(seed=10)
+    path = _jpeg(tmp_path / "t.jpeg", img, keep=0.6)
+    p = PreprocessParams(base_size=64)
+    with pytest.raises(BadImage, match="truncated JPEG"):
+        preprocess_bgr_file(path, p)  # train: skipped, as before
+    base, flag = preprocess_bgr_file_kept(path, p)
+    assert flag == "truncated JPEG" and base.shape == (64, 64, 3)
+    # The decoded part is the photograph; what is missing is grey-filled by libjpeg.
+    decoded, _ = decode_bgr(path.read_bytes(), None, partial_ok=True)
+    top = decoded[:20].astype(int)
+    assert np.abs(top - img[:20]).mean() < 3
+    assert (decoded[-4:] == 128).all()
+
+
+def test_an_image_without_a_visible_fundus_is_squared_whole_and_flagged(tmp_path):
+    path = _jpeg(tmp_path / "dark.jpeg", np.zeros((96, 128, 3), np.uint8))
+    base, flag = preprocess_bgr_file_kept(path, PreprocessParams(base_size=64))
+    assert flag == "no fundus visible (all dark)" and base.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [(b"", "empty file"), (b"\xff\xd8\xff", "truncated JPEG")]
+)
+def test_a_file_with_no_pixels_at_all_is_still_skipped(tmp_path, content, reason):
+    path = tmp_path / "x.jpeg"
+    path.write_bytes(content)
+    with pytest.raises(BadImage) as e:
+        preprocess_bgr_file_kept(path, PreprocessParams(base_size=64))
+    assert e.value.reason == reason

@@ -247,6 +247,11 @@ RUN = ("--stage", "1", "--data", "{data}", "--model-dir", "{dir}")
         ((*RUN, *BASE, "--batch-size", "64"), "--batch-size: batch size 64 is larger than the"),
         (("--stage", "2", "--data", "{data}", "--model-dir", "{dir}", *BASE), "no checkpoint for"),
         ((*RUN, *BASE, "--weights", "/no.h5"), "--weights: weights file not found"),
+        ((*RUN, "--augment=maybe"), "--augment"),
+        ((*RUN, "--augment", "maybe"), "unexpected arguments: maybe"),
+        # `--augment none` parses (the batch is what is wrong here), and so do the old forms.
+        ((*RUN, *BASE, "--augment", "none", "--batch-size", "64"), "batch size 64 is larger"),
+        ((*RUN, *BASE, "--noaugment", "--batch-size", "64"), "batch size 64 is larger"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(capsys, tmp_path, records_dir, args, message):
@@ -440,6 +445,52 @@ def test_parsed_flags_land_in_their_sections(tmp_path):
     assert got.augment == AugmentConfig(enabled=False, on="pipeline", rotation=30.0)
     assert got.optim == OptimConfig(loss="mse", batch_size=8, validation_freq=3)
     assert got.runtime == RuntimeConfig(seed=7)
+
+
+@pytest.mark.parametrize(
+    ("args", "enabled"),
+    [
+        (["--augment", "none"], False),
+        (["--augment=none"], False),
+        (["--augment", "NONE"], False),
+        (["--noaugment"], False),
+        (["--augment=false"], False),
+        (["--augment"], True),
+        (["--augment=true"], True),
+        ([], True),
+    ],
+)
+def test_augment_none_turns_augmentation_off_and_the_old_spellings_still_work(
+    tmp_path, args, enabled
+):
+    argv = ["train.py", "--stage=1", f"--data={tmp_path}", "--model-dir=m", *args, "--seed=3"]
+    train_cmd.FLAGS.unparse_flags()
+    train_cmd.FLAGS(config.join_switch_words(argv))
+    try:
+        got = config.from_flags(train_cmd.FLAGS)
+    finally:
+        train_cmd.FLAGS.unparse_flags()
+    assert got.augment == AugmentConfig(enabled=enabled)
+    assert got.runtime.seed == 3  # the word did not swallow the flag after it
+
+
+def test_join_switch_words_joins_only_a_switchs_off_word():
+    argv = ["train.py", "--augment", "none", "-augment", "none", "--noaugment", "none", "none"]
+    assert config.join_switch_words(argv) == [
+        "train.py", "--augment=none", "-augment=none", "--noaugment", "none", "none",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "sync"), [([], None), (["--sync-bn"], True), (["--nosync-bn"], False)]
+)
+def test_sync_bn_flag_is_automatic_by_default(tmp_path, args, sync):
+    train_cmd.FLAGS.unparse_flags()
+    train_cmd.FLAGS(["train.py", "--stage=1", f"--data={tmp_path}", "--model-dir=m", *args])
+    try:
+        assert config.from_flags(train_cmd.FLAGS).model.sync_bn is sync
+    finally:
+        train_cmd.FLAGS.unparse_flags()
 
 
 def test_saved_config_is_nested_json_and_loads_back(tmp_path):

@@ -299,8 +299,10 @@ def test_two_workers_on_localhost_finish_a_short_epoch(tmp_path, records_dir):
         shutil.rmtree(tmp_path / "stage1", ignore_errors=True)
     for code, out in results:
         assert code == 0, out[-3000:]
-        assert "2 replica(s)" in out
+        assert -1 < out.find("devices: ") < out.find("resolved configuration:")
+        assert "2 replica(s), synchronised BatchNorm" in out  # on by default with 2 replicas
     assert (tmp_path / "stage1" / "best.keras").is_file()  # written by the chief only
+    assert json.loads((tmp_path / "stage1" / "best.json").read_text())["sync_bn"] is True
     assert (tmp_path / "stage1" / "backup" / "worker1").is_dir()
 
 

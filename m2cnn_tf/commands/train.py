@@ -5,8 +5,9 @@
 Stage 1 (224 px) trains the BaseNet + Multi-Task heads from ImageNet; stage 2 (448 px) adds the
 medium cells and starts from stage 1's best; stage 3 (720 px) adds the large cells and starts
 from stage 2's best (§II-C, §III-A). `--loss ce|mse` and `--nomulti-cell` train Table II's
-ablation columns instead. Every flag is a field of `m2cnn_tf.config.Config`; the resolved
-configuration is printed at start and saved as DIR/stageN/config.json.
+ablation columns instead. Every flag is a field of `m2cnn_tf.config.Config`. It prints first
+the devices it will use (a GPU host that sees no GPU shows at once), then the resolved
+configuration, which it saves as DIR/stageN/config.json.
 Exit codes: 0 done, 1 training stopped (NaN, out of memory), 2 usage error,
 130 interrupted (state saved; rerun the same command to resume).
 """
@@ -41,9 +42,12 @@ def _body(rest: list[str]) -> None:
     settings = config.from_flags(FLAGS)
     config.check_config(settings)  # before TensorFlow loads
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from m2cnn_tf import training
+    from m2cnn_tf import distribution, training
     from m2cnn_tf.callbacks import metric_label
 
+    runtime = settings.runtime
+    for line in distribution.describe_devices(runtime.strategy, runtime.mixed_precision):
+        print(line, flush=True)
     print("resolved configuration:\n" + settings.describe(), flush=True)
     result = training.run(settings)
     print(
@@ -54,6 +58,7 @@ def _body(rest: list[str]) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    argv = config.join_switch_words(sys.argv if argv is None else argv)  # `--augment none`
     return cli.run(PROG, __doc__, FLAGS, _body, argv)
 
 

@@ -1,0 +1,179 @@
+"""How a fundus photograph file becomes pixels (§II-A's input), and why it cannot.
+
+Decoding is separate from Eq. (1) (m2cnn_tf.preprocessing) because it is where files fail: an
+unreadable, empty, truncated or foreign file. `decode_bgr` either returns the pixels or raises
+`BadImage` with a short reason, which data_prep records for every input it leaves out. With
+`partial_ok` (val and test, where nothing may disappear) a truncated file that still yields
+pixels is returned with its reason as a flag instead.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import cv2
+import numpy as np
+
+
+class BadImage(ValueError):
+    """An input that cannot become a training example; `reason` is short and human."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadImage("missing file") from None
+    except IsADirectoryError:
+        raise BadImage("not a file") from None
+    except OSError as e:
+        raise BadImage(f"unreadable file ({e.strerror or e})") from None
+
+
+def _sniff(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return "other"
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """A JPEG ends with the EOI marker FFD9; libjpeg would silently grey-fill a cut-off one.
+
+    Some cameras append trailers after EOI, so a file that does not end in FFD9 is decoded by
+    Pillow at 1/8 scale, which raises on truncation (cheap, and only for such rare files).
+    """
+    if data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return True
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header only; None if Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def _reduction(size: tuple[int, int] | None, min_side: int | None) -> int:
+    """Largest libjpeg scale-down (1, 2, 4, 8) that keeps the short side ≥ min_side."""
+    if not min_side or size is None:
+        return 1
+    short = min(size)
+    for factor in (8, 4, 2):
+        if short // factor >= min_side:
+            return factor
+    return 1
+
+
+_REDUCED_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def _to_bgr8(img: np.ndarray) -> np.ndarray:
+    """Grayscale, alpha and 16-bit inputs become 8-bit BGR (alpha composited over black)."""
+    if img.dtype == np.uint16:
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    channels = img.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if channels == 2:  # grey + alpha
+        grey = np.ascontiguousarray(img[..., 0])
+        return _over_black(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), img[..., 1])
+    if channels == 4:
+        return _over_black(np.ascontiguousarray(img[..., :3]), img[..., 3])
+    return img
+
+
+def _over_black(bgr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.uint16)[..., None]
+    return ((bgr.astype(np.uint16) * a + 127) // 255).astype(np.uint8)
+
+
+def decode_bgr(
+    data: bytes, min_side: int | None, *, partial_ok: bool = False
+) -> tuple[np.ndarray, str]:
+    """(BGR uint8 pixels, flag): the flag is "" or, with `partial_ok`, why the pixels are
+    incomplete ("truncated JPEG": given an end marker, libjpeg decodes what is there and
+    fills the rest with grey). Raises BadImage for what cannot be used: without `partial_ok` a
+    truncated file, in any case one with no pixels (a JPEG cut inside its header; a truncated
+    PNG, which OpenCV does not decode in part)."""
+    if not data:
+        raise BadImage("empty file")
+    kind = _sniff(data)
+    flag = ""
+    if kind == "jpeg" and not _jpeg_is_complete(data):
+        flag = "truncated JPEG"
+    if kind == "png" and b"IEND" not in data[-16:]:
+        flag = "truncated PNG"
+    if flag and not partial_ok:
+        raise BadImage(flag)
+    if flag == "truncated JPEG":  # OpenCV decodes nothing of it without an end marker
+        data = data + b"\xff\xd9"
+    buf = np.frombuffer(data, np.uint8)
+    factor = _reduction(_image_size(data), min_side)
+    if kind == "jpeg":
+        img = cv2.imdecode(buf, _REDUCED_FLAGS[factor])
+    else:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            img = _pil_decode(data)
+        if img is not None:
+            img = _to_bgr8(img)
+            if factor > 1:
+                h, w = img.shape[:2]
+                img = cv2.resize(img, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+    if img is None or img.size == 0:
+        raise BadImage(flag or ("not an image" if kind == "other" else f"corrupt {kind.upper()}"))
+    return img, flag
+
+
+def _pil_decode(data: bytes) -> np.ndarray | None:
+    """Formats OpenCV lacks (e.g. GIF); returns BGR or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
+    except Exception:
+        return None
+
+
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
+    """Decode a fundus photograph to RGB uint8, raising BadImage for unusable files.
+
+    With `min_side`, a JPEG whose short side is at least twice that is decoded at 1/2, 1/4 or
+    1/8 scale by libjpeg itself (step 1 of §II-A: cheaper than decoding full size and resizing).
+    """
+    return cv2.cvtColor(decode_bgr(read_bytes(path), min_side)[0], cv2.COLOR_BGR2RGB)

@@ -1,0 +1,105 @@
+"""What data_prep's OUT/manifest.json says about a split: how many records it holds (so training
+need not read them to count), and which of the images its source listed are missing or were
+kept although imperfect (so an evaluation says when its kappa covers less than the split).
+
+data_prep.manifest writes the file. Every reader here accepts its absence, an older manifest and
+records that no longer match it: it then returns None (or nothing known), and the caller falls
+back to reading the records. Kept free of TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from m2cnn_tf.config import NUM_CLASSES
+
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCounts:
+    records: int
+    grades: list[int]  # records per grade 0–4
+
+
+@dataclasses.dataclass(frozen=True)
+class Completeness:
+    """How an evaluated split compares with what its source listed."""
+
+    n_expected: int | None  # distinct images the source listed; None when no manifest says
+    missing: list[str]  # ids the source listed that were not evaluated, as far as known
+    flagged: list[dict[str, str]]  # evaluated, but kept although imperfect: {"id", "reason"}
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """OUT/manifest.json as a dict, or None when it is absent or not JSON."""
+    path = os.path.join(os.fspath(data_dir), MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def split_counts(
+    data_dir: str | os.PathLike, image_size: int, split: str, files: Sequence[str]
+) -> SplitCounts | None:
+    """A split's records and grades from the manifest, without reading a record.
+
+    Only when the manifest lists exactly `files` as the split's shards at `image_size`, each
+    with the byte size it has on disk, and its counts agree with the shards'; None otherwise
+    (no manifest, an older one, shards replaced, added or removed since).
+    """
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        return None
+    try:
+        listed = [s for s in manifest["shards"][str(int(image_size))] if s["split"] == split]
+        on_disk = {os.path.realpath(f) for f in files}
+        shards = {os.path.realpath(os.path.join(data_dir, s["path"])): s for s in listed}
+        if set(shards) != on_disk or len(shards) != len(listed):
+            return None
+        if any(os.path.getsize(path) != int(s["bytes"]) for path, s in shards.items()):
+            return None
+        records = sum(int(s["records"]) for s in listed)
+        counts = manifest["counts"][split]
+        grades = [int(counts["grades"].get(str(g), 0)) for g in range(NUM_CLASSES)]
+        total = int(counts["records"])
+    except (KeyError, TypeError, ValueError, AttributeError, OSError):
+        return None
+    if records != total or sum(grades) != total:
+        return None
+    return SplitCounts(records, grades)
+
+
+def completeness(
+    data_dir: str | os.PathLike, split: str, evaluated_ids: Iterable[str]
+) -> Completeness:
+    """The images of `split` its source listed, against those evaluated.
+
+    The missing ids are those the manifest lists as skipped from the split that were not
+    evaluated. `n_expected` is the manifest's `expected` count; for a manifest written before
+    it existed, the split's records plus the missing ids.
+    """
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        return Completeness(None, [], [])
+    try:
+        skipped = {s["image_id"] for s in manifest.get("skipped", []) if s.get("split") == split}
+        flagged = [
+            {"id": s["image_id"], "reason": s["reason"]}
+            for s in manifest.get("flagged", [])
+            if s.get("split") == split
+        ]
+        missing = sorted(skipped - set(evaluated_ids))
+        expected = manifest.get("expected", {}).get(split)
+        if expected is None and split in manifest.get("counts", {}):
+            expected = int(manifest["counts"][split]["records"]) + len(missing)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return Completeness(None, [], [])
+    return Completeness(None if expected is None else int(expected), missing, flagged)
