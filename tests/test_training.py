@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from _tfrecords import grade_images, write_split
 
-from m2cnn_tf import callbacks, checkpoints, config, training
+from m2cnn_tf import callbacks, checkpoints, config, config_flags, training
 from m2cnn_tf.commands import train as train_cmd
 from m2cnn_tf.config import (
     AugmentConfig,
@@ -436,7 +436,7 @@ def test_parsed_flags_land_in_their_sections(tmp_path):
     train_cmd.FLAGS.unparse_flags()
     train_cmd.FLAGS(argv)
     try:
-        got = config.from_flags(train_cmd.FLAGS)
+        got = config_flags.from_flags(train_cmd.FLAGS)
     finally:
         train_cmd.FLAGS.unparse_flags()
     assert (got.stage, got.data, got.model_dir, got.image_size) == (2, str(tmp_path), "m", None)
@@ -465,9 +465,9 @@ def test_augment_none_turns_augmentation_off_and_the_old_spellings_still_work(
 ):
     argv = ["train.py", "--stage=1", f"--data={tmp_path}", "--model-dir=m", *args, "--seed=3"]
     train_cmd.FLAGS.unparse_flags()
-    train_cmd.FLAGS(config.join_switch_words(argv))
+    train_cmd.FLAGS(config_flags.join_switch_words(argv))
     try:
-        got = config.from_flags(train_cmd.FLAGS)
+        got = config_flags.from_flags(train_cmd.FLAGS)
     finally:
         train_cmd.FLAGS.unparse_flags()
     assert got.augment == AugmentConfig(enabled=enabled)
@@ -476,7 +476,7 @@ def test_augment_none_turns_augmentation_off_and_the_old_spellings_still_work(
 
 def test_join_switch_words_joins_only_a_switchs_off_word():
     argv = ["train.py", "--augment", "none", "-augment", "none", "--noaugment", "none", "none"]
-    assert config.join_switch_words(argv) == [
+    assert config_flags.join_switch_words(argv) == [
         "train.py", "--augment=none", "-augment=none", "--noaugment", "none", "none",
     ]  # fmt: skip
 
@@ -488,7 +488,7 @@ def test_sync_bn_flag_is_automatic_by_default(tmp_path, args, sync):
     train_cmd.FLAGS.unparse_flags()
     train_cmd.FLAGS(["train.py", "--stage=1", f"--data={tmp_path}", "--model-dir=m", *args])
     try:
-        assert config.from_flags(train_cmd.FLAGS).model.sync_bn is sync
+        assert config_flags.from_flags(train_cmd.FLAGS).model.sync_bn is sync
     finally:
         train_cmd.FLAGS.unparse_flags()
 

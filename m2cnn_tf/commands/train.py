@@ -19,10 +19,10 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import cli, config
+from m2cnn_tf import cli, config, config_flags
 
 FLAGS = flags.FlagValues()
-config.define_flags(FLAGS)
+config_flags.define_flags(FLAGS)
 PROG = "train.py"
 
 
@@ -39,7 +39,7 @@ def duration(seconds: float) -> str:
 
 
 def _body(rest: list[str]) -> None:
-    settings = config.from_flags(FLAGS)
+    settings = config_flags.from_flags(FLAGS)
     config.check_config(settings)  # before TensorFlow loads
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from m2cnn_tf import distribution, training
@@ -58,7 +58,7 @@ def _body(rest: list[str]) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    argv = config.join_switch_words(sys.argv if argv is None else argv)  # `--augment none`
+    argv = config_flags.join_switch_words(sys.argv if argv is None else argv)  # `--augment none`
     return cli.run(PROG, __doc__, FLAGS, _body, argv)
 
 
