@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import time
 
 from m2cnn_tf.config import multi_cell_path
 
@@ -42,13 +43,28 @@ class Footprint:
     step_fixed: float  # bytes of the step's peak that do not grow with the batch
 
 
-# (preset, size, Multi-Cell path) -> Footprint, measured on the CPU in float32 by
-# benchmarks/paper_smoke.py (python benchmarks/paper_smoke.py --measure-only), TF 2.21.
-MEASURED: dict[tuple[str, int, str], Footprint] = {}
+# (preset, size, Multi-Cell path) -> Footprint, measured on the CPU in float32 at batches 1
+# and 2 by benchmarks/paper_smoke.py (--measure-only), TF 2.21. The allocator's peak varies by
+# about 20 % between repeats; the figures are single runs.
+MEASURED: dict[tuple[str, int, str], Footprint] = {
+    ("paper", 224, "small"): Footprint(54_345_958, 79.0 * MB, 193.8 * MB),
+    ("paper", 448, "small"): Footprint(54_345_958, 415.5 * MB, 216.8 * MB),
+    ("paper", 448, "medium"): Footprint(86_555_366, 413.9 * MB, 347.4 * MB),
+    ("paper", 720, "small"): Footprint(54_345_958, 1125.4 * MB, 253.3 * MB),
+    ("paper", 720, "large"): Footprint(107_000_000, 1125.4 * MB, 400 * MB),  # PENDING
+    ("tiny", 224, "small"): Footprint(13_487_030, 46.2 * MB, 50.1 * MB),
+    ("tiny", 448, "small"): Footprint(13_487_030, 147.0 * MB, 76.6 * MB),
+    ("tiny", 448, "medium"): Footprint(24_011_190, 157.7 * MB, 105.1 * MB),
+    ("tiny", 720, "small"): Footprint(13_487_030, 448.1 * MB, 40.3 * MB),
+    ("tiny", 720, "large"): Footprint(34_535_350, 429.3 * MB, 148.0 * MB),
+}
 
 
-def measure(preset: str, size: int, multi_cell: bool, batches: tuple[int, int] = (1, 2)):
-    """Measure the real graph's train-step memory on the CPU (see the module docstring)."""
+def measure(
+    preset: str, size: int, multi_cell: bool, batches: tuple[int, int] = (1, 2)
+) -> tuple[Footprint, float]:
+    """Measure the real graph's train step on the CPU (see the module docstring): its memory,
+    and its seconds per step at the larger batch."""
     import keras
     import tensorflow as tf
 
@@ -66,21 +82,23 @@ def measure(preset: str, size: int, multi_cell: bool, batches: tuple[int, int] =
             loss = multitask_loss(grades, net(images, training=True), reg, 4e-5)["loss"]
         return tape.gradient(loss, net.trainable_variables)
 
-    peaks = []
+    peaks, seconds = [], 0.0
     for batch in batches:
         images = tf.random.uniform([batch, size, size, 3], -1.0, 1.0)
         grades = tf.zeros([batch], tf.int32)
         step(images, grades)  # trace, and let the allocator settle
         tf.config.experimental.reset_memory_stats("CPU:0")
         before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        start = time.perf_counter()
         grads = step(images, grades)
+        seconds = time.perf_counter() - start
         peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before)
         del grads
     per_image = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
     found = Footprint(net.count_params(), per_image, max(0.0, peaks[0] - batches[0] * per_image))
     keras.backend.clear_session()
     gc.collect()
-    return found
+    return found, seconds
 
 
 def _nearest(preset: str, size: int, path: str) -> tuple[Footprint, float] | None:
@@ -102,9 +120,13 @@ def gpu_memory_gb(
     if near is None:
         return None
     found, scale = near
+    return gpu_bytes(found, batch_per_gpu, mixed_precision, scale) / GB
+
+
+def gpu_bytes(found: Footprint, batch: int, mixed_precision: bool, scale: float = 1.0) -> float:
+    """The module docstring's formula; `scale` multiplies the activations (another size)."""
     act = found.per_image * scale * (MIXED_PRECISION_ACTIVATIONS if mixed_precision else 1.0)
-    total = found.params * BYTES_WEIGHTS_AND_ADAM + found.step_fixed + act * batch_per_gpu
-    return total / GB
+    return found.params * BYTES_WEIGHTS_AND_ADAM + found.step_fixed + act * batch
 
 
 # Fig. 4: the paper's seconds per training step (224@20k/1.4h, 448@20k/4.2h).

@@ -22,7 +22,7 @@ from typing import Any
 
 from m2cnn_tf import footprint, protocol
 from m2cnn_tf.common import atomic_write_json
-from m2cnn_tf.config import PRESETS, multi_cell_path
+from m2cnn_tf.config import MIN_IMAGE_SIZE, PRESETS, multi_cell_path
 from m2cnn_tf.errors import UsageError
 
 BEST_MODEL = "best.keras"  # m2cnn_tf.checkpoints.BEST_MODEL (importing that loads Keras)
@@ -73,11 +73,13 @@ class Options:
         nominal = protocol.SIZES.value
         paths = [multi_cell_path(s) for s in nominal]
         if len(self.sizes) != len(nominal) or any(
-            multi_cell_path(s) != p for s, p in zip(self.sizes, paths, strict=False)
+            s < MIN_IMAGE_SIZE or multi_cell_path(s) != p
+            for s, p in zip(self.sizes, paths, strict=False)
         ):
             raise UsageError(
                 f"need three sizes that take the Multi-Cell paths of {nominal} ({', '.join(paths)}"
-                f": below 350, 350-699, 700 and above), got {','.join(map(str, self.sizes))}",
+                f": {MIN_IMAGE_SIZE}-349, 350-699, 700 and above), got "
+                f"{','.join(map(str, self.sizes))}",
                 setting="sizes",
             )
 

@@ -124,8 +124,13 @@ def train(plan: Plan, run: PlannedRun, *, gpu: bool, log: Log, tag: str = "") ->
         log(f"{tag}{run.name}: done, skipped")
         return False
     if run.continues and not Path(run.model_dir).exists():
-        _start_from(plan.run(run.continues), run, log)
+        source = plan.run(run.continues)
+        _start_from(source, run, log)
         state = load_state(run)
+        if run.steps == source.steps:  # --steps-scale rounded both to the same count
+            state["done"] = True
+            save_state(run, state)
+            return False
     args = [*run.train_args, *(["--mixed-precision"] if gpu else [])]
     log(f"{tag}{run.name}: train.py {' '.join(args)}")
     Path(run.model_dir).mkdir(parents=True, exist_ok=True)
