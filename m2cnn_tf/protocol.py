@@ -87,9 +87,9 @@ TRAIN_SETTINGS: dict[str, Tagged] = {
     ),
     "batch_size": ours(
         16,
-        "the paper gives none; one batch for every size keeps Fig. 4's steps the same number of "
-        "images at 224, 448 and 720 px, and 16 is the largest power of two whose 720 px step "
-        "fits one 24 GB GPU with mixed precision (the dry run's memory estimate)",
+        "the paper gives none; one batch at every size keeps a step of Fig. 4 the same number of "
+        "images at 224, 448 and 720 px, and 16 at 720 px takes about half of a 24 GB GPU with "
+        "mixed precision by the dry run's estimate, leaving room for what it leaves out",
         topic="optimizer, schedule, batch",
         shown="batch {value} at every size",
     ),

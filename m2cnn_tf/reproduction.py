@@ -206,6 +206,8 @@ def steps_per_epoch(options: Options) -> int:
 def make_plan(options: Options) -> Plan:
     """The runs and evaluations of the chosen experiments (see the module docstring)."""
     options.check()
+    if options.weights not in WEIGHTS_CHOICES:  # a file: the same run from any folder
+        options = dataclasses.replace(options, weights=str(Path(options.weights).resolve()))
     out, data = Path(options.out).resolve(), str(Path(options.data).resolve())
     every = steps_per_epoch(options)
     planned: dict[str, PlannedRun] = {}
@@ -213,47 +215,50 @@ def make_plan(options: Options) -> Plan:
         spec = protocol.RUNS[name]
         parent = spec.init.removeprefix(protocol.RUN_PREFIX)
         start = planned.get(parent) if spec.init.startswith(protocol.RUN_PREFIX) else None
-        steps = options.steps(spec.steps.value)
-        size = options.size(spec.size)
-        stage = start.stage + 1 if start else 1
-        model_dir = str(out / "runs" / name)
-        init = f"{protocol.RUN_PREFIX}{parent}" if start else options.weights
-        args = [
-            *("--stage", str(stage), "--data", data, "--model-dir", model_dir),
-            *("--image-size", str(size), "--preset", options.preset, "--loss", spec.loss),
-            "--multi-cell" if spec.multi_cell else "--nomulti-cell",
-            *(("--init", start.checkpoint()) if start else ("--weights", options.weights)),
-            *("--epochs", str(steps // every), "--steps-per-epoch", str(every)),
-            *("--batch-size", str(options.batch_size)),
-        ]
-        for key, value in protocol.TRAIN_SETTINGS.items():
-            if key not in ("preset", "batch_size"):
-                args += [f"--{key.replace('_', '-')}", str(value.value)]
-        planned[name] = PlannedRun(
+        steps, size = options.steps(spec.steps.value), options.size(spec.size)
+        before = planned[spec.continues].steps if spec.continues else 0
+        run = PlannedRun(
             name=name,
             uses=tuple(uses),
             loss=spec.loss,
             multi_cell=spec.multi_cell,
             nominal_size=spec.size,
             image_size=size,
-            init=init,
+            init=f"{protocol.RUN_PREFIX}{parent}" if start else options.weights,
             steps=steps,
             total_steps=steps + (start.total_steps if start else 0),
             continues=spec.continues,
-            stage=stage,
+            stage=start.stage + 1 if start else 1,
             epochs=steps // every,
             steps_per_epoch=every,
             batch_size=options.batch_size,
-            model_dir=model_dir,
+            model_dir=str(out / "runs" / name),
             est_gpu_memory_gb=footprint.gpu_memory_gb(
                 options.preset, size, spec.multi_cell, options.batch_size, mixed_precision=True
             ),
-            est_hours=_hours(
-                options, spec, steps - (planned[spec.continues].steps if spec.continues else 0)
-            ),
-            train_args=tuple(args),
+            est_hours=_hours(options, spec, steps - before),
+            train_args=(),
         )
+        planned[name] = dataclasses.replace(run, train_args=_train_args(options, run, data, start))
     return Plan(options, tuple(planned.values()), _evaluations(options, planned, data, out))
+
+
+def _train_args(
+    options: Options, run: PlannedRun, data: str, start: PlannedRun | None
+) -> tuple[str, ...]:
+    """train.py's flags for the run: every protocol setting spelled out, no default relied on."""
+    args = [
+        *("--stage", str(run.stage), "--data", data, "--model-dir", run.model_dir),
+        *("--image-size", str(run.image_size), "--preset", options.preset, "--loss", run.loss),
+        "--multi-cell" if run.multi_cell else "--nomulti-cell",
+        *(("--init", start.checkpoint()) if start else ("--weights", options.weights)),
+        *("--epochs", str(run.epochs), "--steps-per-epoch", str(run.steps_per_epoch)),
+        *("--batch-size", str(options.batch_size)),
+    ]
+    for key, value in protocol.TRAIN_SETTINGS.items():
+        if key not in ("preset", "batch_size"):  # the options' own
+            args += [f"--{key.replace('_', '-')}", str(value.value)]
+    return tuple(args)
 
 
 def _hours(options: Options, spec: protocol.Run, trained: int) -> float | None:
