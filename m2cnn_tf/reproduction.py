@@ -234,7 +234,11 @@ def make_plan(options: Options) -> Plan:
             batch_size=options.batch_size,
             model_dir=str(out / "runs" / name),
             est_gpu_memory_gb=footprint.gpu_memory_gb(
-                options.preset, size, spec.multi_cell, options.batch_size, mixed_precision=True
+                options.preset,
+                size,
+                spec.multi_cell,
+                options.batch_size,
+                mixed_precision=protocol.MIXED_PRECISION.value,
             ),
             est_hours=_hours(options, spec, steps - before),
             train_args=(),

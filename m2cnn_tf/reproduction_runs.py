@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from m2cnn_tf import protocol
 from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.errors import Interrupted, RunFailed, UsageError
 from m2cnn_tf.reproduction import Plan, PlannedEvaluation, PlannedRun
@@ -131,7 +132,8 @@ def train(plan: Plan, run: PlannedRun, *, gpu: bool, log: Log, tag: str = "") ->
             state["done"] = True
             save_state(run, state)
             return False
-    args = [*run.train_args, *(["--mixed-precision"] if gpu else [])]
+    mixed = gpu and protocol.MIXED_PRECISION.value  # on a CPU it is slower, not smaller
+    args = [*run.train_args, *(["--mixed-precision"] if mixed else [])]
     log(f"{tag}{run.name}: train.py {' '.join(args)}")
     Path(run.model_dir).mkdir(parents=True, exist_ok=True)
     with EpochClock(run, state):
