@@ -128,8 +128,15 @@ MIXED_PRECISION = ours(
     True,
     "the paper gives none; mixed_float16 with loss scaling halves the activations, so that the "
     "batch fits at 720 px; only where a GPU is (on a CPU it is slower, not smaller)",
-    topic="mixed precision",
-    shown="on with a GPU",
+    topic="GPUs",
+    shown="mixed precision on with a GPU",
+)
+MULTI_GPU = ours(
+    "mirrored",
+    "the paper gives none; with several GPUs every one of them trains (tf.distribute's mirrored "
+    "strategy), each on its share of the same global batch, with synchronised BatchNorm",
+    topic="GPUs",
+    shown="every GPU when there are several",
 )
 VALIDATE_EVERY = ours(
     2000,
@@ -370,6 +377,7 @@ def tagged_values() -> dict[str, Tagged]:
         "augmentation": AUGMENTATION,
         "lr_schedule": LR_SCHEDULE,
         "mixed_precision": MIXED_PRECISION,
+        "multi_gpu": MULTI_GPU,
         "validate_every": VALIDATE_EVERY,
         "ablation_init_stage": ABLATION_INIT_STAGE,
         "table2_at_448": TABLE2_AT_448,

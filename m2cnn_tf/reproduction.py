@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from m2cnn_tf import footprint, protocol
-from m2cnn_tf.common import atomic_write_json
+from m2cnn_tf.common import BEST_MODEL, atomic_write_json, stage_dir
 from m2cnn_tf.config import MIN_IMAGE_SIZE, PRESETS, multi_cell_path
 from m2cnn_tf.errors import UsageError
 
-BEST_MODEL = "best.keras"  # m2cnn_tf.checkpoints.BEST_MODEL (importing that loads Keras)
 PLAN = "plan.json"
 WEIGHTS_CHOICES = ("imagenet", "none")  # or a path (train.py --weights)
 
@@ -115,10 +114,10 @@ class PlannedRun:
     train_args: tuple[str, ...]  # train.py's flags (--mixed-precision added where a GPU is)
 
     def checkpoint(self) -> str:
-        return str(Path(self.model_dir) / f"stage{self.stage}" / BEST_MODEL)
+        return str(stage_dir(self.model_dir, self.stage) / BEST_MODEL)
 
     def epochs_csv(self) -> Path:
-        return Path(self.model_dir) / f"stage{self.stage}" / "epochs.csv"
+        return stage_dir(self.model_dir, self.stage) / "epochs.csv"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,7 +118,15 @@ def _start_from(source: PlannedRun, run: PlannedRun, log: Log) -> None:
     log(f"{run.name}: starts from a copy of {source.name} (its first {source.steps} steps)")
 
 
-def train(plan: Plan, run: PlannedRun, *, gpu: bool, log: Log, tag: str = "") -> bool:
+def runtime_args(gpus: int) -> list[str]:
+    """Flags for this machine, not part of the plan: mixed precision on a GPU (protocol), and
+    every GPU when there are several (tf.distribute's mirrored strategy, whose BatchNorm is
+    synchronised, so the global batch is the protocol's batch)."""
+    args = ["--mixed-precision"] if gpus and protocol.MIXED_PRECISION.value else []
+    return args + (["--strategy", protocol.MULTI_GPU.value] if gpus > 1 else [])
+
+
+def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") -> bool:
     """Train `run` unless it is done; True when it trained now."""
     state = load_state(run)
     if state.get("done"):
@@ -132,8 +140,7 @@ def train(plan: Plan, run: PlannedRun, *, gpu: bool, log: Log, tag: str = "") ->
             state["done"] = True
             save_state(run, state)
             return False
-    mixed = gpu and protocol.MIXED_PRECISION.value  # on a CPU it is slower, not smaller
-    args = [*run.train_args, *(["--mixed-precision"] if mixed else [])]
+    args = [*run.train_args, *runtime_args(gpus)]
     log(f"{tag}{run.name}: train.py {' '.join(args)}")
     Path(run.model_dir).mkdir(parents=True, exist_ok=True)
     with EpochClock(run, state):
@@ -169,11 +176,11 @@ def evaluate(plan: Plan, evaluation: PlannedEvaluation, *, log: Log) -> bool:
     return True
 
 
-def carry_out(plan: Plan, *, gpu: bool, log: Log = print) -> dict[str, int]:
+def carry_out(plan: Plan, *, gpus: int, log: Log = print) -> dict[str, int]:
     """Train every run, then evaluate; returns how many of each ran now (not skipped)."""
     done = {"trained": 0, "evaluated": 0}
     for i, run in enumerate(plan.runs, 1):
-        done["trained"] += train(plan, run, gpu=gpu, log=log, tag=f"[{i}/{len(plan.runs)}] ")
+        done["trained"] += train(plan, run, gpus=gpus, log=log, tag=f"[{i}/{len(plan.runs)}] ")
     for evaluation in plan.evaluations:
         done["evaluated"] += evaluate(plan, evaluation, log=log)
     return done

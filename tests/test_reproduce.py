@@ -235,10 +235,7 @@ def test_a_miniature_of_every_experiment_resumes_and_a_rerun_only_rebuilds_the_r
     assert before == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
 
 
-def test_the_protocol_is_consistent_with_itself_and_the_checkpoint_layout():
-    from m2cnn_tf import checkpoints
-
-    assert reproduction.BEST_MODEL == checkpoints.BEST_MODEL
+def test_the_protocol_is_consistent_with_itself():
     for run in protocol.RUNS.values():
         if run.continues:  # a run carries on one with the same settings and fewer steps
             base = protocol.RUNS[run.continues]

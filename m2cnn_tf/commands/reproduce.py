@@ -130,14 +130,11 @@ def _body(rest: list[str]) -> int:
         )  # fmt: skip
     from m2cnn_tf import reproduction_report, reproduction_runs
 
-    print(
-        f"reproduce.py: {len(gpus)} GPU(s), mixed precision on"
-        if gpus
-        else "reproduce.py: CPU only (--allow-cpu), mixed precision off",
-        flush=True,
-    )
+    extra = " ".join(reproduction_runs.runtime_args(len(gpus))) or "none"
+    where = f"{len(gpus)} GPU(s)" if gpus else "CPU only (--allow-cpu)"
+    print(f"reproduce.py: {where}; train.py flags for this machine: {extra}", flush=True)
     reproduction.save_plan(plan)
-    done = reproduction_runs.carry_out(plan, gpu=bool(gpus))
+    done = reproduction_runs.carry_out(plan, gpus=len(gpus))
     paths = reproduction_report.build(plan)
     print(
         f"trained {done['trained']} of {len(plan.runs)} runs and evaluated "
