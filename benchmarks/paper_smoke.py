@@ -1,0 +1,114 @@
+"""Paper scale on the CPU: the M²CNN chain with the paper preset, 224 -> 448 -> 720, 2 steps each.
+
+    python benchmarks/paper_smoke.py [--data data/demo/records] [--out runs/paper-smoke]
+        [--batch 2] [--measure-only]
+
+Per stage it trains `train.py --stage N --preset paper --weights none` for 2 steps of the given
+batch on DATA (the demo records at 224/448/720: `make demo`'s first two steps), each stage in
+its own process, and prints:
+- seconds per train step of the real graph (forward, Eq. (4), gradients) at that batch;
+- the peak RSS of the train.py process (os.wait4);
+- the size of the stage's best.keras;
+- the memory the real graph's train step needs per image, and the part that does not grow with
+  the batch, from TensorFlow's allocator statistics (m2cnn_tf.footprint.measure, float32);
+- the GPU memory that m2cnn_tf.footprint derives for the protocol's batch with mixed precision.
+--measure-only skips the training and measures every (preset, size, Multi-Cell path) that
+footprint.MEASURED holds, printing its lines. Each measurement runs in its own process, so one
+stage's memory does not inflate the next. Not a test: expect 20-40 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from m2cnn_tf import footprint, protocol  # noqa: E402  (after sys.path)
+
+STAGES = ((1, 224, "small"), (2, 448, "medium"), (3, 720, "large"))
+MEASURE = (
+    "import json, sys, time; from m2cnn_tf import footprint; "
+    "p, s, mc, b = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]); "
+    "f, sec = footprint.measure(p, s, mc, (b // 2 or 1, b)); "
+    "print(json.dumps({'params': f.params, 'per_image': f.per_image, "
+    "'step_fixed': f.step_fixed, 'seconds_per_step': sec}))"
+)
+
+
+def _child(command: list[str]) -> tuple[int, float, float, str]:
+    """Run a child process: (exit code, wall seconds, peak RSS in MB, its stdout)."""
+    start = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.monotonic() - start, usage.ru_maxrss / 1024, out
+
+
+def measure(preset: str, size: int, multi_cell: bool, batch: int) -> dict:
+    code, _, _, out = _child(
+        [sys.executable, "-c", MEASURE, preset, str(size), "1" if multi_cell else "0", str(batch)]
+    )
+    if code != 0:
+        raise SystemExit(f"paper_smoke: measuring {preset} {size} failed (exit {code})")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def train_stage(stage: int, data: str, out: str, batch: int) -> dict:
+    command = [
+        *(sys.executable, str(ROOT / "train.py"), "--stage", str(stage), "--data", data),
+        *("--model-dir", out, "--preset", "paper", "--weights", "none", "--epochs", "1"),
+        *("--steps-per-epoch", "2", "--batch-size", str(batch), "--seed", "0", "--noresume"),
+    ]
+    code, seconds, rss_mb, _ = _child(command)
+    if code != 0:
+        raise SystemExit(f"paper_smoke: stage {stage} failed (train.py exit {code})")
+    best = Path(out) / f"stage{stage}" / "best.keras"
+    return {"seconds": seconds, "peak_rss_mb": rss_mb, "checkpoint_mb": best.stat().st_size / 1e6}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/demo/records")
+    p.add_argument("--out", default="runs/paper-smoke")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--measure-only", action="store_true")
+    args = p.parse_args()
+    if args.measure_only:
+        for preset, size, path in footprint.MEASURED:
+            m = measure(preset, size, path != "small", 2)
+            print(
+                f'    ("{preset}", {size}, "{path}"): Footprint({m["params"]:_}, '
+                f"{m['per_image'] / 1e6:.1f} * MB, {m['step_fixed'] / 1e6:.1f} * MB),",
+                flush=True,
+            )
+        return 0
+    batch16 = protocol.TRAIN_SETTINGS["batch_size"].value
+    head = f"stage  size  s/step (CPU, batch {args.batch})  peak RSS  best.keras  "
+    print(f"{head}train step per image (fp32)  + fixed  GPU est. (batch {batch16}, mixed)")
+    for stage, size, _ in STAGES:
+        trained = train_stage(stage, args.data, args.out, args.batch)
+        m = measure("paper", size, True, args.batch)
+        found = footprint.Footprint(m["params"], m["per_image"], m["step_fixed"])
+        gpu = footprint.gpu_bytes(found, batch16, mixed_precision=True) / footprint.GB
+        print(
+            f"{stage:5d}  {size:4d}  {m['seconds_per_step']:21.2f}  "
+            f"{trained['peak_rss_mb']:6.0f} MB  {trained['checkpoint_mb']:7.0f} MB  "
+            f"{m['per_image'] / 1e6:23.0f} MB  {m['step_fixed'] / 1e6:4.0f} MB  "
+            f"{footprint.describe_gb(gpu)}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Carry out a reproduction plan: train each run once, evaluate, and resume where it stopped.
+
+Each run and evaluation calls the command-line contract in this process
+(`m2cnn_tf.commands.train.run`, `...evaluate.run`, the same as `python train.py ...`), one
+after the other, so TensorFlow loads once. A run is finished when its model directory holds
+`reproduce.json` with `done`; then it is skipped. An unfinished run is started again with the
+same command line, and train.py resumes it from its own backup. A run that carries on a
+shorter one (`continues`, Fig. 4's longer runs) starts as a copy of that run's finished
+directory, so train.py resumes it from the shorter run's last epoch. An evaluation is done when
+its report.json is newer than the run's checkpoint.
+
+Time: while a run trains, a thread watches its epochs.csv and records the wall time at which
+each epoch's row appears, counted from the start of each attempt (model building included),
+added to the time of the epochs before it. Time lost in an interrupted epoch is not counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import importlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from m2cnn_tf import protocol
+from m2cnn_tf.common import atomic_write_json
+from m2cnn_tf.errors import Interrupted, RunFailed, UsageError
+from m2cnn_tf.reproduction import Plan, PlannedEvaluation, PlannedRun
+
+STATE = "reproduce.json"  # in each run's model directory
+POLL_SECONDS = 0.5
+
+Log = Callable[[str], None]
+
+
+def call(command: str, args: list[str] | tuple[str, ...]) -> int:
+    """Run `python <command>.py ARGS` in this process; returns its exit code."""
+    module = importlib.import_module(f"m2cnn_tf.commands.{command}")
+    try:
+        return module.run([f"{command}.py", *args])
+    finally:
+        import keras
+
+        keras.backend.clear_session()  # the next run builds its own graph
+        gc.collect()
+
+
+def load_state(run: PlannedRun) -> dict[str, Any]:
+    path = Path(run.model_dir) / STATE
+    return json.loads(path.read_text()) if path.is_file() else {"done": False, "seconds": {}}
+
+
+def epoch_rows(csv_path: Path) -> dict[int, dict[str, str]]:
+    """epochs.csv by 1-based epoch; the last row wins (a resumed epoch is written again)."""
+    rows: dict[int, dict[str, str]] = {}
+    if not csv_path.is_file():
+        return rows
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            epoch = str(row.get("epoch", ""))
+            if epoch.isdigit():
+                rows[int(epoch) + 1] = row
+    return rows
+
+
+class EpochClock:
+    """Records, in the run's reproduce.json, the wall seconds at the end of each epoch."""
+
+    def __init__(self, run: PlannedRun, state: dict[str, Any]):
+        self.run, self.state = run, state
+        self.seconds: dict[str, float] = state.setdefault("seconds", {})
+        self.offset = max(self.seconds.values(), default=0.0)
+        self.start = time.monotonic()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> EpochClock:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(POLL_SECONDS):
+            self.poll()
+
+    def poll(self) -> None:
+        new = [e for e in epoch_rows(self.run.epochs_csv()) if str(e) not in self.seconds]
+        if new:
+            now = self.offset + time.monotonic() - self.start
+            self.seconds.update({str(e): round(now, 3) for e in new})
+            save_state(self.run, self.state)
+
+
+def save_state(run: PlannedRun, state: dict[str, Any]) -> None:
+    atomic_write_json(Path(run.model_dir) / STATE, state)
+
+
+def _start_from(source: PlannedRun, run: PlannedRun, log: Log) -> None:
+    """A run that carries on `source` starts as a copy of its finished directory."""
+    if not load_state(source).get("done"):
+        raise RunFailed(f"{run.name} carries on {source.name}, which has not finished")
+    target = Path(run.model_dir)
+    partial = target.with_name(target.name + ".copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source.model_dir, partial)
+    state = load_state(source)
+    atomic_write_json(partial / STATE, {"done": False, "seconds": state.get("seconds", {})})
+    partial.rename(target)
+    log(f"{run.name}: starts from a copy of {source.name} (its first {source.steps} steps)")
+
+
+def runtime_args(gpus: int) -> list[str]:
+    """Flags for this machine, not part of the plan: mixed precision on a GPU (protocol), and
+    every GPU when there are several (tf.distribute's mirrored strategy, whose BatchNorm is
+    synchronised, so the global batch is the protocol's batch)."""
+    args = ["--mixed-precision"] if gpus and protocol.MIXED_PRECISION.value else []
+    return args + (["--strategy", protocol.MULTI_GPU.value] if gpus > 1 else [])
+
+
+def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") -> bool:
+    """Train `run` unless it is done; True when it trained now."""
+    state = load_state(run)
+    if state.get("done"):
+        log(f"{tag}{run.name}: done, skipped")
+        return False
+    if run.continues and not Path(run.model_dir).exists():
+        source = plan.run(run.continues)
+        _start_from(source, run, log)
+        state = load_state(run)
+        if run.steps == source.steps:  # --steps-scale rounded both to the same count
+            state["done"] = True
+            save_state(run, state)
+            return False
+    args = [*run.train_args, *runtime_args(gpus)]
+    log(f"{tag}{run.name}: train.py {' '.join(args)}")
+    Path(run.model_dir).mkdir(parents=True, exist_ok=True)
+    with EpochClock(run, state):
+        code = call("train", args)
+    if code == 0:
+        state["done"] = True
+        save_state(run, state)
+        return True
+    if code == 130:
+        raise Interrupted(f"interrupted in run {run.name}; rerun the same command to resume")
+    if code == 2:
+        raise UsageError(f"train.py refused run {run.name} (its error is above)")
+    raise RunFailed(
+        f"run {run.name} failed (train.py exit {code}, the reason is above); rerun the same "
+        "command to resume it from its last backup"
+    )
+
+
+def evaluate(plan: Plan, evaluation: PlannedEvaluation, *, log: Log) -> bool:
+    """Evaluate unless its report is newer than the run's checkpoint; True when it ran now."""
+    report = Path(evaluation.out) / "report.json"
+    checkpoint = Path(plan.run(evaluation.run).checkpoint())
+    fresh = checkpoint.is_file() and report.is_file()
+    if fresh and report.stat().st_mtime >= checkpoint.stat().st_mtime:
+        log(f"{evaluation.run} on {evaluation.split}: evaluated, skipped")
+        return False
+    log(f"{evaluation.run} on {evaluation.split}: evaluate.py {' '.join(evaluation.args)}")
+    code = call("evaluate", evaluation.args)
+    if code == 130:
+        raise Interrupted(f"interrupted evaluating {evaluation.run}; rerun to go on")
+    if code != 0:
+        raise RunFailed(f"evaluating {evaluation.run} on {evaluation.split} failed (exit {code})")
+    return True
+
+
+def carry_out(plan: Plan, *, gpus: int, log: Log = print) -> dict[str, int]:
+    """Train every run, then evaluate; returns how many of each ran now (not skipped)."""
+    done = {"trained": 0, "evaluated": 0}
+    for i, run in enumerate(plan.runs, 1):
+        done["trained"] += train(plan, run, gpus=gpus, log=log, tag=f"[{i}/{len(plan.runs)}] ")
+    for evaluation in plan.evaluations:
+        done["evaluated"] += evaluate(plan, evaluation, log=log)
+    return done
