@@ -17,6 +17,7 @@ COMMANDS = [
     (["predict.py"], ["--tta", "sideways"]),
     (["serve.py"], ["--port", "http"]),
     (["export.py"], ["--quantize", "int4"]),
+    (["reproduce.py"], ["--ablation-init", "sideways"]),
     (["-m", "data_prep.kaggle"], ["--workers", "many"]),
     (["-m", "data_prep.folder"], ["--workers", "many"]),
     (["-m", "data_prep.demo"], ["--per-grade", "lots"]),
