@@ -3,6 +3,7 @@
 FROM tensorflow/tensorflow:2.21.0-gpu
 
 WORKDIR /opt/m2cnn-tf
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY requirements.txt .
 RUN sed '/^# Development/,$d' requirements.txt | grep -v '^tensorflow==' \
         > /tmp/requirements-docker.txt \
