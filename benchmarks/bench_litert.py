@@ -109,6 +109,37 @@ def _cold_start(kind: str, model_dir: Path, stage: int, litert: Path | None) -> 
     return f"{total:.1f} s (in Python {float(inside):.1f} s; TensorFlow imported: {tf_loaded})"
 
 
+def _through_predict(loaded: dict, work: Path, n: int = 16) -> list[str]:
+    """predict.py's own path (`prediction.Predictor`: decode, §II-A crop, Eq. (1), resize, the
+    model) on `n` raw 1536×1024 photographs, start-up excluded: Keras against LiteRT int8."""
+    import cv2
+
+    from m2cnn_tf.prediction import Predictor
+    from m2cnn_tf.preprocessing import PreprocessParams
+
+    photos = work / "photos"
+    photos.mkdir(exist_ok=True)
+    rng = np.random.default_rng(2)
+    for i in range(n):
+        img = np.zeros((1024, 1536, 3), np.uint8)
+        cv2.circle(img, (768, 512), 470, tuple(int(v) for v in rng.integers(60, 200, 3)), -1)
+        noise = rng.normal(0, 12, img.shape)
+        cv2.imwrite(str(photos / f"{i}.jpeg"), np.clip(img + noise, 0, 255).astype(np.uint8))
+    paths = sorted(photos.glob("*.jpeg"))
+    seconds = {}
+    for name in ("keras", "litert int8"):
+        predictor = Predictor(loaded[name], PreprocessParams(), batch_size=8)
+        list(predictor.rows(paths[:8]))  # warm-up: tracing, kernels, thread pools
+        _, seconds[name] = _timed(lambda p=predictor: list(p.rows(paths)))
+    ratio = seconds["keras"] / seconds["litert int8"]
+    verdict = "met" if ratio >= 4 else "MISSED"
+    return [
+        f"through predict.py's Predictor, {n} raw photographs, batch 8 ({_load()}):",
+        *(f"   {k:16s} {1000 * v / n:9.1f} ms/image" for k, v in seconds.items()),
+        f"   litert int8 {ratio:5.2f}x Keras (target at 720 px >= 4x: {verdict})",
+    ]
+
+
 def _verdicts(best: dict[str, tuple[float, int]], size: int) -> list[str]:
     """Each runtime at its fastest batch size against Keras at its own, and the targets."""
     keras_ms, keras_batch = best.pop("keras")
@@ -165,6 +196,8 @@ def bench_size(size: int, work: Path, batches: list[int], repeats: int, preset: 
             lines.append(f"   {name:16s} {value:9.1f} ms/image{speedup}")
             best[name] = min(best.get(name, (value, batch)), (value, batch))
     lines += _verdicts(best, size)
+    if size == 720:
+        lines += _through_predict(loaded, work)
     loaded.clear()
     gc.collect()
     lines.append(
