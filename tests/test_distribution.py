@@ -3,22 +3,16 @@ BatchNorm's statistics over 2 replicas (2 logical CPU devices), checked by hand 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _subprocess import run_json_script
 from _tfrecords import grade_images, write_split
 
 from m2cnn_tf import distribution
 from m2cnn_tf.commands import train as train_cmd
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 H100 = "NVIDIA H100 80GB HBM3"
 
 
@@ -125,16 +119,7 @@ SYNC_BN_SCRIPT = textwrap.dedent(
 
 
 def test_synchronised_bn_uses_the_global_batch_and_unsynchronised_each_replicas_half():
-    done = subprocess.run(
-        [sys.executable, "-c", SYNC_BN_SCRIPT],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_json_script(SYNC_BN_SCRIPT, timeout=300)
     images = np.asarray(result["images"])
     axes = (0, 1, 2)
     whole_mean, whole_var = images.mean(axes), images.var(axes)  # Keras: biased variance

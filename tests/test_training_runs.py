@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
 import shutil
@@ -20,12 +19,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _subprocess import ENV, ROOT, run_json_script
 from _tfrecords import grade_images, write_split
 from sklearn.metrics import cohen_kappa_score
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 80
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -219,16 +217,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
 
 def test_mirrored_over_two_cpus_gives_the_same_first_update_as_default():
-    done = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_json_script(MIRRORED_SCRIPT, timeout=180)
     assert result["replicas"] == 2
     assert result["scale"] > 1e-4  # the step moved the weights
     # Summing instead of averaging over replicas would double the update (ratio 2).
