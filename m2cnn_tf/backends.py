@@ -26,6 +26,7 @@ import numpy as np
 
 from m2cnn_tf import export
 from m2cnn_tf.errors import UsageError
+from m2cnn_tf.tta import ModelCall
 
 BACKENDS = ("keras", "litert")
 OUTPUTS = ("logits", "score")
@@ -139,15 +140,14 @@ class LiteRTBackend:
         }
 
 
-def runtime_of(model) -> tuple[Any, int, Any]:
-    """(what `inference.make_predict_fn` calls, the image side, the Keras model or None) for a
-    Keras model or a Backend. A Keras backend hands over its model, so its numbers are those of
-    the compiled Keras graph, as before backends existed."""
+def runtime_of(model) -> tuple[ModelCall, int, Any]:
+    """(the call `tta.make_predict_fn` wraps, the image side, the Keras model or None) for a
+    Backend or a Keras model (which gets a Keras backend's compiled call)."""
     if isinstance(model, LiteRTBackend):
         return model.predict, model.image_size, None
-    if isinstance(model, KerasBackend):
-        model = model.model
-    return model, int(model.input_shape[1]), model
+    if not isinstance(model, KerasBackend):
+        model = KerasBackend(model)
+    return model.predict, model.image_size, model.model
 
 
 def default_litert_path(model_dir: str | Path, stage: int, quantize: str | None = None) -> Path:

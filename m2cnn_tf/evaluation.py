@@ -3,7 +3,7 @@
 §III-A "Evaluation Metric" and Table II/III: the quadratic weighted kappa, read two ways. The
 steps, each in the module named for it:
 1. load the stage's best checkpoint, or its LiteRT export (`backends`);
-2. predict the split's TFRecords, with optional TTA (`inference`);
+2. predict the split's TFRecords, with optional TTA (`inference`, `tta`);
 3. fit cut points and eye blending on val, if asked, and apply them (`calibration`);
 4. compute the figures (`metrics`);
 5. write report.json, predictions.csv and the plots (`reports`).
@@ -25,9 +25,10 @@ from tqdm import tqdm
 from m2cnn_tf import backends, checkpoints, data, manifest
 from m2cnn_tf.calibration import BLEND_METHOD, Calibration, fit_calibration
 from m2cnn_tf.errors import M2cnnError, UsageError
-from m2cnn_tf.inference import Predictions, check_tta, predict_dataset
+from m2cnn_tf.inference import Predictions, predict_dataset
 from m2cnn_tf.metrics import evaluate_predictions
 from m2cnn_tf.reports import write_report
+from m2cnn_tf.tta import ModelCall, check_tta
 
 
 def _first_line(err: BaseException) -> str:
@@ -35,17 +36,19 @@ def _first_line(err: BaseException) -> str:
 
 
 def predict_split(
-    model, data_dir: str | Path, image_size: int, split: str, *, tta: str, batch_size: int
-) -> tuple[Predictions, list[str]]:
-    """Predict one split of data_prep's TFRecords with the training pipeline's reader; returns
-    the predictions and the shards read. Records that cannot be read are a UsageError."""
+    call: ModelCall, data_dir: str | Path, image_size: int, split: str, *, tta: str,
+    batch_size: int,
+) -> tuple[Predictions, list[str]]:  # fmt: skip
+    """Predict one split of data_prep's TFRecords (read as the training pipeline reads them)
+    through a runtime's call (`backends.runtime_of`); returns the predictions and the shards
+    read. Records that cannot be read are a UsageError."""
     try:
         shards = data.split_files(data_dir, image_size, split)
         dataset = data.make_dataset(
             str(data_dir), image_size, split, batch_size=batch_size, training=False
         )
         with tqdm(desc=f"{split}@{image_size}", unit="img", leave=False) as bar:
-            return predict_dataset(model, dataset, tta=tta, progress=bar), shards
+            return predict_dataset(call, dataset, tta=tta, progress=bar), shards
     except M2cnnError:
         raise
     except (OSError, ValueError, tf.errors.OpError) as err:
@@ -55,8 +58,8 @@ def predict_split(
 
 
 def _calibrate(
-    model, data_dir, image_size: int, split: str, preds: Predictions, *, fit_thresholds: bool,
-    per_patient: bool, tta: str, batch_size: int,
+    call: ModelCall, data_dir, image_size: int, split: str, preds: Predictions, *,
+    fit_thresholds: bool, per_patient: bool, tta: str, batch_size: int,
 ) -> Calibration:  # fmt: skip
     """Step 3: fit on val (predicting it unless it is the evaluated split), or change nothing."""
     if not (fit_thresholds or per_patient):
@@ -64,7 +67,7 @@ def _calibrate(
     if split == "val":
         val = preds
     else:
-        val, _ = predict_split(model, data_dir, image_size, "val", tta=tta, batch_size=batch_size)
+        val, _ = predict_split(call, data_dir, image_size, "val", tta=tta, batch_size=batch_size)
     return fit_calibration(val, fit_thresholds=fit_thresholds, per_patient=per_patient)
 
 
@@ -140,13 +143,11 @@ def run_evaluation(
     runtime = backends.load_backend(
         backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads
     )
-    model, image_size, _ = backends.runtime_of(runtime)
+    call, image_size, _ = backends.runtime_of(runtime)
     meta = checkpoints.read_meta(model_dir, stage)
-    preds, shards = predict_split(
-        model, data_dir, image_size, split, tta=tta, batch_size=batch_size
-    )
+    preds, shards = predict_split(call, data_dir, image_size, split, tta=tta, batch_size=batch_size)
     calibration = _calibrate(
-        model, data_dir, image_size, split, preds, fit_thresholds=fit_thresholds,
+        call, data_dir, image_size, split, preds, fit_thresholds=fit_thresholds,
         per_patient=per_patient, tta=tta, batch_size=batch_size,
     )  # fmt: skip
     final = calibration.apply(preds)

@@ -5,7 +5,8 @@ to read a grade (Fig. 2), and the statistics a report adds to the paper's figure
 Table II reports both, and the paper prefers scores. On top of the paper (ours): a 95%
 bootstrap confidence interval of kappa, the confusion matrix, per-grade sensitivity and
 specificity, and referable DR (grade >= 2), which is what a screening programme acts on.
-Everything but `QuadraticKappa` (the trainer's streaming metric) is numpy.
+All numpy (the trainer's streaming kappa is `trainer.QuadraticKappa`), so that prediction
+needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
-from keras import ops
 
 from m2cnn_tf.config import NUM_CLASSES
 
@@ -69,69 +68,6 @@ def kappa_from_confusion(cm: np.ndarray) -> float:
 
 def quadratic_weighted_kappa(y_true, y_pred, num_classes: int = NUM_CLASSES) -> float:
     return kappa_from_confusion(confusion_matrix(y_true, y_pred, num_classes))
-
-
-class QuadraticKappa(keras.metrics.Metric):
-    """Streaming quadratic weighted kappa over a confusion matrix (replaces tfa's CohenKappa).
-
-    `y_pred` is the regression score (B, 1) when `from_scores`, else logits/probabilities (B, K).
-    """
-
-    def __init__(
-        self,
-        num_classes: int = NUM_CLASSES,
-        from_scores: bool = True,
-        cutpoints: Sequence[float] = DEFAULT_CUTPOINTS,
-        name: str = "kappa",
-        **kwargs,
-    ):
-        super().__init__(name=name, **kwargs)
-        self.num_classes = num_classes
-        self.from_scores = from_scores
-        self.cutpoints = tuple(float(c) for c in sorted(cutpoints))
-        self.confusion = self.add_variable(
-            shape=(num_classes, num_classes),
-            initializer="zeros",
-            name="confusion",
-            dtype="float32",
-        )
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true = ops.reshape(ops.cast(y_true, "int32"), (-1,))
-        if self.from_scores:
-            score = ops.reshape(ops.cast(y_pred, "float32"), (-1, 1))
-            cuts = ops.convert_to_tensor(self.cutpoints, dtype="float32")
-            pred = ops.sum(ops.cast(score >= cuts[None, :], "int32"), axis=1)
-        else:
-            pred = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
-        cells = y_true * self.num_classes + pred
-        counts = ops.bincount(cells, minlength=self.num_classes**2)
-        counts = ops.reshape(
-            ops.cast(counts[: self.num_classes**2], "float32"), (self.num_classes, self.num_classes)
-        )
-        self.confusion.assign_add(counts)
-
-    def result(self):
-        cm = self.confusion
-        total = ops.maximum(ops.sum(cm), 1.0)
-        expected = ops.outer(ops.sum(cm, axis=1), ops.sum(cm, axis=0)) / total
-        idx = ops.arange(self.num_classes, dtype="float32")
-        weights = ops.square(idx[:, None] - idx[None, :])
-        denominator = ops.sum(weights * expected)
-        numerator = ops.sum(weights * cm)
-        safe = ops.where(denominator > 0, denominator, 1.0)
-        return ops.where(denominator > 0, 1.0 - numerator / safe, float("nan"))
-
-    def reset_state(self):
-        self.confusion.assign(ops.zeros_like(self.confusion))
-
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "num_classes": self.num_classes,
-            "from_scores": self.from_scores,
-            "cutpoints": list(self.cutpoints),
-        }
 
 
 # ---------------------------------------------------------------------------------------------

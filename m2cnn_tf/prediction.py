@@ -5,6 +5,9 @@ TFRecords (§II-A, Eq. (1)), with the parameters recorded in the training data's
 training and prediction cannot drift. Files stream through a bounded window of worker threads
 (OpenCV releases the GIL) into batches for one compiled model call each; a file that cannot be
 read or shows no fundus becomes an error row and the stream goes on.
+
+TensorFlow is imported only by a Keras model and by Grad-CAM (ours): with a LiteRT backend,
+predict.py and serve.py start without it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,12 @@ from typing import Any
 import numpy as np
 
 from m2cnn_tf.backends import runtime_of
-from m2cnn_tf.checkpoints import CONFIG, stage_dir
-from m2cnn_tf.common import IMAGE_EXTENSIONS
+from m2cnn_tf.common import CONFIG, IMAGE_EXTENSIONS, stage_dir
 from m2cnn_tf.config import NUM_CLASSES
-from m2cnn_tf.data import scale_image
 from m2cnn_tf.errors import UsageError, one_line
-from m2cnn_tf.gradcam import GradCam, write_panel
-from m2cnn_tf.inference import make_predict_fn
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS, scores_to_grades
 from m2cnn_tf.preprocessing import PreprocessParams, preprocess_file
+from m2cnn_tf.tta import make_predict_fn, model_range
 
 CSV_COLUMNS = (
     "path", "grade", "grade_prob", "score", *(f"p{k}" for k in range(NUM_CLASSES)), "error",
@@ -169,7 +169,7 @@ class Predictor:
         self.cutpoints = tuple(sorted(float(c) for c in cutpoints))
         self.batch_size = batch_size
         self.workers = workers or min(4, os.cpu_count() or 1)
-        # uint8 batches in, scaled inside the graph: one call per batch, no float copy on host.
+        # uint8 batches in; scaling, TTA views and their mean around one model call per batch.
         self.predict_fn = make_predict_fn(call, tta)
         self.preprocess = preprocess or (lambda p: _preprocess_one(p, self.image_size, params))
         self._gradcam = None
@@ -189,7 +189,7 @@ class Predictor:
             outputs: dict[Path, dict] = {}
             if good:
                 images = np.stack([img for _, img in good])
-                out = {k: v.numpy() for k, v in self.predict_fn(images).items()}
+                out = self.predict_fn(images)
                 cams = self.cams(images) if gradcam_dir is not None else None
                 for i, (path, img) in enumerate(good):
                     outputs[path] = self._row(path, out["score"][i], out["probabilities"][i])
@@ -224,15 +224,19 @@ class Predictor:
 
     def cams(self, images: np.ndarray) -> np.ndarray:
         """Grad-CAM maps of a uint8 batch (loads the Keras model first if this has none)."""
+        from m2cnn_tf.gradcam import GradCam
+
         if self._gradcam is None:
             if self.model is None and self._gradcam_model is None:
                 raise UsageError("Grad-CAM needs the Keras model; this predictor has none")
             if self.model is None:
                 self.model = self._gradcam_model()
             self._gradcam = GradCam(self.model)
-        return self._gradcam.cams(scale_image(images))
+        return self._gradcam.cams(model_range(images))
 
     def _write_gradcam(self, out_dir, path: Path, rgb: np.ndarray, cam, row) -> None:
+        from m2cnn_tf.gradcam import write_panel
+
         caption = f"{path.name}: grade {row['grade']} (score {row['score']:.2f})"
         name, n = f"{path.stem}_gradcam.png", 1
         while name in self._panel_names:  # same stem from another folder or extension

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from _tfrecords import write_split
 
-from m2cnn_tf import data, training
+from m2cnn_tf import data, training, tta
 from m2cnn_tf.config import AugmentConfig, Config, DataConfig, OptimConfig
 
 SIZE = 32
@@ -57,6 +57,14 @@ def _collect(ds):
 def test_scale_image_maps_uint8_to_minus_one_one_like_irv2():
     x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
     np.testing.assert_allclose(data.scale_image(x).numpy(), x / 127.5 - 1.0, atol=1e-6)
+
+
+def test_prediction_scales_every_uint8_value_exactly_as_the_input_pipeline():
+    """tta.model_range (numpy, for prediction without TF) is data.scale_image bit for bit."""
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    got = tta.model_range(x)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, data.scale_image(x).numpy())
 
 
 def test_eval_split_is_exact_ordered_and_keeps_remainder(dataset):

@@ -24,7 +24,7 @@ from _reports import fake_report
 from _tfrecords import write_split
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from m2cnn_tf import evaluation, inference, reports
+from m2cnn_tf import backends, evaluation, inference, reports, tta
 from m2cnn_tf.checkpoints import save_best, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.errors import UsageError
@@ -237,6 +237,10 @@ def test_per_patient_report_blends_each_eye_with_the_weight_fitted_on_val(blend_
 # TTA
 
 
+def _keras_call(model):
+    return backends.runtime_of(model)[0]
+
+
 def _reference_mean(model, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Keras predict on every view separately; the mean softmax and the mean score."""
     outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
@@ -254,19 +258,19 @@ def test_tta_equals_the_mean_over_numpy_flips_and_rotations(workspace):
     scores = {}
     for mode, views in (("flips", flips), ("dihedral", dihedral)):
         probs, score = _reference_mean(model, views)
-        got = inference.make_predict_fn(model, mode)(x)
-        np.testing.assert_allclose(got["probabilities"].numpy(), probs, atol=1e-5)
-        np.testing.assert_allclose(got["score"].numpy(), score, atol=1e-4)
+        got = tta.make_predict_fn(_keras_call(model), mode)(x)
+        np.testing.assert_allclose(got["probabilities"], probs, atol=1e-5)
+        np.testing.assert_allclose(got["score"], score, atol=1e-4)
         assert not np.allclose(score, plain, atol=1e-4)
         scores[mode] = score
     assert not np.allclose(scores["flips"], scores["dihedral"], atol=1e-4)
     # uint8 input is scaled like data.scale_image inside the same call.
     raw = workspace["test"][0][:3]
-    got = inference.make_predict_fn(model, "none")(raw)["score"].numpy()
+    got = tta.make_predict_fn(_keras_call(model), "none")(raw)["score"]
     np.testing.assert_allclose(got, plain, atol=1e-4)
 
 
-def test_tta_takes_any_callable_model_eagerly(workspace):
+def test_tta_sends_all_views_through_one_call_of_any_runtime(workspace):
     """A non-Keras backend (LiteRT, say) is any callable from the batch to the two heads."""
     model = workspace["model"]
     calls = []
@@ -277,16 +281,16 @@ def test_tta_takes_any_callable_model_eagerly(workspace):
         return {"logits": out["logits"].numpy(), "score": out["score"].numpy()}
 
     x = workspace["test"][0][:2].astype(np.float32) / 127.5 - 1
-    got = inference.make_predict_fn(backend, "flips")(x)
-    expected = inference.make_predict_fn(model, "flips")(x)
+    got = tta.make_predict_fn(backend, "flips")(x)
+    expected = tta.make_predict_fn(_keras_call(model), "flips")(x)
     assert calls == [8]  # 4 views x 2 images in one call
-    np.testing.assert_allclose(got["score"].numpy(), expected["score"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(got["score"], expected["score"], atol=1e-5)
 
 
 def test_unknown_tta_mode_is_a_usage_error_naming_the_setting():
     for mode in ("flips+rot90", "rot90", ""):
         with pytest.raises(UsageError) as info:
-            inference.check_tta(mode)
+            tta.check_tta(mode)
         assert info.value.setting == "tta"
 
 

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _subprocess import run_json_script
 from _tfrecords import grade_images, write_split
 from synthetic_fundus import fundus
 
@@ -186,6 +187,30 @@ def test_predict_with_the_float32_litert_backend_writes_the_keras_csv(stage, tmp
             assert abs(float(lite[key]) - float(k[key])) <= 1e-4
     # Grad-CAM needs gradients: the Keras model is loaded for it.
     assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 6
+
+
+def test_predict_with_the_litert_backend_never_imports_tensorflow(stage, tmp_path):
+    """A fresh process: the LiteRT path of predict.py grades without loading TensorFlow (or
+    Keras), which alone takes seconds to import; the same run with Keras does load it."""
+    cv2.imwrite(str(tmp_path / "eye.png"), fundus(180, 240, seed=0))
+    path, _ = _export(stage, "int8")
+    ran = {}
+    for name, extra in (("litert", ["--backend=litert", f"--litert-model={path}"]), ("keras", [])):
+        argv = ["predict.py", f"--model-dir={stage['model_dir']}", "--stage=1", *extra,
+                f"--out={tmp_path / name}.csv", str(tmp_path / "eye.png")]  # fmt: skip
+        ran[name] = run_json_script(
+            "import json, sys\n"
+            "from m2cnn_tf.commands import predict\n"
+            f"code = predict.run({argv!r})\n"
+            "print(json.dumps({'code': code, 'tf': 'tensorflow' in sys.modules,"
+            " 'keras': 'keras' in sys.modules}))",
+            timeout=300,
+        )
+        assert ran[name]["code"] == 0, name
+        rows = list(csv.DictReader((tmp_path / f"{name}.csv").open(newline="")))
+        assert len(rows) == 1 and rows[0]["error"] == "" and rows[0]["grade"] != ""
+    assert ran["litert"] == {"code": 0, "tf": False, "keras": False}
+    assert ran["keras"] == {"code": 0, "tf": True, "keras": True}
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])

@@ -7,7 +7,6 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score
 
 from m2cnn_tf.metrics import (
-    QuadraticKappa,
     bootstrap_kappa_ci,
     per_grade_rates,
     probs_to_grades,
@@ -15,6 +14,7 @@ from m2cnn_tf.metrics import (
     referable_metrics,
     scores_to_grades,
 )
+from m2cnn_tf.trainer import QuadraticKappa
 
 LABELS = list(range(5))
 
