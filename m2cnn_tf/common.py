@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import tempfile
@@ -67,3 +68,13 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return found
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A number as a float, or None for a missing, non-numeric, NaN or infinite value (JSON
+    has no NaN, and a report shows "–" for it)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

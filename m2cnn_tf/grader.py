@@ -28,6 +28,7 @@ import numpy as np
 
 from m2cnn_tf import image_headers
 from m2cnn_tf.backends import load_backend, load_keras, runtime_of
+from m2cnn_tf.common import finite_or_none
 from m2cnn_tf.decoding import decode_bgr
 from m2cnn_tf.errors import one_line
 from m2cnn_tf.preprocessing import (
@@ -201,7 +202,7 @@ class Grader:
             "preset": meta.get("preset"),
             "multi_cell_path": meta.get("multi_cell_path"),
             "epoch": meta.get("epoch"),
-            "val_kappa": _finite(meta.get(metric)),
+            "val_kappa": finite_or_none(meta.get(metric)),
             "val_kappa_metric": metric,
             "date": date,
             "backend": self.backend,
@@ -230,14 +231,6 @@ def manifest_summary(source: str) -> dict[str, Any] | None:
         "grades": {split: c.get("grades") for split, c in counts.items()},
         "finished_utc": manifest.get("timings", {}).get("finished_utc"),
     }
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) else None
 
 
 def _panel_png(rgb: np.ndarray, cam: np.ndarray) -> str:

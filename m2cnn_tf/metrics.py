@@ -11,12 +11,12 @@ needs no TensorFlow.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from m2cnn_tf.common import finite_or_none
 from m2cnn_tf.config import NUM_CLASSES
 
 if TYPE_CHECKING:
@@ -121,10 +121,6 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den else None
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
-
-
 def per_grade_rates(cm: np.ndarray) -> list[dict[str, Any]]:
     """One-vs-rest sensitivity (recall of grade g) and specificity for every grade."""
     cm = np.asarray(cm, np.float64)
@@ -194,8 +190,8 @@ def way_metrics(
     kappa = kappa_from_confusion(cm)
     low, high = bootstrap_kappa_ci(grades, predicted, groups=groups, n_boot=n_boot, seed=seed)
     return {
-        "kappa": _finite(kappa),
-        "kappa_ci95": [_finite(low), _finite(high)],
+        "kappa": finite_or_none(kappa),
+        "kappa_ci95": [finite_or_none(low), finite_or_none(high)],
         "accuracy": float((grades == predicted).mean()),
         "confusion_matrix": cm.tolist(),
         "per_grade": per_grade_rates(cm),

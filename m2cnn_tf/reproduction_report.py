@@ -12,12 +12,11 @@ It reads only files, so a rerun rebuilds it without training anything. Kept free
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from m2cnn_tf import protocol
-from m2cnn_tf.common import atomic_write_json, atomic_write_text
+from m2cnn_tf.common import atomic_write_json, atomic_write_text, finite_or_none
 from m2cnn_tf.reproduction import Plan, PlannedRun
 from m2cnn_tf.reproduction_runs import epoch_rows, load_state
 
@@ -29,20 +28,12 @@ def _report(plan: Plan, run: str, split: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _number(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _cell(plan: Plan, run: str | None, split: str, way: str, paper: float | None) -> dict:
     """One cell: our kappa and CI from the run's report, the paper's figure, the difference."""
     report = _report(plan, run, split) if run else None
     figures = (report or {}).get(way, {})
-    kappa = _number(figures.get("kappa"))
-    ci = [_number(v) for v in figures.get("kappa_ci95", [None, None])]
+    kappa = finite_or_none(figures.get("kappa"))
+    ci = [finite_or_none(v) for v in figures.get("kappa_ci95", [None, None])]
     return {
         "run": run,
         "split": split,
@@ -86,8 +77,8 @@ def curve(plan: Plan, run: PlannedRun) -> list[dict[str, float | None]]:
     seconds = load_state(run).get("seconds", {})
     points = []
     for epoch, row in sorted(epoch_rows(run.epochs_csv()).items()):
-        kappa = _number(row.get("val_kappa_scores"))
-        spent = _number(seconds.get(str(epoch)))
+        kappa = finite_or_none(row.get("val_kappa_scores"))
+        spent = finite_or_none(seconds.get(str(epoch)))
         points.append(
             {
                 "step": steps0 + epoch * run.steps_per_epoch,
@@ -105,7 +96,7 @@ def _start(plan: Plan, run: PlannedRun) -> tuple[int, float | None]:
     parent = plan.run(run.init.removeprefix(protocol.RUN_PREFIX))
     seconds = load_state(parent).get("seconds", {})
     steps0, hours0 = _start(plan, parent)
-    spent = _number(seconds.get(str(parent.epochs)))
+    spent = finite_or_none(seconds.get(str(parent.epochs)))
     hours = None if spent is None or hours0 is None else hours0 + spent / 3600
     return steps0 + parent.steps, hours
 
@@ -197,28 +188,28 @@ def _signed(value: float | None) -> str:
     return "–" if value is None else f"{value:+.3f}"
 
 
+def _kappa_table(title: str, keys: tuple[str, str], cells: list[dict[str, Any]]) -> list[str]:
+    """A Markdown table of kappa cells, ours beside the paper's; the first two columns are the
+    cells' `keys` ("row" is shown as "algorithm")."""
+    if not cells:
+        return []
+    names = " | ".join("algorithm" if k == "row" else k for k in keys)
+    lines = [f"## {title}", "", f"| {names} | ours | 95% CI | paper | ours − paper | run |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for c in cells:
+        lines.append(
+            f"| {c[keys[0]]} | {c[keys[1]]} | {_k(c['kappa'])} | {_ci(c['ci95'])} | "
+            f"{_k(c['paper'])} | {_signed(c['difference'])} | {c['run'] or '–'} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(tables: dict[str, Any]) -> str:
     lines = ["# Reproduction of M²CNN (Zhou et al., EMBC 2018)", ""]
     lines += [f"> {n}" for n in tables["notes"]] + ([""] if tables["notes"] else [])
-    head = "| ours | 95% CI | paper | ours − paper | run |"
-    if tables["table2"]:
-        lines += ["## Table II (val, quadratic weighted kappa)", ""]
-        lines += [f"| size | column {head}", "|---|---|---|---|---|---|---|"]
-        for c in tables["table2"]:
-            lines.append(
-                f"| {c['size']} | {c['column']} | {_k(c['kappa'])} | {_ci(c['ci95'])} | "
-                f"{_k(c['paper'])} | {_signed(c['difference'])} | {c['run'] or '–'} |"
-            )
-        lines.append("")
-    if tables["table3"]:
-        lines += ["## Table III (kappa from scores)", ""]
-        lines += [f"| algorithm | split {head}", "|---|---|---|---|---|---|---|"]
-        for c in tables["table3"]:
-            lines.append(
-                f"| {c['row']} | {c['split']} | {_k(c['kappa'])} | {_ci(c['ci95'])} | "
-                f"{_k(c['paper'])} | {_signed(c['difference'])} | {c['run'] or '–'} |"
-            )
-        lines.append("")
+    lines += _kappa_table("Table II (val, quadratic weighted kappa)", ("size", "column"),
+                          tables["table2"])  # fmt: skip
+    lines += _kappa_table("Table III (kappa from scores)", ("row", "split"), tables["table3"])
     if tables["fig4"]:
         lines += ["## Fig. 4 (val kappa from scores at each run's last validation)", ""]
         lines += ["| run | paper: steps | paper: hours | ours: steps | ours: hours | val kappa |"]
