@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from flops import forward_flops
 
-from m2cnn_tf import backends, export, records
+from m2cnn_tf import backends, checkpoints, export, records
 from m2cnn_tf.checkpoints import save_best, stage_dir
 from m2cnn_tf.config import STAGE_SIZES
 from m2cnn_tf.model import build_m2cnn
@@ -178,7 +178,7 @@ def bench_size(size: int, work: Path, batches: list[int], repeats: int, preset: 
     del model
     keras.backend.clear_session()
     gc.collect()
-    checkpoint = export.checkpoint_path(model_dir, stage)
+    checkpoint = checkpoints.best_model_path(model_dir, stage)
     lines.append(f"checkpoint {checkpoint.stat().st_size / 1e6:.0f} MB")
     data = _calibration_data(work / "data", size)
     files = {}

@@ -76,10 +76,8 @@ def bench_model(preset: str, n_images: int, batch: int, repeats: int) -> list[di
         else:
             views = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
             reference = np.ascontiguousarray(np.concatenate(views))
-        predictor = prediction.Predictor(
-            model, PreprocessParams(), tta=tta, batch_size=batch,
-            preprocess=lambda p: arrays[p.name],
-        )  # fmt: skip
+        predictor = prediction.Predictor(model, PreprocessParams(), tta=tta, batch_size=batch)
+        predictor.preprocess = lambda p: arrays[p.name]
 
         views = 4 if tta == "flips" else 1
 

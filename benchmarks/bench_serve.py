@@ -101,10 +101,10 @@ def bench_concurrent(url: str, files: list[Path], requests: int, clients: int):
 
 def bench_predict(model_dir: Path, stage: int, files: list[Path], repeats: int) -> float:
     """Best-of-N seconds of predict.py's path over the files."""
-    from m2cnn_tf import checkpoints, prediction
+    from m2cnn_tf import checkpoints, manifest, prediction
 
     model, _ = checkpoints.load_stage(model_dir, stage)
-    params, _ = prediction.preprocess_params_for(model_dir, stage)
+    params, _ = manifest.preprocess_params_for(model_dir, stage)
     predictor = prediction.Predictor(model, params, batch_size=16)
     list(predictor.rows(files[:16]))  # warm-up: tracing
     best = float("inf")

@@ -11,7 +11,7 @@ sched_setaffinity) and reports images/s after a warm-up:
   keras    the plain float32 alternative: scale, then keras.layers.RandomFlip,
            RandomRotation, RandomZoom, RandomTranslation, RandomBrightness, RandomContrast;
   step     the default design: tf.data decodes and scales only (= the decode row), and the
-           train step applies data.augment_scaled on the accelerator; this row times that
+           train step applies augmentation.augment_scaled on the accelerator; this row times that
            augmentation alone on one CPU core, as a bound on its cost where no GPU runs it.
 
     python benchmarks/input_pipeline.py [--sizes 224,448,720] [--images 96] [--seconds 8]
@@ -125,7 +125,7 @@ def step_augment_rate(size: int, batch: int, seconds: float) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from m2cnn_tf import data
+    from m2cnn_tf import augmentation
     from m2cnn_tf.config import AugmentConfig
 
     cfg = AugmentConfig()
@@ -133,7 +133,7 @@ def step_augment_rate(size: int, batch: int, seconds: float) -> float:
         np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), tf.float32
     )
     fn = tf.function(
-        lambda x, i: data.augment_scaled(x, tf.stack([tf.constant(0, tf.int64), i]), cfg)
+        lambda x, i: augmentation.augment_scaled(x, tf.stack([tf.constant(0, tf.int64), i]), cfg)
     )
     fn(images, tf.constant(0, tf.int64)).numpy()
     n, start, i = 0, time.perf_counter(), 1

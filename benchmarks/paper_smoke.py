@@ -10,8 +10,8 @@ its own process, and prints:
 - the peak RSS of the train.py process (os.wait4);
 - the size of the stage's best.keras;
 - the memory the real graph's train step needs per image, and the part that does not grow with
-  the batch, from TensorFlow's allocator statistics (m2cnn_tf.footprint.measure, float32);
-- the GPU memory that m2cnn_tf.footprint derives for the protocol's batch with mixed precision.
+  the batch, from TensorFlow's allocator statistics (reproduce.footprint.measure, float32);
+- the GPU memory that reproduce.footprint derives for the protocol's batch with mixed precision.
 --measure-only skips the training and measures every (preset, size, Multi-Cell path) that
 footprint.MEASURED holds, printing its lines. Each measurement runs in its own process, so one
 stage's memory does not inflate the next. Not a test: expect 20-40 minutes on 2 cores.
@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from m2cnn_tf import footprint, protocol  # noqa: E402  (after sys.path)
+from m2cnn_tf.reproduce import footprint, protocol  # noqa: E402  (after sys.path)
 
 STAGES = ((1, 224, "small"), (2, 448, "medium"), (3, 720, "large"))
 MEASURE = (
-    "import json, sys, time; from m2cnn_tf import footprint; "
+    "import json, sys, time; from m2cnn_tf.reproduce import footprint; "
     "p, s, mc, b = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]); "
     "f, sec = footprint.measure(p, s, mc, (b // 2 or 1, b)); "
     "print(json.dumps({'params': f.params, 'per_image': f.per_image, "

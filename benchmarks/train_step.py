@@ -37,7 +37,7 @@ def main() -> int:
     import tensorflow as tf
 
     from m2cnn_tf.model import backbone_layer_names, build_m2cnn
-    from m2cnn_tf.trainer import TwoRateTrainer
+    from m2cnn_tf.train_step import TwoRateTrainer
 
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype("float32")

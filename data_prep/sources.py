@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from m2cnn_tf.common import IMAGE_EXTENSIONS, SPLITS
-from m2cnn_tf.errors import UsageError
+from m2cnn_tf.errors import UsageError, one_line
 
 _SPLIT_ALIASES = {
     "train": "train",
@@ -97,7 +97,7 @@ def read_labels(
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        message = f"cannot read {path} as CSV: {str(e).splitlines()[0]}"
+        message = f"cannot read {path} as CSV: {one_line(e)}"
         raise UsageError(message, setting=setting) from None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]

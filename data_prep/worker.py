@@ -15,7 +15,7 @@ from typing import Any
 
 import cv2
 
-from m2cnn_tf.errors import UsageError
+from m2cnn_tf.errors import UsageError, one_line
 from m2cnn_tf.preprocessing import (
     FORMATS,
     BadImage,
@@ -117,8 +117,7 @@ def init_worker(settings: Settings, in_process: bool = False) -> None:
 
 
 def _error_reason(e: Exception) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"error: {type(e).__name__}: {text}".rstrip(": ")
+    return f"error: {type(e).__name__}" + (f": {one_line(e)}" if str(e).strip() else "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from m2cnn_tf import export
-from m2cnn_tf.errors import UsageError
+from m2cnn_tf import checkpoints
+from m2cnn_tf.checkpoints import ModelFileError
+from m2cnn_tf.errors import UsageError, one_line
 from m2cnn_tf.tta import ModelCall
 
 BACKENDS = ("keras", "litert")
@@ -105,11 +106,10 @@ class LiteRTBackend:
             outputs = self._runner.get_output_details()
             self._outputs = {k: outputs[k] for k in OUTPUTS}
         except Exception as err:  # not a flatbuffer, another model's signature, a bad op
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise export.ModelFileError(f"{self.path} cannot run on LiteRT: {first}") from None
+            raise ModelFileError(f"{self.path} cannot run on LiteRT: {one_line(err)}") from None
         self.image_size = int(self._input["shape_signature"][1])
         if sidecar.get("image_size") != self.image_size:
-            raise export.ModelFileError(
+            raise ModelFileError(
                 f"{self.path} takes {self.image_size} px images, its sidecar says "
                 f"{sidecar.get('image_size')}: export it again"
             )
@@ -154,14 +154,14 @@ def default_litert_path(model_dir: str | Path, stage: int, quantize: str | None 
     """The stage's exported .tflite: DIR/stage{N}/export/model_<float32|float16|dynamic|int8>
     .tflite for `quantize`, or without it the first that exists in LITERT_PREFERENCE order."""
     if quantize is not None:
-        return export.default_out(model_dir, stage, "litert", quantize)
+        return checkpoints.export_path(model_dir, stage, "litert", quantize)
     for q in LITERT_PREFERENCE:
-        path = export.default_out(model_dir, stage, "litert", q)
+        path = checkpoints.export_path(model_dir, stage, "litert", q)
         if path.is_file():
             return path
-    raise export.ModelFileError(
-        f"no LiteRT export of stage {stage} in {export.stage_dir(model_dir, stage)}/"
-        f"{export.EXPORT_DIR}: export one with export.py, or name the .tflite file",
+    raise ModelFileError(
+        f"no LiteRT export of stage {stage} in {checkpoints.stage_dir(model_dir, stage)}/"
+        f"{checkpoints.EXPORT_DIR}: export one with export.py, or name the .tflite file",
         setting="litert_model",
     )
 
@@ -178,12 +178,12 @@ def load_litert(
     from the checkpoint now in `model_dir` (when there is one), and takes `image_size` images."""
     path = Path(path)
     if not path.is_file():
-        raise export.ModelFileError(f"LiteRT model {path} does not exist", setting="litert_model")
-    sidecar = export.read_sidecar(path)
-    export.check_model_file(path, sidecar)
-    export.check_source(path, sidecar, model_dir, stage)
+        raise ModelFileError(f"LiteRT model {path} does not exist", setting="litert_model")
+    sidecar = checkpoints.read_sidecar(path)
+    checkpoints.check_model_file(path, sidecar)
+    checkpoints.check_source(path, sidecar, model_dir, stage)
     if image_size is not None:
-        export.check_image_size(path, sidecar, image_size)
+        checkpoints.check_image_size(path, sidecar, image_size)
     return LiteRTBackend(path, sidecar, threads)
 
 
@@ -194,10 +194,10 @@ def load_keras(model_dir: str | Path, stage: int, image_size: int | None = None)
         path = checkpoints.best_model_path(model_dir, stage)
         model, meta = checkpoints.load_stage(model_dir, stage)
     except checkpoints.CheckpointMissing as err:
-        raise export.ModelFileError(str(err), setting="model_dir") from None
+        raise ModelFileError(str(err), setting="model_dir") from None
     backend = KerasBackend(model, meta, str(path))
     if image_size is not None and image_size != backend.image_size:
-        raise export.ModelFileError(
+        raise ModelFileError(
             f"the stage-{stage} model takes {backend.image_size} px images, the data is "
             f"{image_size} px",
             setting="image_size",

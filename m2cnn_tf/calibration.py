@@ -14,19 +14,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from m2cnn_tf.metrics import (
     DEFAULT_CUTPOINTS,
+    Predictions,
     probs_to_grades,
     quadratic_weighted_kappa,
     scores_to_grades,
 )
-
-if TYPE_CHECKING:
-    from m2cnn_tf.inference import Predictions
 
 # How report.json describes the blend.
 BLEND_METHOD = (

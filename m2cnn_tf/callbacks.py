@@ -12,7 +12,8 @@ from typing import Any
 import keras
 
 from m2cnn_tf import checkpoints
-from m2cnn_tf.trainer import TrainingError
+from m2cnn_tf.config import OBJECTIVES
+from m2cnn_tf.train_step import TrainingError
 
 
 class Backup(keras.callbacks.BackupAndRestore):
@@ -84,9 +85,8 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 
 def best_metric(loss: str) -> str:
-    """The val kappa a run is judged by: from scores (Table II's preferred test), except for a
-    CE-only run, whose regression head is never trained, so it is judged by its probabilities."""
-    return "val_kappa_probs" if loss == "ce" else "val_kappa_scores"
+    """The val kappa a run of objective `loss` is judged by (`config.OBJECTIVES`)."""
+    return OBJECTIVES[loss].judged_by
 
 
 def metric_label(metric: str) -> str:

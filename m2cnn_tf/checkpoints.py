@@ -1,45 +1,59 @@
-"""Where a stage's results live, and the only way to read them back.
+"""Where a stage's files live, what they are, and the only way to read them back.
 
 Layout of `--model-dir DIR` (one folder per stage, §II-C's 224 -> 448 -> 720 procedure):
-    DIR/stage{N}/best.keras   the best model so far (by val kappa; from scores unless loss "ce")
+    DIR/stage{N}/best.keras   the best model so far (by the val kappa its objective is judged by)
     DIR/stage{N}/best.json    what it is: stage, resolution, preset, Multi-Cell path, epoch, metric
     DIR/stage{N}/config.json  the resolved `Config` of the run (nested JSON, `Config.load`)
-Models load with Keras's safe_mode on, so a checkpoint from elsewhere cannot run code.
+    DIR/stage{N}/export/      its deployable files (export.py), each with a JSON sidecar that
+                              says what it is and which checkpoint it came from
+Free of TensorFlow: Keras is imported only to save or load a model, so a LiteRT runtime finds,
+reads and checks its files without it. Models load with Keras's safe_mode on, so a checkpoint
+from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import keras
-
-from m2cnn_tf import cells  # noqa: F401  (registers ResidualScale for deserialisation)
-from m2cnn_tf.common import BEST_META, BEST_MODEL, CONFIG, atomic_write_json, stage_dir
+from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.errors import UsageError
 
-__all__ = ["BEST_META", "BEST_MODEL", "CONFIG", "CheckpointMissing", "stage_dir"]
+BEST_MODEL = "best.keras"
+BEST_META = "best.json"
+CONFIG = "config.json"
+EXPORT_DIR = "export"
+SIDECAR_IN_DIR = "export.json"  # a SavedModel folder holds its own sidecar
+SIDECAR_SCHEMA = 1
+
+# What export.py writes: formats, LiteRT quantisations and the file tag of each.
+FORMATS = ("savedmodel", "litert")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+FILE_TAGS = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
 
 
-class CheckpointMissing(UsageError):
+class ModelFileError(UsageError):
+    """A model file is missing, corrupt, or does not match its sidecar (exit 2)."""
+
+
+class CheckpointMissing(ModelFileError):
     """No usable checkpoint where one was expected; the message is one actionable line."""
 
 
-def save_best(model: keras.Model, directory: str | Path, meta: dict[str, Any]) -> Path:
-    """Write the model then its metadata, each under a temporary name first: never half a file."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / BEST_MODEL
-    tmp = directory / f"tmp.{BEST_MODEL}"  # Keras wants the .keras suffix
-    model.save(tmp)
-    os.replace(tmp, target)
-    atomic_write_json(directory / BEST_META, meta)
-    return target
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def stage_dir(model_dir: str | Path, stage: int) -> Path:
+    """DIR/stage{N}: where a stage's checkpoint, metadata, config and exports live."""
+    return Path(model_dir) / f"stage{stage}"
 
 
 def best_model_path(model_dir: str | Path, stage: int) -> Path:
+    """DIR/stage{N}/best.keras, or CheckpointMissing naming the stages that have one."""
     path = stage_dir(model_dir, stage) / BEST_MODEL
     if not path.is_file():
         found = sorted(Path(model_dir).glob(f"stage*/{BEST_MODEL}"))
@@ -53,8 +67,71 @@ def best_model_path(model_dir: str | Path, stage: int) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> keras.Model:
+def export_path(model_dir: str | Path, stage: int, fmt: str, quantize: str = "none") -> Path:
+    """DIR/stage{N}/export/savedmodel, or DIR/stage{N}/export/model_<float32|...>.tflite."""
+    folder = stage_dir(model_dir, stage) / EXPORT_DIR
+    if fmt == "savedmodel":
+        return folder / "savedmodel"
+    return folder / f"model_{FILE_TAGS[quantize]}.tflite"
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """model_int8.tflite -> model_int8.json; a SavedModel folder holds its own export.json."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path / SIDECAR_IN_DIR
+    return model_path.with_suffix(".json")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stage's files say
+
+
+def read_json(path: Path, setting: str | None = None) -> dict[str, Any]:
+    """A JSON object from a file, or a UsageError that names the file and what is wrong."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read {path}: {err}", setting=setting) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} does not hold a JSON object", setting=setting)
+    return value
+
+
+def read_meta(model_dir: str | Path, stage: int) -> dict[str, Any]:
+    """What the best model of a stage is (best.json; empty when there is none)."""
+    meta_path = best_model_path(model_dir, stage).with_name(BEST_META)
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
+def training_data(model_dir: str | Path, stage: int) -> str | None:
+    """The records folder the stage was trained on (its config.json's `data`), if recorded."""
+    path = stage_dir(model_dir, stage) / CONFIG
+    return (read_json(path, "model_dir").get("data") or None) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading (Keras, imported here only)
+
+
+def save_best(model, directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the model then its metadata, each under a temporary name first: never half a file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / BEST_MODEL
+    tmp = directory / f"tmp.{BEST_MODEL}"  # Keras wants the .keras suffix
+    model.save(tmp)
+    os.replace(tmp, target)
+    atomic_write_json(directory / BEST_META, meta)
+    return target
+
+
+def load_model(path: str | Path):
     """Load a `.keras` checkpoint in safe mode, without its optimizer state."""
+    import keras
+
+    from m2cnn_tf import cells  # noqa: F401  (registers ResidualScale for deserialisation)
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointMissing(f"checkpoint not found: {path}")
@@ -64,12 +141,97 @@ def load_model(path: str | Path) -> keras.Model:
         raise CheckpointMissing(f"cannot load checkpoint {path}: {err}") from None
 
 
-def read_meta(model_dir: str | Path, stage: int) -> dict[str, Any]:
-    """What the best model of a stage is (best.json; empty when there is none)."""
-    meta_path = best_model_path(model_dir, stage).with_name(BEST_META)
-    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-
-
-def load_stage(model_dir: str | Path, stage: int) -> tuple[keras.Model, dict[str, Any]]:
+def load_stage(model_dir: str | Path, stage: int) -> tuple[Any, dict[str, Any]]:
     """The best model of a stage and its metadata (best.json)."""
     return load_model(best_model_path(model_dir, stage)), read_meta(model_dir, stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports: the sidecar and its checks
+
+
+def file_identity(path: str | Path, *, digest: bool = True) -> dict[str, Any]:
+    """Path, size, mtime and (unless digest=False) sha256 of a file."""
+    path = Path(path)
+    stat = path.stat()
+    found: dict[str, Any] = {"path": str(path.resolve()), "bytes": stat.st_size}
+    found["mtime"] = stat.st_mtime
+    if digest:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+        found["sha256"] = sha.hexdigest()
+    return found
+
+
+def read_sidecar(model_path: str | Path) -> dict[str, Any]:
+    path = sidecar_path(model_path)
+    if not path.is_file():
+        raise ModelFileError(
+            f"{model_path} has no sidecar {path.name}: export the stage with export.py, which "
+            "writes both"
+        )
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"cannot read the sidecar {path}: {err}") from None
+    if not isinstance(sidecar, dict) or sidecar.get("schema") != SIDECAR_SCHEMA:
+        raise ModelFileError(f"{path} is not an m2cnn export sidecar (schema {SIDECAR_SCHEMA})")
+    return sidecar
+
+
+def same_file(path: str | Path, recorded: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether a file is the one `file_identity` recorded, and its sha256 if it had to be read.
+
+    Unchanged size and mtime are taken as the same file without hashing it (a 430 MB checkpoint
+    costs ~1 s); anything else, a copy included, is decided by the sha256.
+    """
+    now = file_identity(path, digest=False)
+    if now["bytes"] == recorded.get("bytes") and now["mtime"] == recorded.get("mtime"):
+        return True, None
+    sha = file_identity(path)["sha256"]
+    return sha == recorded.get("sha256"), sha
+
+
+def check_model_file(model_path: str | Path, sidecar: dict[str, Any]) -> None:
+    """The file is the one the sidecar describes, not another export or a copy cut short."""
+    same, sha = same_file(model_path, sidecar.get("file") or {})
+    if not same:
+        raise ModelFileError(
+            f"{model_path} does not match its sidecar (sha256 {str(sha)[:12]}…, recorded "
+            f"{str((sidecar.get('file') or {}).get('sha256'))[:12]}…): the file was changed or "
+            "cut short; export it again"
+        )
+
+
+def check_source(
+    model_path: str | Path, sidecar: dict[str, Any], model_dir: str | Path | None, stage: int | None
+) -> None:
+    """The exported model comes from this stage, and from the checkpoint now at
+    DIR/stage{N}/best.keras when there is one (a file shipped without it stands alone)."""
+    name = Path(model_path).name
+    if stage is not None and sidecar.get("stage") != stage:
+        raise ModelFileError(f"{name} was exported from stage {sidecar.get('stage')}, not {stage}")
+    if model_dir is None or stage is None:
+        return
+    checkpoint = stage_dir(model_dir, stage) / BEST_MODEL
+    if not checkpoint.is_file():
+        return
+    claimed = sidecar.get("source_checkpoint") or {}
+    same, sha = same_file(checkpoint, claimed)
+    if not same:
+        raise ModelFileError(
+            f"{name} does not match the checkpoint it claims: it was exported from "
+            f"{claimed.get('path')} (sha256 {str(claimed.get('sha256'))[:12]}…), and {checkpoint} "
+            f"is now another model (sha256 {str(sha)[:12]}…); export the stage again"
+        )
+
+
+def check_image_size(model_path: str | Path, sidecar: dict[str, Any], image_size: int) -> None:
+    if sidecar.get("image_size") != image_size:
+        raise ModelFileError(
+            f"{Path(model_path).name} takes {sidecar.get('image_size')} px images, the data is "
+            f"{image_size} px; export the stage that matches, or use data of its size",
+            setting="image_size",
+        )

@@ -17,12 +17,9 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from m2cnn_tf.errors import M2cnnError
+from m2cnn_tf.errors import M2cnnError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-# Test-time augmentation (§III-B leaves it open; ours): the views averaged per image.
-TTA_CHOICES = ("none", "flips", "dihedral")
 
 Body = Callable[[list[str]], int | None]
 
@@ -34,7 +31,7 @@ def flag_name(setting: str) -> str:
 
 def error_line(prog: str, err: BaseException) -> str:
     """`PROG: error: MESSAGE`, one line, naming the flag when the error names a setting."""
-    message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    message = one_line(err)
     setting = getattr(err, "setting", None)
     if setting and flag_name(setting) not in message:
         message = f"{flag_name(setting)}: {message}"
@@ -77,7 +74,7 @@ def run(
     try:
         rest = flag_values(argv)[1:]
     except flags.Error as err:
-        return usage_error(prog, str(err).strip().splitlines()[0])
+        return usage_error(prog, one_line(err))
     if rest and not positional:
         return usage_error(prog, f"unexpected arguments: {' '.join(rest)}")
     try:

@@ -18,12 +18,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 # What a folder of photographs may hold (data_prep.folder, predict.py, serve.py).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 
-# A model directory (train.py --model-dir): one folder per stage (§II-C), each holding the best
-# checkpoint, what it is, and the run's resolved config (see m2cnn_tf.checkpoints).
-BEST_MODEL = "best.keras"
-BEST_META = "best.json"
-CONFIG = "config.json"
-
 _PACKAGES = ("tensorflow", "keras", "numpy", "opencv-python-headless", "pillow")
 
 
@@ -50,11 +44,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Indented, key-sorted JSON, so that the same object always gives the same bytes."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def stage_dir(model_dir: str | Path, stage: int) -> Path:
-    """DIR/stage{N}: where a stage's checkpoint, metadata, config and exports live."""
-    return Path(model_dir) / f"stage{stage}"
 
 
 def versions() -> dict[str, str]:

@@ -1,31 +1,19 @@
 """The one source of every training setting: its default, help text, choices and valid range.
 
 Shaped like TF Model Garden's `official/vision` configs: nested dataclasses, one section per part
-of the run, each part receiving only its own section:
+of the run, each part receiving only its own section: `model` (the network and its start, read by
+`model` and `training.initialise`), `input` (how the train split is read, by `data`; named so
+because the top-level `data` is the records folder), `augment` (ours, all of it: the paper
+describes none; by `augmentation`, in tf.data or in the train step, never both), `optim` (the
+objective and schedule, by the train step and the fit loop) and `runtime` (precision, devices,
+seed, resuming: speed and robustness, not what an ideal run learns). The top level says which
+run this is and where its inputs and outputs are.
 
-- `model` (ModelConfig): which network is built and what it starts from. Read by
-  `model.build_from_settings` and `training.initialise`.
-- `input` (DataConfig): how the train split is read (shuffle buffer, grade balancing). Read by
-  `data.make_dataset`. Named `input` because the top-level `data` is the records folder, a key
-  every config.json has had (predict.py reads it).
-- `augment` (AugmentConfig): the train-time augmentation and where it runs. Read by
-  `data.make_dataset` (tf.data) or `trainer.TwoRateTrainer` (the train step), never both.
-  All of it is ours: the paper describes no augmentation.
-- `optim` (OptimConfig): what is optimised and for how long: objective, optimizers, learning
-  rates, L_reg, epochs, batch, validation schedule. Read by the trainer and the fit loop.
-- `runtime` (RuntimeConfig): how the run executes (precision, XLA, devices, seed, resuming,
-  backups, logging): settings that change speed or robustness, not what an ideal run learns.
-- top level: `stage`, `image_size`, `data`, `model_dir`, which say which run this is and where
-  its inputs and outputs are; every part needs them.
-
-Each field declares its help text and, where there is one, its choice list and valid range in
-`dataclasses.field(metadata=...)`. `config_flags` turns the fields into absl flags (train.py's,
-named after the field: `--batch-size`, `--augment-on`) and builds the `Config` back, and
-`check_config` validates it, so adding a setting is one edit: a field here.
-
-The resolved `Config` is saved as nested JSON next to every checkpoint (`Config.save`);
-`Config.from_dict` also reads the flat config.json of earlier versions, whose keys are the flag
-names. Kept free of TensorFlow, so that a usage error is reported before TF loads.
+Each field declares its help, choice list and valid range in its metadata (`setting`).
+`commands/config_flags.py` derives train.py's flags from them through `SECTIONS`, `leaf_fields`,
+`flat_key` and `assemble`, and `check_config` validates, so adding a setting is one edit: a
+field here. The resolved `Config` is saved as nested JSON beside every checkpoint. Kept free of
+TensorFlow, so that a usage error is reported before TF loads.
 """
 
 from __future__ import annotations
@@ -52,10 +40,28 @@ LARGE_MIN = 700
 NUM_CLASSES = 5  # grades 0-4: none, mild, moderate, severe NPDR, PDR
 MIN_IMAGE_SIZE = 75  # Inception-ResNet-v2's stem needs at least 75 px
 
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A Table II objective: the terms of Eq. (4) it minimises (`losses.TERMS`; L_reg always)
+    and the val kappa that judges its runs. Adding one: an entry here, a term in losses.py."""
+
+    terms: tuple[str, ...]
+    judged_by: str  # "val_kappa_scores" or "val_kappa_probs"
+    why: str
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "multitask": Objective(("ce", "mse"), "val_kappa_scores", "Eq. (4): CE + MSE + L_reg"),
+    # A CE-only run never trains its regression head, so its scores mean nothing: it is judged
+    # by its probabilities. The others by their scores, Table II's preferred test (§III-B).
+    "ce": Objective(("ce",), "val_kappa_probs", "Eq. (2) + L_reg"),
+    "mse": Objective(("mse",), "val_kappa_scores", "Eq. (3) + L_reg"),
+}
+
 # The choice lists, defined here only.
-# Table II's training objectives: Eq. (4) in full, or one task's loss (Eq. (2) or (3)) + L_reg.
-LOSSES = ("multitask", "ce", "mse")
-# The paper names no optimizer; trainer.make_optimizer says what each one is and why Adam.
+LOSSES = tuple(OBJECTIVES)  # Table II's columns: Eq. (4) in full, or one task's loss + L_reg
+# The paper names no optimizer; train_step.make_optimizer says what each one is and why Adam.
 OPTIMIZERS = ("adam", "sgd", "momentum", "rmsprop")
 STRATEGIES = ("default", "mirrored", "multiworker")  # tf.distribute; multiworker reads TF_CONFIG
 # Where augmentation runs: in the train step on the accelerator, or in tf.data on the CPU.
@@ -128,8 +134,8 @@ def setting(
 ) -> Any:
     """A config field with what the flag and the checks need.
 
-    key: the field's flat name: its flag (`_` → `-`) and its key in a flat config.json of
-    earlier versions (default: the field name). flag=False keeps a field off the command line.
+    key: the field's flat name, its flag with `_` for `-` (default: the field name).
+    flag=False keeps a field off the command line.
     required: the flag has no default and must be given (the field's default serves the library).
     off_word: a bool field's flag also takes this word for False (`--augment none`).
     """
@@ -324,52 +330,47 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Nested (this version) or flat (earlier versions: keys are the flag names) values;
-        unknown keys are ignored, missing ones take their defaults."""
+        """Nested values, as `save` writes them; unknown keys are ignored, missing ones take
+        their defaults."""
         found = []
-        for key, value in values.items():
-            if key in _SECTIONS and isinstance(value, dict):
-                names = {f.name for f in dataclasses.fields(_SECTIONS[key])}
-                found += [(key, k, v) for k, v in value.items() if k in names]
-            elif key in _FLAT:
-                found.append((*_FLAT[key], value))
-        return _assemble(found)
+        for section, f in leaf_fields():
+            where = values if section is None else values.get(section)
+            if isinstance(where, dict) and f.name in where:
+                found.append((section, f.name, where[f.name]))
+        return assemble(found)
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     f.name: f.default_factory for f in dataclasses.fields(Config) if not f.metadata
 }
 
 
-def _leaves() -> Iterator[tuple[str | None, dataclasses.Field]]:
+def leaf_fields() -> Iterator[tuple[str | None, dataclasses.Field]]:
     """(section name or None for the top level, field) of every setting, in declaration order."""
     for f in dataclasses.fields(Config):
         if f.metadata:
             yield None, f
         else:
-            for g in dataclasses.fields(_SECTIONS[f.name]):
+            for g in dataclasses.fields(SECTIONS[f.name]):
                 yield f.name, g
 
 
 def flat_key(f: dataclasses.Field) -> str:
-    """The field's flat name: its flag without `--`, and its key in an old flat config.json."""
+    """The field's flat name: its flag without `--`, with `_` for `-`."""
     return f.metadata["key"] or f.name
 
 
-_FLAT: dict[str, tuple[str | None, str]] = {flat_key(f): (s, f.name) for s, f in _leaves()}
-
-
-def _assemble(values: Iterable[tuple[str | None, str, Any]]) -> Config:
+def assemble(values: Iterable[tuple[str | None, str, Any]]) -> Config:
     """A Config from (section or None, field name, value); what is not given keeps its default."""
     top: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for section, name, value in values:
         (top if section is None else sections[section])[name] = value
-    return Config(**top, **{k: _SECTIONS[k](**v) for k, v in sections.items()})
+    return Config(**top, **{k: SECTIONS[k](**v) for k, v in sections.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +379,7 @@ def _assemble(values: Iterable[tuple[str | None, str, Any]]) -> Config:
 
 def check_config(config: Config) -> None:
     """Reject a config that cannot run, before any work: a UsageError naming the setting."""
-    for section, f in _leaves():
+    for section, f in leaf_fields():
         value = getattr(config if section is None else getattr(config, section), f.name)
         key, choices, check = flat_key(f), f.metadata["choices"], f.metadata["check"]
         if choices is not None and value not in choices:

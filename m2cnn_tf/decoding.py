@@ -168,12 +168,3 @@ def _pil_decode(data: bytes) -> np.ndarray | None:
             return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
     except Exception:
         return None
-
-
-def load_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode a fundus photograph to RGB uint8, raising BadImage for unusable files.
-
-    With `min_side`, a JPEG whose short side is at least twice that is decoded at 1/2, 1/4 or
-    1/8 scale by libjpeg itself (step 1 of §II-A: cheaper than decoding full size and resizing).
-    """
-    return cv2.cvtColor(decode_bgr(read_bytes(path), min_side)[0], cv2.COLOR_BGR2RGB)

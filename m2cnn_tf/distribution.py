@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from m2cnn_tf.config import STRATEGIES, unknown_choice
-from m2cnn_tf.errors import RunFailed, UsageError
+from m2cnn_tf.errors import RunFailed, UsageError, one_line
 
 
 def gpu_names() -> list[str]:
@@ -28,11 +28,6 @@ def gpu_names() -> list[str]:
             details = {}
         names.append(details.get("device_name") or "GPU")
     return names
-
-
-def gpu_count() -> int:
-    """GPUs visible to TensorFlow: 0 with the plain CPU wheel or without the CUDA libraries."""
-    return len(tf.config.list_physical_devices("GPU"))
 
 
 def device_line(gpus: Sequence[str], strategy: str, mixed_precision: bool) -> str:
@@ -92,9 +87,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         try:
             return tf.distribute.MultiWorkerMirroredStrategy()
         except tf.errors.OpError as err:  # e.g. this worker's port is taken
-            raise RunFailed(
-                f"cannot join the cluster in TF_CONFIG: {err.message.strip().splitlines()[0]}"
-            ) from None
+            raise RunFailed(f"cannot join the cluster in TF_CONFIG: {one_line(err)}") from None
     raise unknown_choice("strategy", name, STRATEGIES)
 
 

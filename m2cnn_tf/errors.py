@@ -38,6 +38,9 @@ class Interrupted(M2cnnError):
 
 
 def one_line(err: BaseException) -> str:
-    """An error's reason on one line: how a bad file is described in a CSV row or a response."""
-    reason = getattr(err, "reason", None) or str(err) or type(err).__name__
-    return " ".join(str(reason).split())
+    """An error's reason in one line: its `reason` or message, first line only, white space
+    folded; the exception's type name when it has no text. Every place that shows an error to a
+    person (a command's error line, a CSV row, an HTTP response) shows this."""
+    text = str(getattr(err, "reason", None) or err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return " ".join(first.split())

@@ -3,7 +3,7 @@
 §III-A "Evaluation Metric" and Table II/III: the quadratic weighted kappa, read two ways. The
 steps, each in the module named for it:
 1. load the stage's best checkpoint, or its LiteRT export (`backends`);
-2. predict the split's TFRecords, with optional TTA (`inference`, `tta`);
+2. predict the split's TFRecords, with optional TTA (`predict_split`, `tta`);
 3. fit cut points and eye blending on val, if asked, and apply them (`calibration`);
 4. compute the figures (`metrics`);
 5. write report.json, predictions.csv and the plots (`reports`).
@@ -19,20 +19,48 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
 from m2cnn_tf import backends, checkpoints, data, manifest
 from m2cnn_tf.calibration import BLEND_METHOD, Calibration, fit_calibration
-from m2cnn_tf.errors import M2cnnError, UsageError
-from m2cnn_tf.inference import Predictions, predict_dataset
-from m2cnn_tf.metrics import evaluate_predictions
+from m2cnn_tf.errors import M2cnnError, UsageError, one_line
+from m2cnn_tf.metrics import Predictions, evaluate_predictions
 from m2cnn_tf.reports import write_report
-from m2cnn_tf.tta import ModelCall, check_tta
+from m2cnn_tf.tta import ModelCall, check_tta, make_predict_fn
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+def _text(values) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in np.ravel(values)])
+
+
+def predict_dataset(
+    call: ModelCall, dataset: tf.data.Dataset, *, tta: str = "none", progress=None
+) -> Predictions:
+    """Run a runtime's call (`backends.runtime_of`) over a `data.make_dataset(...,
+    training=False)` dataset of (images, meta), in record order, each batch through
+    `tta.make_predict_fn`; `progress` (a tqdm bar, say) is advanced by each batch's size."""
+    predict = make_predict_fn(call, tta)
+    parts: dict[str, list] = {k: [] for k in ("id", "patient", "eye", "grade", "score", "probs")}
+    for images, meta in dataset:
+        out = predict(images)
+        parts["score"].append(out["score"])
+        parts["probs"].append(out["probabilities"])
+        for key in ("id", "patient", "eye", "grade"):
+            parts[key].append(meta[key].numpy())
+        if progress is not None:
+            progress.update(int(images.shape[0]))
+    if not parts["score"]:
+        raise UsageError("the dataset is empty: nothing to predict")
+    return Predictions(
+        ids=_text(np.concatenate(parts["id"])),
+        patients=_text(np.concatenate(parts["patient"])),
+        eyes=_text(np.concatenate(parts["eye"])),
+        grades=np.concatenate(parts["grade"]).astype(np.int64).ravel(),
+        scores=np.concatenate(parts["score"]).astype(np.float64).ravel(),
+        probs=np.concatenate(parts["probs"]).astype(np.float64),
+    )
 
 
 def predict_split(
@@ -53,7 +81,7 @@ def predict_split(
         raise
     except (OSError, ValueError, tf.errors.OpError) as err:
         raise UsageError(
-            f"cannot read the {split} records in {data_dir}: {_first_line(err)}", setting="data"
+            f"cannot read the {split} records in {data_dir}: {one_line(err)}", setting="data"
         ) from None
 
 

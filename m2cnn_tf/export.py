@@ -1,176 +1,43 @@
 """How a trained stage becomes a deployable file: a TF SavedModel, or a LiteRT (.tflite) model
 in float32, float16, dynamic-range or full-integer int8, each with a JSON sidecar that says
-what it is and where it came from, and the checks that refuse a file that does not match it.
+what it is and where it came from (`checkpoints` reads and checks it).
 
 The LiteRT model is converted by TF's own `TFLiteConverter.from_saved_model` from the very
-SavedModel `export_saved_model` writes (`predict.py --export`), so both formats serve the same
-signature: `image` float32 (B, S, S, 3) scaled to [-1, 1] -> `logits`, `score`, `probabilities`.
+SavedModel `export_saved_model` writes, so both formats serve the same signature: `image`
+float32 (B, S, S, 3) scaled to [-1, 1] -> `logits`, `score`, `probabilities`.
 
 Choices the paper leaves open (ours, §II-C trains on CPUs' opposite, GPUs):
 - int8 is full-integer post-training quantisation, int8 input and output included, so the whole
   graph runs on integer kernels; its activation ranges are calibrated on `DEFAULT_CALIBRATION`
-  preprocessed training records of the stage's own size, at least `MIN_CALIBRATION` (the count
-  the issue's measured 8x int8 conversion used).
+  preprocessed training records of the stage's own size, at least `MIN_CALIBRATION`.
 - The sidecar sits beside a .tflite (`model_int8.json`) and inside a SavedModel folder.
-- Sidecar checks are free of TensorFlow, so a LiteRT backend starts without importing it.
+TensorFlow is imported inside the functions that convert, so export.py's flags and request
+checks answer before it loads.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-from m2cnn_tf.common import (
-    BEST_MODEL,
-    atomic_write_bytes,
-    atomic_write_json,
-    stage_dir,
-    versions,
-)
-from m2cnn_tf.errors import UsageError
+from m2cnn_tf import checkpoints, manifest
+from m2cnn_tf.checkpoints import FORMATS, QUANTIZATIONS, SIDECAR_SCHEMA, file_identity
+from m2cnn_tf.common import atomic_write_bytes, atomic_write_json, versions
+from m2cnn_tf.errors import UsageError, one_line
 
-FORMATS = ("savedmodel", "litert")
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
-FILE_TAGS = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
 DEFAULT_CALIBRATION = 300  # "a few hundred preprocessed training records" (issue 11)
 MIN_CALIBRATION = 16
 CALIBRATION_SPLIT = "train"
-EXPORT_DIR = "export"  # DIR/stage{N}/export/ holds a stage's deployable files
-SIDECAR_IN_DIR = "export.json"
-SCHEMA = 1
 
 Log = Callable[[str], None]
 
 
 class ExportError(UsageError):
     """The export cannot be made from what was given (exit 2); the message says why."""
-
-
-class ModelFileError(UsageError):
-    """A deployable model file is missing, corrupt, or does not match its sidecar (exit 2)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Where files go (TF-free)
-
-
-def checkpoint_path(model_dir: str | Path, stage: int) -> Path:
-    """The stage's best checkpoint, found without importing Keras (~5 s on the LiteRT path)."""
-    return stage_dir(model_dir, stage) / BEST_MODEL
-
-
-def default_out(model_dir: str | Path, stage: int, fmt: str, quantize: str = "none") -> Path:
-    """DIR/stage{N}/export/savedmodel, or DIR/stage{N}/export/model_<float32|...>.tflite."""
-    folder = stage_dir(model_dir, stage) / EXPORT_DIR
-    if fmt == "savedmodel":
-        return folder / "savedmodel"
-    return folder / f"model_{FILE_TAGS[quantize]}.tflite"
-
-
-def sidecar_path(model_path: str | Path) -> Path:
-    """model_int8.tflite -> model_int8.json; a SavedModel folder holds its own export.json."""
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        return model_path / SIDECAR_IN_DIR
-    return model_path.with_suffix(".json")
-
-
-# ---------------------------------------------------------------------------------------------
-# The sidecar and its checks (TF-free)
-
-
-def file_identity(path: str | Path, *, digest: bool = True) -> dict[str, Any]:
-    """Path, size, mtime and (unless digest=False) sha256 of a file."""
-    path = Path(path)
-    stat = path.stat()
-    found: dict[str, Any] = {"path": str(path.resolve()), "bytes": stat.st_size}
-    found["mtime"] = stat.st_mtime
-    if digest:
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                sha.update(block)
-        found["sha256"] = sha.hexdigest()
-    return found
-
-
-def read_sidecar(model_path: str | Path) -> dict[str, Any]:
-    path = sidecar_path(model_path)
-    if not path.is_file():
-        raise ModelFileError(
-            f"{model_path} has no sidecar {path.name}: export the stage with export.py, which "
-            "writes both"
-        )
-    try:
-        sidecar = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"cannot read the sidecar {path}: {err}") from None
-    if not isinstance(sidecar, dict) or sidecar.get("schema") != SCHEMA:
-        raise ModelFileError(f"{path} is not an m2cnn export sidecar (schema {SCHEMA})")
-    return sidecar
-
-
-def same_file(path: str | Path, recorded: dict[str, Any]) -> tuple[bool, str | None]:
-    """Whether a file is the one `file_identity` recorded, and its sha256 if it had to be read.
-
-    Unchanged size and mtime are taken as the same file without hashing it (a 430 MB checkpoint
-    costs ~1 s); anything else, a copy included, is decided by the sha256.
-    """
-    now = file_identity(path, digest=False)
-    if now["bytes"] == recorded.get("bytes") and now["mtime"] == recorded.get("mtime"):
-        return True, None
-    sha = file_identity(path)["sha256"]
-    return sha == recorded.get("sha256"), sha
-
-
-def check_model_file(model_path: str | Path, sidecar: dict[str, Any]) -> None:
-    """The file is the one the sidecar describes, not another export or a copy cut short."""
-    same, sha = same_file(model_path, sidecar.get("file") or {})
-    if not same:
-        raise ModelFileError(
-            f"{model_path} does not match its sidecar (sha256 {str(sha)[:12]}…, recorded "
-            f"{str((sidecar.get('file') or {}).get('sha256'))[:12]}…): the file was changed or "
-            "cut short; export it again"
-        )
-
-
-def check_source(
-    model_path: str | Path, sidecar: dict[str, Any], model_dir: str | Path | None, stage: int | None
-) -> None:
-    """The exported model comes from this stage, and from the checkpoint now at
-    DIR/stage{N}/best.keras when there is one (a file shipped without it stands alone)."""
-    name = Path(model_path).name
-    if stage is not None and sidecar.get("stage") != stage:
-        raise ModelFileError(f"{name} was exported from stage {sidecar.get('stage')}, not {stage}")
-    if model_dir is None or stage is None:
-        return
-    checkpoint = checkpoint_path(model_dir, stage)
-    if not checkpoint.is_file():
-        return
-    claimed = sidecar.get("source_checkpoint") or {}
-    same, sha = same_file(checkpoint, claimed)
-    if not same:
-        raise ModelFileError(
-            f"{name} does not match the checkpoint it claims: it was exported from "
-            f"{claimed.get('path')} (sha256 {str(claimed.get('sha256'))[:12]}…), and {checkpoint} "
-            f"is now another model (sha256 {str(sha)[:12]}…); export the stage again"
-        )
-
-
-def check_image_size(model_path: str | Path, sidecar: dict[str, Any], image_size: int) -> None:
-    if sidecar.get("image_size") != image_size:
-        raise ModelFileError(
-            f"{Path(model_path).name} takes {sidecar.get('image_size')} px images, the data is "
-            f"{image_size} px; export the stage that matches, or use data of its size",
-            setting="image_size",
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +154,7 @@ def convert_litert(
     try:
         return converter.convert()
     except Exception as err:  # the converter's errors are long MLIR dumps
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ExportError(f"LiteRT conversion ({quantize}) failed: {first}") from None
+        raise ExportError(f"LiteRT conversion ({quantize}) failed: {one_line(err)}") from None
 
 
 def _check_request(fmt: str, quantize: str, calibration: str | None, count: int) -> None:
@@ -327,22 +193,15 @@ def export_stage(
     the model file and then its sidecar are written atomically: a reader never sees half of one.
     """
     _check_request(fmt, quantize, calibration, calibration_count)
-    out = Path(out) if out else default_out(model_dir, stage, fmt, quantize)
+    out = Path(out) if out else checkpoints.export_path(model_dir, stage, fmt, quantize)
     if out.suffix == ".json":
         raise ExportError(f"{out} would be taken for a sidecar; name the model otherwise",
                           setting="out")  # fmt: skip
-    # Here, not at the top: loading a LiteRT file must not import TF (~5 s).
-    from m2cnn_tf import checkpoints
-    from m2cnn_tf.prediction import preprocess_params_for
-
-    try:
-        source = file_identity(checkpoints.best_model_path(model_dir, stage))
-        model, meta = checkpoints.load_stage(model_dir, stage)
-    except checkpoints.CheckpointMissing as err:
-        raise ExportError(str(err), setting="model_dir") from None
+    source = file_identity(checkpoints.best_model_path(model_dir, stage))
+    model, meta = checkpoints.load_stage(model_dir, stage)
     size = int(model.input_shape[1])
     chosen = calibration_records(calibration, size, calibration_count, log) if calibration else []
-    params, params_source = preprocess_params_for(model_dir, stage)
+    params, params_source = manifest.preprocess_params_for(model_dir, stage)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
@@ -353,7 +212,7 @@ def export_stage(
             flat = convert_litert(saved, quantize, representative_images(chosen, log))
             atomic_write_bytes(out, flat)
     sidecar = {
-        "schema": SCHEMA,
+        "schema": SIDECAR_SCHEMA,
         "format": fmt,
         "quantization": quantize,
         "file": None if fmt == "savedmodel" else file_identity(out),
@@ -371,7 +230,7 @@ def export_stage(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(),
     }  # fmt: skip
-    atomic_write_json(sidecar_path(out), sidecar)
+    atomic_write_json(checkpoints.sidecar_path(out), sidecar)
     return out
 
 
@@ -382,7 +241,7 @@ def export_saved_model(model, export_dir: str | Path) -> Path:
     `data.scale_image`). Outputs: `logits` (B, 5), `score` (B, 1), `probabilities` (B, 5).
     Serving systems outside Python get the model without Keras and without any Python code.
     """
-    import keras  # here, not at the top: the LiteRT path of this module never loads TF
+    import keras
     import tensorflow as tf
 
     size = int(model.input_shape[1])

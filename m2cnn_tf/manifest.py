@@ -1,10 +1,12 @@
-"""What data_prep's OUT/manifest.json says about a split: how many records it holds (so training
-need not read them to count), and which of the images its source listed are missing or were
-kept although imperfect (so an evaluation says when its kappa covers less than the split).
+"""What data_prep's OUT/manifest.json says, the one reader of it: how many records a split holds
+(so training need not read them to count), which of the images its source listed are missing or
+were kept although imperfect (so an evaluation says when its kappa covers less than the split),
+the preprocessing parameters the records were made with (so prediction applies the very same
+Eq. (1)), and a summary for the grader's model panel.
 
-data_prep.manifest writes the file. Every reader here accepts its absence, an older manifest and
-records that no longer match it: it then returns None (or nothing known), and the caller falls
-back to reading the records. Kept free of TensorFlow.
+data_prep.manifest writes the file. The counting readers accept its absence, an older manifest
+and records that no longer match it: they then return None (or nothing known), and the caller
+falls back to reading the records. Kept free of TensorFlow.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+from m2cnn_tf import checkpoints
 from m2cnn_tf.config import NUM_CLASSES
+from m2cnn_tf.preprocessing import PreprocessParams
 
 MANIFEST = "manifest.json"
+DEFAULTS_SOURCE = "defaults (no manifest.json of the training data found)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,3 +109,63 @@ def completeness(
     except (KeyError, TypeError, ValueError, AttributeError):
         return Completeness(None, [], [])
     return Completeness(None if expected is None else int(expected), missing, flagged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing parameters and the model panel's summary
+
+
+def preprocess_params(data_dir: str | os.PathLike | None) -> tuple[PreprocessParams, str]:
+    """The PreprocessParams DATA/manifest.json records, and where they came from; the paper's
+    Eq. (1) constants (`PreprocessParams()`) when there is no manifest. A manifest that is there
+    but unreadable is a UsageError."""
+    path = Path(data_dir) / MANIFEST if data_dir else None
+    if path is None or not path.is_file():
+        return PreprocessParams(), DEFAULTS_SOURCE
+    values = _find_params(checkpoints.read_json(path, "data"))
+    if values is None:
+        return PreprocessParams(), DEFAULTS_SOURCE
+    known = PreprocessParams.__dataclass_fields__
+    return PreprocessParams(**{k: v for k, v in values.items() if k in known}), str(path)
+
+
+def preprocess_params_for(
+    model_dir: str | os.PathLike, stage: int, data_dir: str | os.PathLike | None = None
+) -> tuple[PreprocessParams, str]:
+    """The parameters a stage's training data was made with: from `data_dir`'s manifest, or by
+    default from that of the records folder the stage's config.json names."""
+    return preprocess_params(data_dir or checkpoints.training_data(model_dir, stage))
+
+
+def _find_params(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing block of a manifest: under a 'preprocess*' key, possibly nested."""
+    for key, value in manifest.items():
+        if isinstance(value, dict):
+            if key.startswith("preprocess") and "alpha" in value:
+                return value
+            found = _find_params(value)
+            if found is not None:
+                return found
+    return None
+
+
+def summary(source: str) -> dict[str, Any] | None:
+    """A manifest in brief: what it was made from, how many images per split (None when
+    `source` is not a readable manifest.json)."""
+    path = Path(source)
+    if path.name != MANIFEST or not path.is_file():
+        return None
+    manifest = read_manifest(path.parent)
+    if manifest is None:
+        return None
+    counts = manifest.get("counts", {})
+    origin = manifest.get("source")
+    return {
+        "manifest": str(path),
+        "tool": manifest.get("tool"),
+        "source": origin.get("kind") if isinstance(origin, dict) else origin,
+        "sizes": manifest.get("params", {}).get("sizes"),
+        "images": {split: c.get("records") for split, c in counts.items()},
+        "grades": {split: c.get("grades") for split, c in counts.items()},
+        "finished_utc": manifest.get("timings", {}).get("finished_utc"),
+    }

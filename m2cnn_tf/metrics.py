@@ -5,22 +5,40 @@ to read a grade (Fig. 2), and the statistics a report adds to the paper's figure
 Table II reports both, and the paper prefers scores. On top of the paper (ours): a 95%
 bootstrap confidence interval of kappa, the confusion matrix, per-grade sensitivity and
 specificity, and referable DR (grade >= 2), which is what a screening programme acts on.
-All numpy (the trainer's streaming kappa is `trainer.QuadraticKappa`), so that prediction
+All numpy (the trainer's streaming kappa is `train_step.QuadraticKappa`), so that prediction
 needs no TensorFlow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from m2cnn_tf.common import finite_or_none
 from m2cnn_tf.config import NUM_CLASSES
 
-if TYPE_CHECKING:
-    from m2cnn_tf.inference import Predictions
+
+@dataclasses.dataclass
+class Predictions:
+    """What the model said about a split, one row per image, aligned with the labels and ids of
+    the records it came from: every figure of a report is computed from these."""
+
+    ids: np.ndarray  # str
+    patients: np.ndarray  # str
+    eyes: np.ndarray  # str: "left", "right" or ""
+    grades: np.ndarray  # int, ground truth
+    scores: np.ndarray  # float, the regression output (after TTA / blending)
+    probs: np.ndarray  # (N, 5) softmax (after TTA / blending)
+
+    def __len__(self) -> int:
+        return len(self.grades)
+
+    def replace(self, **changes) -> Predictions:
+        return dataclasses.replace(self, **changes)
+
 
 # Rounding to the nearest grade, clipped to 0-4.
 DEFAULT_CUTPOINTS: tuple[float, ...] = (0.5, 1.5, 2.5, 3.5)

@@ -30,7 +30,7 @@ from keras import layers
 
 from m2cnn_tf import cells
 from m2cnn_tf.config import NUM_CLASSES, ModelConfig, get_preset, multi_cell_path
-from m2cnn_tf.errors import UsageError
+from m2cnn_tf.errors import UsageError, one_line
 
 BACKBONE_OUTPUT = "conv_7b_ac"  # the BaseNet's last layer; "before switch" in Table I
 POOL = "avg_pool"  # global average pooling that feeds both heads; "after multi-cell" in Table I
@@ -224,9 +224,8 @@ def load_backbone_weights(model: keras.Model, weights: str, *, preset: str = "pa
     try:
         source.load_weights(str(path))
     except (ValueError, OSError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsUnavailable(
-            f"{weights} is not an Inception-ResNet-v2 notop weights file ({first_line})",
+            f"{weights} is not an Inception-ResNet-v2 notop weights file ({one_line(err)})",
             setting="weights",
         ) from None
     return copy_weights_by_name(source, model, only=backbone_layer_names(model))

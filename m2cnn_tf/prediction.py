@@ -1,9 +1,10 @@
-"""Grading new fundus photographs, explaining the grade, and exporting a serving model.
+"""Grading fundus photographs and explaining the grade: predict.py's library, and the grader's.
 
-Raw images go through `preprocessing.preprocess_file`, the very function data_prep used for the
-TFRecords (§II-A, Eq. (1)), with the parameters recorded in the training data's manifest, so
-training and prediction cannot drift. Files stream through a bounded window of worker threads
-(OpenCV releases the GIL) into batches for one compiled model call each; a file that cannot be
+Raw images go through `preprocessing.preprocess_file`, the steps data_prep used for the
+TFRecords (§II-A, Eq. (1)), with the parameters recorded in the training data's manifest
+(`manifest.preprocess_params_for`), so training and prediction cannot drift. Files stream
+through a bounded window of worker threads (OpenCV releases the GIL) into batches; each batch
+is one call of `Predictor.grade`, which the grader calls on uploads too. A file that cannot be
 read or shows no fundus becomes an error row and the stream goes on.
 
 TensorFlow is imported only by a Keras model and by Grad-CAM (ours): with a LiteRT backend,
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from m2cnn_tf.backends import runtime_of
-from m2cnn_tf.common import CONFIG, IMAGE_EXTENSIONS, stage_dir
+from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
 from m2cnn_tf.errors import UsageError, one_line
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS, scores_to_grades
@@ -62,58 +62,8 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def preprocess_params_for(
-    model_dir: str | Path, stage: int, data_dir: str | None = None
-) -> tuple[PreprocessParams, str]:
-    """The PreprocessParams the training data was made with, and where they came from.
-
-    Looked up in DATA/manifest.json, DATA being `data_dir` or the `data` of the stage's
-    config.json (train.py saves it); the defaults of `PreprocessParams` (the paper's Eq. (1)
-    constants) otherwise. A file that is there but unreadable is a UsageError.
-    """
-    if data_dir is None:
-        config_path = stage_dir(model_dir, stage) / CONFIG
-        if config_path.is_file():
-            data_dir = _read_json(config_path, "model_dir").get("data") or None
-    if data_dir:
-        manifest = Path(data_dir) / "manifest.json"
-        if manifest.is_file():
-            values = _find_params(_read_json(manifest, "data"))
-            if values is not None:
-                known = PreprocessParams.__dataclass_fields__
-                params = PreprocessParams(**{k: v for k, v in values.items() if k in known})
-                return params, str(manifest)
-    return PreprocessParams(), "defaults (no manifest.json of the training data found)"
-
-
-def _read_json(path: Path, setting: str) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"cannot read {path}: {err}", setting=setting) from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{path} does not hold a JSON object", setting=setting)
-    return value
-
-
-def _find_params(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The preprocessing block of a manifest: under a 'preprocess*' key, possibly nested."""
-    for key, value in manifest.items():
-        if isinstance(value, dict):
-            if key.startswith("preprocess") and "alpha" in value:
-                return value
-            found = _find_params(value)
-            if found is not None:
-                return found
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Streaming prediction
-
-
-def _preprocess_one(path: Path, size: int, params: PreprocessParams) -> np.ndarray:
-    return preprocess_file(path, [size], params)[size]
 
 
 def _bounded_map(fn: Callable, items: Sequence, workers: int, window: int) -> Iterator[tuple]:
@@ -154,7 +104,6 @@ class Predictor:
         cutpoints: Sequence[float] = DEFAULT_CUTPOINTS,
         batch_size: int = 16,
         workers: int | None = None,
-        preprocess: Callable[[Path], np.ndarray] | None = None,
         gradcam_model: Callable[[], Any] | None = None,
     ):
         if batch_size < 1:
@@ -171,9 +120,17 @@ class Predictor:
         self.workers = workers or min(4, os.cpu_count() or 1)
         # uint8 batches in; scaling, TTA views and their mean around one model call per batch.
         self.predict_fn = make_predict_fn(call, tta)
-        self.preprocess = preprocess or (lambda p: _preprocess_one(p, self.image_size, params))
         self._gradcam = None
         self._panel_names: set[str] = set()
+
+    def grade(self, images: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
+        """predict.py's row for each preprocessed uint8 image of a batch, its name in `path`:
+        the one model call that predict.py's files and the grader's uploads both go through."""
+        out = self.predict_fn(images)
+        return [
+            self._row(name, out["score"][i], out["probabilities"][i])
+            for i, name in enumerate(names)
+        ]
 
     def rows(
         self, paths: Sequence[Path], *, gradcam_dir: str | Path | None = None, progress=None
@@ -181,26 +138,26 @@ class Predictor:
         """One row per path, in input order: the grade etc., or an `error` and empty values."""
         if gradcam_dir is not None:
             Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
-        window = 2 * self.batch_size
         batch: list[tuple[Path, np.ndarray | None, str]] = []
 
         def flush():
             good = [(p, img) for p, img, err in batch if img is not None]
-            outputs: dict[Path, dict] = {}
+            graded: dict[Path, dict] = {}
             if good:
                 images = np.stack([img for _, img in good])
-                out = self.predict_fn(images)
+                rows = self.grade(images, [str(p) for p, _ in good])
                 cams = self.cams(images) if gradcam_dir is not None else None
-                for i, (path, img) in enumerate(good):
-                    outputs[path] = self._row(path, out["score"][i], out["probabilities"][i])
+                for i, ((path, img), row) in enumerate(zip(good, rows, strict=True)):
+                    graded[path] = row
                     if cams is not None:
-                        self._write_gradcam(gradcam_dir, path, img, cams[i], outputs[path])
+                        self._write_gradcam(gradcam_dir, path, img, cams[i], row)
             for path, img, err in batch:
-                yield outputs[path] if img is not None else self._error_row(path, err)
+                yield graded[path] if img is not None else self._error_row(path, err)
             if progress is not None:
                 progress.update(len(batch))
             batch.clear()
 
+        window = 2 * self.batch_size
         for path, img, err in _bounded_map(self.preprocess, paths, self.workers, window):
             batch.append((path, img, "" if err is None else one_line(err)))
             if len(batch) >= self.batch_size:
@@ -208,9 +165,13 @@ class Predictor:
         if batch:
             yield from flush()
 
-    def _row(self, path: Path, score: float, probs: np.ndarray) -> dict[str, Any]:
+    def preprocess(self, path: Path) -> np.ndarray:
+        """The model's input for a file (any thread): `preprocessing.preprocess_file`."""
+        return preprocess_file(path, [self.image_size], self.params)[self.image_size]
+
+    def _row(self, name: str, score: float, probs: np.ndarray) -> dict[str, Any]:
         return {
-            "path": str(path),
+            "path": name,
             "grade": int(scores_to_grades([score], self.cutpoints)[0]),
             "grade_prob": int(np.argmax(probs)),
             "score": float(score),

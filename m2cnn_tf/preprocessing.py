@@ -251,9 +251,18 @@ def preprocess_image(rgb: np.ndarray, params: PreprocessParams) -> np.ndarray:
 
     Works on any channel order (every step is per channel); returns uint8 base×base×3.
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise BadImage(f"expected an H×W×3 uint8 image, got {rgb.dtype} {rgb.shape}")
-    return graham_normalise(crop_to_square(rgb, params.base_size), params)
+    return _base_and_disc(rgb, params)[0]
+
+
+def _base_and_disc(
+    img: np.ndarray, params: PreprocessParams
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The base image of a decoded image, and the disc's box it was cropped to."""
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise BadImage(f"expected an H×W×3 uint8 image, got {img.dtype} {img.shape}")
+    box = find_disc(img)
+    x0, y0, x1, y1 = box
+    return graham_normalise(fit_square(img[y0:y1, x0:x1], params.base_size), params), box
 
 
 def resize_to(base: np.ndarray, size: int) -> np.ndarray:
@@ -286,15 +295,33 @@ def preprocess_bgr_file_kept(
     return graham_normalise(square, params), flag
 
 
+@dataclasses.dataclass(frozen=True)
+class Preprocessed:
+    """A photograph made ready for the network (`images`), and what was found on the way."""
+
+    images: dict[int, np.ndarray]  # RGB uint8 size×size, per size
+    decoded_size: tuple[int, int]  # (width, height) as decoded (a large JPEG decodes reduced)
+    disc: tuple[int, int, int, int]  # the fundus disc's box (x0, y0, x1, y1), decoded pixels
+
+
+def preprocess_bytes(data: bytes, sizes: Sequence[int], params: PreprocessParams) -> Preprocessed:
+    """§II-A on a file's bytes: decode, disc crop, Eq. (1) at base_size once, then every size
+    resized from that one base image. Raises BadImage for a file that cannot be graded."""
+    bgr = decode_bgr(data, params.base_size)[0]
+    base, disc = _base_and_disc(bgr, params)
+    images = {int(s): cv2.cvtColor(resize_to(base, int(s)), cv2.COLOR_BGR2RGB) for s in sizes}
+    return Preprocessed(images, (bgr.shape[1], bgr.shape[0]), disc)
+
+
 def preprocess_file(
     path: str | os.PathLike, sizes: Sequence[int], params: PreprocessParams
 ) -> dict[int, np.ndarray]:
     """RGB uint8 images for every size, all resized from the one base_size image (§II-A).
 
-    Training data (data_prep) and prediction both go through this path, so they cannot drift.
+    Prediction (a file, or an upload's bytes: `preprocess_bytes`) and training data (data_prep,
+    `preprocess_bgr_file`) go through the same steps, so they cannot drift.
     """
-    base = preprocess_bgr_file(path, params)
-    return {int(s): cv2.cvtColor(resize_to(base, int(s)), cv2.COLOR_BGR2RGB) for s in sizes}
+    return preprocess_bytes(read_bytes(path), sizes, params).images
 
 
 def encode(bgr: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:

@@ -14,17 +14,14 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from m2cnn_tf.common import atomic_write_bytes, atomic_write_json, atomic_write_text
 from m2cnn_tf.config import NUM_CLASSES
 from m2cnn_tf.errors import UsageError
-from m2cnn_tf.metrics import WAYS, probs_to_grades, scores_to_grades
-
-if TYPE_CHECKING:
-    from m2cnn_tf.inference import Predictions
+from m2cnn_tf.metrics import WAYS, Predictions, probs_to_grades, scores_to_grades
 
 REPORT = "report.json"
 CSV_COLUMNS = (
@@ -34,8 +31,6 @@ CSV_COLUMNS = (
 )  # fmt: skip
 # Each way's figures that the tables read: a report.json without them is not one of ours.
 _WAY_KEYS = ("kappa", "kappa_ci95", "accuracy", "referable")
-# TTA names of older report.json files, and what they are called now.
-_OLD_TTA = {"flips+rot90": "dihedral"}
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -147,7 +142,7 @@ def write_report(
 
 
 def load_report(report_dir: str | Path) -> dict[str, Any]:
-    """A report.json written by `write_report` (older ones too), or a UsageError saying why not."""
+    """A report.json written by `write_report`, or a UsageError saying why not."""
     path = Path(report_dir) / REPORT
     if not path.is_file():
         raise UsageError(f"no {REPORT} in {report_dir}")
@@ -158,8 +153,6 @@ def load_report(report_dir: str | Path) -> dict[str, Any]:
     for way in WAYS:
         if not isinstance(report, dict) or not all(k in report.get(way, {}) for k in _WAY_KEYS):
             raise UsageError(f"{path} is not an evaluation report: no {way!r} figures")
-    if report.get("tta") in _OLD_TTA:
-        report["tta"] = _OLD_TTA[report["tta"]]
     return report
 
 

@@ -2,7 +2,7 @@
 
 One `run(config)` per stage: stage 1 (224 px) starts the BaseNet from ImageNet, stage N>1 copies
 every layer of stage N−1's best model that matches by name and shape. The copied (or ImageNet)
-layers train at LR1, the rest at LR2 (`trainer.TwoRateTrainer`).
+layers train at LR1, the rest at LR2 (`train_step.TwoRateTrainer`).
 
 `run` is a sequence of named steps: `prepare_stage` (the stage folder and the resume point),
 `make_datasets`, `make_trainer` (with `initialise`), `make_callbacks` and `fit`.
@@ -41,7 +41,7 @@ from m2cnn_tf.model import (
     load_backbone_weights,
     sync_bn_enabled,
 )
-from m2cnn_tf.trainer import TrainingError, TwoRateTrainer, make_optimizer
+from m2cnn_tf.train_step import TrainingError, TwoRateTrainer, make_optimizer
 
 BACKUP = "backup"
 

@@ -20,8 +20,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from m2cnn_tf.cli import TTA_CHOICES
 from m2cnn_tf.errors import UsageError
+
+# The views averaged per image (ours: the paper mentions no TTA); one list for every command.
+TTA_CHOICES = ("none", "flips", "dihedral")
 
 # A runtime's call: float32 NHWC batch in [-1, 1] -> {"logits": (B, 5), "score": (B,) or (B, 1)}.
 ModelCall = Callable[[np.ndarray], dict[str, np.ndarray]]

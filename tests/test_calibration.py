@@ -12,8 +12,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from m2cnn_tf import calibration
-from m2cnn_tf.inference import Predictions
-from m2cnn_tf.metrics import probs_to_grades, scores_to_grades
+from m2cnn_tf.metrics import Predictions, probs_to_grades, scores_to_grades
 
 
 def qwk(a, b) -> float:

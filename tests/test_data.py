@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from _tfrecords import write_split
 
-from m2cnn_tf import data, training, tta
+from m2cnn_tf import augmentation, data, training, tta
 from m2cnn_tf.config import AugmentConfig, Config, DataConfig, OptimConfig
 
 SIZE = 32
@@ -132,7 +132,7 @@ def test_flips_alone_give_one_of_the_four_mirror_images_exactly(dataset):
 
 def test_affine_maps_are_flip_rotation_zoom_about_the_shifted_centre():
     cfg = AugmentConfig(rotation=180.0, zoom=0.2, shift=0.1)
-    t = data.affine_transforms(tf.constant([1, 2], tf.int64), 64, 100, cfg).numpy()
+    t = augmentation.affine_transforms(tf.constant([1, 2], tf.int64), 64, 100, cfg).numpy()
     a = t[:, [0, 1, 3, 4]].reshape(-1, 2, 2)
     gram = np.einsum("bij,bkj->bik", a, a)
     inv_zoom2 = gram[:, 0, 0]
@@ -158,7 +158,7 @@ def test_rotation_and_zoom_fill_the_corners_with_gamma_and_keep_the_centre():
     r = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
     images[:, r <= radius] = disc
     cfg = AugmentConfig(**{**NO_AUG, "rotation": 45.0, "zoom": 0.3})
-    x = data.augment_batch(tf.constant(images), tf.constant([2, 9], tf.int64), cfg).numpy()
+    x = augmentation.augment_batch(tf.constant(images), tf.constant([2, 9], tf.int64), cfg).numpy()
 
     assert np.abs(x - data.scale_image(images).numpy()).max() > 0.5  # it did transform
     centre = x[:, r <= radius / 1.3 - 1]
@@ -259,8 +259,8 @@ def test_the_accelerator_variant_applies_the_same_augmentation_to_scaled_images(
     train = dataset[1][:8]
     seeds = tf.constant([11, 3], tf.int64)
     cfg = AugmentConfig(rotation=180.0, zoom=0.2, shift=0.1, brightness=0.1, contrast=0.2)
-    on_cpu = data.augment_batch(tf.constant(train), seeds, cfg).numpy()
-    on_device = data.augment_scaled(data.scale_image(train), seeds, cfg).numpy()
+    on_cpu = augmentation.augment_batch(tf.constant(train), seeds, cfg).numpy()
+    on_device = augmentation.augment_scaled(data.scale_image(train), seeds, cfg).numpy()
     assert np.abs(on_cpu - train / 127.5 + 1.0).max() > 0.5  # it did augment
     # Only the uint8 output of the interpolation differs (it truncates): under one grey level,
     # times the contrast gain (at most 1.2).

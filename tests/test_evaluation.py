@@ -24,7 +24,7 @@ from _reports import fake_report
 from _tfrecords import write_split
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from m2cnn_tf import backends, evaluation, inference, reports, tta
+from m2cnn_tf import backends, evaluation, metrics, reports, tta
 from m2cnn_tf.checkpoints import save_best, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.errors import UsageError
@@ -432,9 +432,9 @@ def test_evaluate_warns_in_one_line_when_the_split_lacks_images_its_source_lists
     assert report["flagged"] == [{"id": "100_left", "reason": "truncated JPEG"}]
 
 
-def _predictions(ids: list[str]) -> inference.Predictions:
+def _predictions(ids: list[str]) -> metrics.Predictions:
     n = len(ids)
-    return inference.Predictions(
+    return metrics.Predictions(
         ids=np.array(ids), patients=np.array(ids), eyes=np.array([""] * n),
         grades=np.zeros(n, int), scores=np.zeros(n), probs=np.full((n, 5), 0.2),
     )  # fmt: skip

@@ -15,7 +15,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def test_savedmodel_export_serves_the_keras_outputs_with_its_sidecar_inside(stag
     serve = tf.saved_model.load(str(out)).signatures["serving_default"]
     got = serve(image=tf.constant(stage["images"]))
     np.testing.assert_allclose(got["score"].numpy(), stage["keras"]["score"], atol=1e-5)
-    sidecar = export.read_sidecar(out)
+    sidecar = checkpoints.read_sidecar(out)
     assert (sidecar["format"], sidecar["quantization"]) == ("savedmodel", "none")
     assert sidecar["file"] is None and sidecar["image_size"] == SIZE
 
@@ -266,17 +265,11 @@ def test_litert_backend_without_a_file_takes_the_stages_fastest_export(stage):
     backend = backends.load_backend("litert", model_dir=stage["model_dir"], stage=1, threads=1)
     assert backend.describe() == {
         "backend": "litert",
-        "model": str(export.default_out(stage["model_dir"], 1, "litert", "int8")),
+        "model": str(checkpoints.export_path(stage["model_dir"], 1, "litert", "int8")),
         "quantization": "int8",
         "threads": 1,
     }
     assert backend.image_size == SIZE
-
-
-def test_the_export_checkpoint_path_is_the_one_checkpoints_looks_for(tmp_path):
-    expected = re.escape(str(export.checkpoint_path(tmp_path, 3)))
-    with pytest.raises(checkpoints.CheckpointMissing, match=expected):
-        checkpoints.best_model_path(tmp_path, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +308,7 @@ def test_corrupt_model_file_is_refused(stage, tmp_path):
     # Garbage that its sidecar vouches for still cannot run.
     sidecar = json.loads(copy.with_suffix(".json").read_text())
     copy.write_bytes(b"not a flatbuffer" * 64)
-    sidecar["file"] = export.file_identity(copy)
+    sidecar["file"] = checkpoints.file_identity(copy)
     copy.with_suffix(".json").write_text(json.dumps(sidecar))
     _refused("cannot run on LiteRT", litert_model=copy)
 

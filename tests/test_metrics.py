@@ -14,7 +14,7 @@ from m2cnn_tf.metrics import (
     referable_metrics,
     scores_to_grades,
 )
-from m2cnn_tf.trainer import QuadraticKappa
+from m2cnn_tf.train_step import QuadraticKappa
 
 LABELS = list(range(5))
 

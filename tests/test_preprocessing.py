@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from synthetic_fundus import fundus
 
-from m2cnn_tf.decoding import BadImage, decode_bgr, load_image
+from m2cnn_tf.decoding import BadImage, decode_bgr, read_bytes
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.preprocessing import (
     PreprocessParams,
@@ -19,6 +19,12 @@ from m2cnn_tf.preprocessing import (
     preprocess_file,
     preprocess_image,
 )
+
+
+def load_image(path, min_side: int | None = None) -> np.ndarray:
+    """RGB pixels of a file, as the library decodes it (raises BadImage)."""
+    return cv2.cvtColor(decode_bgr(read_bytes(path), min_side)[0], cv2.COLOR_BGR2RGB)
+
 
 # ---------------------------------------------------------------------------------------------
 # A plain reference of Eq. (1): I_c = αI + βG(ρ)∗I + γ, in float64 with numpy only.

@@ -60,13 +60,6 @@ def test_two_reports_of_one_run_in_the_same_cell_are_labelled_by_their_folders(t
     assert [c.strip() for c in header.split("|")[1:]] == ["plain", "tta"]
 
 
-def test_old_reports_with_the_flips_rot90_tta_name_read_as_dihedral(tmp_path):
-    fake_report(tmp_path / "old", "/runs/a", "val", 224, 0.7, 0.6, tta="flips+rot90")
-    fake_report(tmp_path / "new", "/runs/a", "val", 224, 0.7, 0.6, tta="flips")
-    assert reports.load_report(tmp_path / "old")["tta"] == "dihedral"
-    assert reports.load_report(tmp_path / "new")["tta"] == "flips"
-
-
 def test_a_missing_or_foreign_report_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match=r"no report\.json"):
         reports.load_report(tmp_path)

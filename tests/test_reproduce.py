@@ -15,8 +15,13 @@ from pathlib import Path
 import pytest
 from _tfrecords import grade_images, write_split
 
-from m2cnn_tf import protocol, reproduction, reproduction_report, reproduction_runs
+from m2cnn_tf import evaluation, training
 from m2cnn_tf.commands import reproduce
+from m2cnn_tf.reproduce import plan as reproduction
+from m2cnn_tf.reproduce import protocol
+from m2cnn_tf.reproduce import report as reproduction_report
+from m2cnn_tf.reproduce import runs as reproduction_runs
+from m2cnn_tf.reproduce.options import Options
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI_SIZES = (80, 352, 704)
@@ -70,10 +75,9 @@ def test_the_dry_run_plans_every_run_with_the_papers_inits_and_steps(tmp_path, c
             if source in runs:
                 assert order.index(source) < order.index(name), name
     assert runs["m2cnn720"]["stage"] == 3 and runs["mse720"]["stage"] == 1
-    assert (
-        "--init" in runs["m2cnn448"]["train_args"]
-        and "--nomulti-cell" in runs["mt448"]["train_args"]
-    )
+    assert any(a.startswith("--init=") for a in runs["m2cnn448"]["train_args"])
+    assert "--nomulti-cell" in runs["mt448"]["train_args"]
+    assert runs["m2cnn448"]["config"]["model"]["init"].endswith("runs/mt224/stage1/best.keras")
     for name in PAPER_PLAN:  # the printed table: one line per run with its estimates
         line = next(x for x in printed.splitlines() if x.startswith(name + " "))
         assert re.search(r"\d+(\.\d)? GB .*\d+\.\d h", line), line
@@ -105,7 +109,7 @@ def test_ablation_init_stage_fine_tunes_the_ablation_columns_and_is_labelled_our
     assert runs["mt720_ft"]["multi_cell"] is False
     assert runs["mt448"]["init"] == "imagenet"  # Fig. 4's 448@20k stays as the paper has it
     assert "mse448" not in runs
-    options = reproduction.Options(data="d", out=str(out), ablation_init="stage")
+    options = Options(data="d", out=str(out), ablation_init="stage")
     notes = reproduction_report.notes(reproduction.make_plan(options))
     assert any("no paper reports" in n for n in notes)
 
@@ -176,21 +180,21 @@ def test_a_miniature_of_every_experiment_resumes_and_a_rerun_only_rebuilds_the_r
         *("--batch-size", "2", "--allow-cpu"),
     ]
     # 1. Interrupted (Ctrl-C) as the third run starts: exit 130, two runs finished.
-    real_call, calls = reproduction_runs.call, []
+    real_train, calls = training.run, []
 
-    def interrupt_third(command, args):
-        calls.append(command)
-        if calls.count("train") == 3:
+    def interrupt_third(config, log=print):
+        calls.append(config.model_dir)
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_call(command, args)
+        return real_train(config, log=log)
 
-    monkeypatch.setattr(reproduction_runs, "call", interrupt_third)
+    monkeypatch.setattr(training, "run", interrupt_third)
     assert _reproduce(capsys, *flags)[0] == 130
     done = [d.name for d in (out / "runs").iterdir() if (d / "reproduce.json").is_file()]
     assert sorted(done) == ["mse224", "mse448"]
 
     # 2. The rerun skips those two and does the rest.
-    monkeypatch.setattr(reproduction_runs, "call", real_call)
+    monkeypatch.setattr(training, "run", real_train)
     code, printed, _ = _reproduce(capsys, *flags)
     assert code == 0
     assert "mse224: done, skipped" in printed and "mse448: done, skipped" in printed
@@ -225,10 +229,11 @@ def test_a_miniature_of_every_experiment_resumes_and_a_rerun_only_rebuilds_the_r
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
     (out / "tables.md").unlink()
 
-    def no_work(command, args):
-        raise AssertionError(f"{command} ran on a finished reproduction")
+    def no_work(*args, **kwargs):
+        raise AssertionError("a run or an evaluation ran on a finished reproduction")
 
-    monkeypatch.setattr(reproduction_runs, "call", no_work)
+    monkeypatch.setattr(training, "run", no_work)
+    monkeypatch.setattr(evaluation, "run_evaluation", no_work)
     code, printed, _ = _reproduce(capsys, *flags)
     assert code == 0 and "trained 0 of 14 runs and evaluated 0 of 14" in printed
     assert (out / "tables.md").is_file()

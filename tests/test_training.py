@@ -1,4 +1,4 @@
-"""Two-learning-rate training (m2cnn_tf.trainer, callbacks, training; train.py): the update
+"""Two-learning-rate training (m2cnn_tf.train_step, callbacks, training; train.py): the update
 rule, stage transfer, the settings and their flags, the validation schedule, the CLI.
 
 The slower, multi-process checks (resume after kill, distribution, learning) live in
@@ -20,7 +20,8 @@ import pytest
 import tensorflow as tf
 from _tfrecords import grade_images, write_split
 
-from m2cnn_tf import callbacks, checkpoints, config, config_flags, training
+from m2cnn_tf import callbacks, checkpoints, config, training
+from m2cnn_tf.commands import config_flags
 from m2cnn_tf.commands import train as train_cmd
 from m2cnn_tf.config import (
     AugmentConfig,
@@ -32,7 +33,7 @@ from m2cnn_tf.config import (
 )
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.model import backbone_layer_names, build_m2cnn
-from m2cnn_tf.trainer import TrainingError, TwoRateTrainer, make_optimizer
+from m2cnn_tf.train_step import TrainingError, TwoRateTrainer, make_optimizer
 
 SIZE = 80
 
@@ -407,7 +408,7 @@ def test_documented_flags_keep_their_names_and_defaults():
 
 
 def test_every_setting_but_the_class_count_is_a_flag_with_its_help():
-    leaves = list(config._leaves())
+    leaves = list(config.leaf_fields())
     keys = [config.flat_key(f) for _, f in leaves]
     assert len(keys) == len(set(keys))  # one flat name (flag, old JSON key) per setting
     flagged = {k.replace("_", "-") for k, (_, f) in zip(keys, leaves, strict=True)}
@@ -501,61 +502,6 @@ def test_saved_config_is_nested_json_and_loads_back(tmp_path):
     assert saved["optim"]["loss"] == "ce" and saved["model"]["preset"] == "tiny"
     assert saved["augment"]["enabled"] is False and saved["runtime"]["seed"] == 0
     assert Config.load(tmp_path / "config.json") == original
-
-
-def test_a_flat_config_json_of_earlier_versions_still_loads(tmp_path):
-    # Written by the flat Config of version 0.1 (train.py --stage 2 ... --loss ce --noaugment).
-    flat = {
-        "augment": False,
-        "augment_on": "pipeline",
-        "backup_steps": 5,
-        "balance": True,
-        "balance_decay": 0.9,
-        "batch_size": 16,
-        "bn_momentum": 0.9,
-        "brightness": 0.1,
-        "contrast": 0.1,
-        "data": "data/demo/records",
-        "epochs": 2,
-        "fill_value": 128,
-        "flip": False,
-        "image_size": None,
-        "init": "",
-        "log_steps": 50,
-        "loss": "ce",
-        "lr_new": 0.001,
-        "lr_pretrained": 0.0001,
-        "mixed_precision": False,
-        "model_dir": "runs/demo/models",
-        "multi_cell": False,
-        "num_classes": 5,
-        "optimizer": "sgd",
-        "preset": "tiny",
-        "resume": True,
-        "rotation": 90.0,
-        "seed": 0,
-        "shift": 0.05,
-        "shuffle_buffer": 512,
-        "stage": 2,
-        "steps_per_epoch": None,
-        "strategy": "default",
-        "weight_decay": 4e-05,
-        "weights": "imagenet",
-        "xla": False,
-        "zoom": 0.1,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(flat))
-    loaded = Config.load(tmp_path / "config.json")
-    assert loaded == Config(
-        stage=2,
-        data="data/demo/records",
-        model_dir="runs/demo/models",
-        model=ModelConfig(preset="tiny", multi_cell=False, bn_momentum=0.9),
-        input=DataConfig(shuffle_buffer=512, balance=True, balance_decay=0.9),
-        augment=AugmentConfig(enabled=False, on="pipeline", flip=False, rotation=90.0),
-        optim=OptimConfig(loss="ce", optimizer="sgd", epochs=2, batch_size=16),
-        runtime=RuntimeConfig(seed=0, backup_steps=5),
-    )
 
 
 @pytest.mark.parametrize(

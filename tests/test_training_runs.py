@@ -171,7 +171,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
-    from m2cnn_tf.trainer import TwoRateTrainer, make_optimizer
+    from m2cnn_tf.train_step import TwoRateTrainer, make_optimizer
 
     def small_net():
         # The trainer takes any functional model with M²CNN's outputs; a small, well-conditioned

@@ -20,19 +20,19 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import cli, export  # both TF-free: usage errors come before TF loads
+from m2cnn_tf import checkpoints, cli, export  # TF-free: usage errors come before TF loads
+from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
 
 PROG = "export.py"
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model-dir", None, "Folder holding stage{N}/best.keras.", flag_values=FLAGS)
-flags.DEFINE_integer("stage", None, "Stage whose best checkpoint to export.", flag_values=FLAGS)
-flags.DEFINE_enum("format", None, export.FORMATS, "What to write.", flag_values=FLAGS)
+model_flags.define_stage(FLAGS, "Stage whose best checkpoint to export (1, 2 or 3).")
+flags.DEFINE_enum("format", None, checkpoints.FORMATS, "What to write.", flag_values=FLAGS)
 flags.DEFINE_enum(
     "quantize",
     "none",
-    export.QUANTIZATIONS,
+    checkpoints.QUANTIZATIONS,
     "LiteRT quantisation (litert only).",
     flag_values=FLAGS,
 )
@@ -64,13 +64,13 @@ def _body(rest: list[str]) -> int | None:
         out=FLAGS.out,
         log=lambda line: print(line, file=sys.stderr),
     )
-    sidecar = export.read_sidecar(path)
+    sidecar = checkpoints.read_sidecar(path)
     what = FLAGS.format if FLAGS.format == "savedmodel" else f"LiteRT {FLAGS.quantize}"
     size = f", {sidecar['file']['bytes'] / 1e6:.1f} MB" if sidecar["file"] else ""
     calibrated = sidecar["calibration"]
     note = f", calibrated on {calibrated['count']} records" if calibrated else ""
     print(f"{what} model written to {path}{size}{note} in {sidecar['export_seconds']} s; "
-          f"sidecar {export.sidecar_path(path)}")  # fmt: skip
+          f"sidecar {checkpoints.sidecar_path(path)}")  # fmt: skip
     return None
 
 

@@ -1,12 +1,15 @@
-"""The flags that say which trained stage a command runs and on which runtime: one definition
-for evaluate.py, predict.py and serve.py, so their names, help and choices cannot drift."""
+"""The flags that say which trained stage a command runs, on which runtime and how it grades:
+one definition for evaluate.py, predict.py, serve.py and export.py, so their names, help,
+choices and checks cannot drift."""
 
 from __future__ import annotations
 
 from absl import flags
 
-from m2cnn_tf import cli
 from m2cnn_tf.backends import BACKENDS
+from m2cnn_tf.errors import UsageError
+from m2cnn_tf.metrics import DEFAULT_CUTPOINTS
+from m2cnn_tf.tta import TTA_CHOICES
 
 
 def define_stage(fv: flags.FlagValues, stage_help: str) -> None:
@@ -41,7 +44,7 @@ def define_backend(fv: flags.FlagValues) -> None:
 def define_inference(fv: flags.FlagValues) -> None:
     """--tta and --batch-size."""
     flags.DEFINE_enum(
-        "tta", "none", cli.TTA_CHOICES,
+        "tta", "none", TTA_CHOICES,
         "Test-time augmentation: average the outputs over the 4 flips, or over the 8 "
         "symmetries of the square (dihedral: flips and 90° rotations).",
         flag_values=fv,
@@ -55,3 +58,34 @@ def backend_options(fv: flags.FlagValues) -> dict:
         "litert_model": fv["litert-model"].value,
         "threads": fv.threads,
     }
+
+
+def define_grading(fv: flags.FlagValues) -> None:
+    """--data, --workers and --cutpoints: how predict.py and serve.py grade photographs."""
+    flags.DEFINE_string(
+        "data", None,
+        "data_prep OUT folder whose manifest.json holds the preprocessing parameters "
+        "(default: the one in the stage's config.json).",
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "workers", None, "Decoding and preprocessing threads (default: min(4, cores)).",
+        lower_bound=1, flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_list(
+        "cutpoints", None, "Four score cut points, e.g. from evaluate.py's report.json.",
+        flag_values=fv,
+    )  # fmt: skip
+
+
+def cutpoints(fv: flags.FlagValues) -> list[float] | None:
+    """--cutpoints as four numbers (None when not given), or a UsageError."""
+    if fv.cutpoints is None:
+        return None
+    try:
+        values = [float(c) for c in fv.cutpoints]
+    except ValueError:
+        values = []
+    if len(values) != len(DEFAULT_CUTPOINTS):
+        raise UsageError("needs four numbers, e.g. 0.5,1.5,2.5,3.5", setting="cutpoints")
+    return values

@@ -1,9 +1,8 @@
-"""Grade raw fundus photographs with a trained stage, or export it as a TF SavedModel.
+"""Grade raw fundus photographs with a trained stage.
 
     python predict.py --model-dir DIR --stage N [--out preds.csv] [--gradcam OUT_DIR]
         [--tta none|flips|dihedral] [--cutpoints a,b,c,d]
         [--backend keras|litert] [--litert-model FILE] [--threads N] IMAGE_OR_DIR...
-    python predict.py --model-dir DIR --stage N --export EXPORT_DIR
 
 One CSV row per image (stdout without --out), in input order: grade (from the score),
 grade_prob (argmax), score, p0-p4, and an error column for files that could not be graded.
@@ -31,32 +30,9 @@ _F = {"flag_values": FLAGS}
 model_flags.define_stage(FLAGS, "Stage whose best checkpoint to use (1, 2 or 3).")
 model_flags.define_backend(FLAGS)
 model_flags.define_inference(FLAGS)
+model_flags.define_grading(FLAGS)
 flags.DEFINE_string("out", None, "CSV file for the predictions (default: stdout).", **_F)
 flags.DEFINE_string("gradcam", None, "Folder for one Grad-CAM overlay PNG per image.", **_F)
-flags.DEFINE_string("export", None, "Write a TF SavedModel here instead of predicting.", **_F)
-flags.DEFINE_string(
-    "data",
-    None,
-    "data_prep OUT folder whose manifest.json holds the preprocessing parameters "
-    "(default: the one in the stage's config.json).",
-    **_F,
-)
-flags.DEFINE_integer(
-    "workers", None, "Preprocessing threads (default: min(4, cores)).", lower_bound=1, **_F
-)
-flags.DEFINE_list(
-    "cutpoints", None, "Four score cut points, e.g. from evaluate.py's report.json.", **_F
-)
-
-
-def _cutpoints() -> list[float] | None:
-    """--cutpoints as numbers (their count is checked by `prediction.Predictor`)."""
-    if FLAGS.cutpoints is None:
-        return None
-    try:
-        return [float(c) for c in FLAGS.cutpoints]
-    except ValueError:
-        raise UsageError("needs four numbers, e.g. 0.5,1.5,2.5,3.5", setting="cutpoints") from None
 
 
 def _output() -> AbstractContextManager[TextIO]:
@@ -72,24 +48,14 @@ def _output() -> AbstractContextManager[TextIO]:
         raise UsageError(f"cannot write output: {err}") from None
 
 
-def _export(model) -> None:
-    from m2cnn_tf.export import export_saved_model
-
-    path = export_saved_model(model, FLAGS.export)
-    print(
-        f"SavedModel written to {path} (signature serving_default: image -> logits, "
-        "score, probabilities)"
-    )
-
-
 def _grade(backend, inputs: list[str], cutpoints: list[float] | None) -> int:
     """Grade every image into the CSV; exit 1 if any failed."""
     from tqdm import tqdm
 
-    from m2cnn_tf import backends, prediction
+    from m2cnn_tf import backends, manifest, prediction
 
     model_dir, stage = FLAGS["model-dir"].value, FLAGS.stage
-    params, source = prediction.preprocess_params_for(model_dir, stage, FLAGS.data)
+    params, source = manifest.preprocess_params_for(model_dir, stage, FLAGS.data)
     print(f"preprocessing parameters from {source}", file=sys.stderr)
     paths = prediction.expand_inputs(inputs)
     if not paths:
@@ -119,18 +85,13 @@ def _grade(backend, inputs: list[str], cutpoints: list[float] | None) -> int:
 def _body(rest: list[str]) -> int:
     if FLAGS["model-dir"].value is None or FLAGS.stage is None:
         raise UsageError("pass --model-dir DIR and --stage N")
-    if FLAGS.export and rest:
-        raise UsageError("--export takes no images")
-    if not FLAGS.export and not rest:
-        raise UsageError("no images given: pass image files or folders (or --export EXPORT_DIR)")
-    cutpoints = _cutpoints()
+    if not rest:
+        raise UsageError("no images given: pass image files or folders")
+    cutpoints = model_flags.cutpoints(FLAGS)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from m2cnn_tf import backends
 
     model_dir, stage = FLAGS["model-dir"].value, FLAGS.stage
-    if FLAGS.export:
-        _export(backends.load_keras(model_dir, stage).model)
-        return cli.EXIT_OK
     backend = backends.load_backend(
         FLAGS.backend, model_dir=model_dir, stage=stage, **model_flags.backend_options(FLAGS)
     )

@@ -5,7 +5,7 @@
         [--sizes 224,448,720] [--ablation-init imagenet|stage] [--allow-cpu] [--dry-run]
 
 DATA is data_prep's output (DATA/224, DATA/448, DATA/720). The runs, their initialisation and
-their steps are the protocol's (m2cnn_tf/protocol.py; the paper's values and ours, each
+their steps are the protocol's (m2cnn_tf/reproduce/protocol.py; the paper's values and ours, each
 tagged). Each run is trained once into OUT/runs/<name>/ (an ordinary train.py model
 directory), each evaluation goes to OUT/reports/<name>-<split>/, and the comparison with the
 paper to OUT/tables.md, OUT/tables.json and OUT/fig4.png. A rerun skips what is done and
@@ -24,9 +24,12 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import cli, protocol, reproduction
+from m2cnn_tf import cli
 from m2cnn_tf.config import PRESETS
 from m2cnn_tf.errors import UsageError
+from m2cnn_tf.reproduce import plan as planning
+from m2cnn_tf.reproduce import protocol
+from m2cnn_tf.reproduce.options import Options
 
 PROG = "reproduce.py"
 FLAGS = flags.FlagValues()
@@ -38,14 +41,14 @@ flags.DEFINE_list(
 )
 flags.DEFINE_enum(
     "preset",
-    reproduction.Options.preset,
+    Options.preset,
     list(PRESETS),
     "Block counts: paper (§III-A) or tiny (CPU miniatures).",
     **_F,
 )
 flags.DEFINE_integer(
     "batch-size",
-    reproduction.Options.batch_size,
+    Options.batch_size,
     "Global batch of every run (protocol: ours, the same at every size).",
     lower_bound=1,
     **_F,
@@ -64,7 +67,7 @@ flags.DEFINE_list(
 )
 flags.DEFINE_enum(
     "ablation-init",
-    reproduction.Options.ablation_init,
+    Options.ablation_init,
     list(protocol.ABLATION_INITS),
     "Table II's ablation columns at 448/720: from ImageNet (§III-A) or fine-tuned from the "
     "previous size (ours, labelled so in the report).",
@@ -74,7 +77,7 @@ flags.DEFINE_bool("allow-cpu", False, "Train even where TensorFlow sees no GPU."
 flags.DEFINE_bool("dry-run", False, "Write OUT/plan.json and print the plan; train nothing.", **_F)
 
 
-def _options() -> reproduction.Options:
+def _options() -> Options:
     missing = [cli.flag_name(n) for n in ("data", "out") if FLAGS[n].value is None]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}")
@@ -82,7 +85,7 @@ def _options() -> reproduction.Options:
         sizes = tuple(int(s) for s in FLAGS.sizes)
     except ValueError:
         raise UsageError(f"not integers: {','.join(FLAGS.sizes)}", setting="sizes") from None
-    return reproduction.Options(
+    return Options(
         data=FLAGS.data,
         out=FLAGS.out,
         experiments=tuple(FLAGS.experiments),
@@ -111,11 +114,11 @@ def _devices() -> list[str]:
 
 
 def _body(rest: list[str]) -> int:
-    plan = reproduction.make_plan(_options())
-    missing = reproduction.missing_records(plan)
+    plan = planning.make_plan(_options())
+    missing = planning.missing_records(plan)
     if FLAGS["dry-run"].value:
-        path = reproduction.save_plan(plan)
-        print(reproduction.plan_table(plan))
+        path = planning.save_plan(plan)
+        print(planning.plan_table(plan))
         if missing:
             print(f"not there yet: {', '.join(missing)}")
         print(f"plan written to {path}")
@@ -128,14 +131,15 @@ def _body(rest: list[str]) -> int:
             + "; convert those sizes with data_prep",
             setting="data",
         )  # fmt: skip
-    from m2cnn_tf import reproduction_report, reproduction_runs
+    from m2cnn_tf.reproduce import report, runs
 
-    extra = " ".join(reproduction_runs.runtime_args(len(gpus))) or "none"
+    settings = runs.runtime_settings(len(gpus))
+    extra = ", ".join(f"{k} {v}" for k, v in settings.items()) or "none"
     where = f"{len(gpus)} GPU(s)" if gpus else "CPU only (--allow-cpu)"
-    print(f"reproduce.py: {where}; train.py flags for this machine: {extra}", flush=True)
-    reproduction.save_plan(plan)
-    done = reproduction_runs.carry_out(plan, gpus=len(gpus))
-    paths = reproduction_report.build(plan)
+    print(f"reproduce.py: {where}; settings for this machine: {extra}", flush=True)
+    planning.save_plan(plan)
+    done = runs.carry_out(plan, gpus=len(gpus))
+    paths = report.build(plan)
     print(
         f"trained {done['trained']} of {len(plan.runs)} runs and evaluated "
         f"{done['evaluated']} of {len(plan.evaluations)} now (the rest were done); "

@@ -86,38 +86,7 @@ flags.DEFINE_string(
     f"Require this bearer token for the page and the API (default: ${TOKEN_ENV}).",
     flag_values=FLAGS,
 )
-flags.DEFINE_string(
-    "data",
-    None,
-    "data_prep OUT folder whose manifest.json holds the preprocessing parameters "
-    "(default: the one in the stage's config.json).",
-    flag_values=FLAGS,
-)
-flags.DEFINE_list(
-    "cutpoints",
-    None,
-    "Four score cut points, e.g. from evaluate.py's report.json.",
-    flag_values=FLAGS,
-)
-flags.DEFINE_integer(
-    "workers",
-    None,
-    "Decoding and preprocessing threads (default: min(4, cores)).",
-    lower_bound=1,
-    flag_values=FLAGS,
-)
-
-
-def _cutpoints() -> list[float] | None:
-    if FLAGS.cutpoints is None:
-        return None
-    try:
-        cutpoints = [float(c) for c in FLAGS.cutpoints]
-    except ValueError:
-        cutpoints = []
-    if len(cutpoints) != 4:
-        raise UsageError("needs four numbers, e.g. 0.5,1.5,2.5,3.5", setting="cutpoints")
-    return cutpoints
+model_flags.define_grading(FLAGS)
 
 
 def _is_loopback(host: str) -> bool:
@@ -148,7 +117,7 @@ def _body(rest: list[str]) -> int | None:
         raise UsageError("pass the folder of the trained stages", setting="model_dir")
     if FLAGS.stage is None:
         raise UsageError("pass the stage to serve (1, 2 or 3)", setting="stage")
-    cutpoints = _cutpoints()
+    cutpoints = model_flags.cutpoints(FLAGS)
     token = FLAGS.token or os.environ.get(TOKEN_ENV) or None
     if not _is_loopback(FLAGS.host):
         print(
@@ -168,9 +137,9 @@ def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from m2cnn_tf.grader import Grader
-    from m2cnn_tf.serving import ServeSettings, create_app
-    from m2cnn_tf.uploads import MB, Limits
+    from m2cnn_tf.serve.app import ServeSettings, create_app
+    from m2cnn_tf.serve.grader import Grader
+    from m2cnn_tf.serve.uploads import MB, Limits
 
     max_batch = FLAGS["max-batch"].value
     grader = Grader.load(
@@ -191,7 +160,7 @@ def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None
         print(f"{PROG}: serving stage {FLAGS.stage} on {url}/ (Ctrl-C stops)", flush=True)
 
     log_config = copy.deepcopy(LOGGING_CONFIG)  # our access log: no query strings (tokens)
-    log_config["loggers"]["m2cnn_tf.serving"] = {
+    log_config["loggers"]["m2cnn_tf.serve"] = {
         "handlers": ["default"], "level": "INFO", "propagate": False,
     }  # fmt: skip
     app = create_app(grader, settings, on_ready=ready)

@@ -19,7 +19,8 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import cli, config, config_flags
+from m2cnn_tf import cli, config
+from m2cnn_tf.commands import config_flags
 
 FLAGS = flags.FlagValues()
 config_flags.define_flags(FLAGS)

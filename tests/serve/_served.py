@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
 import httpx
+import pytest
 
 from m2cnn_tf.preprocessing import PreprocessParams
 
@@ -18,6 +25,8 @@ MAX_FILES = 8
 MAX_BATCH = 2
 # Ours, for speed: Eq. (1) at 256 px instead of 720 (any value works; the manifest says which).
 PARAMS = PreprocessParams(rho=4.0, base_size=256)
+ROOT = Path(__file__).resolve().parents[2]
+_STARTUP_SECONDS = 240
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,3 +58,36 @@ def upload(paths: list[Path], names: list[str] | None = None) -> list[tuple]:
         ("files", (n, p.read_bytes(), "application/octet-stream"))
         for n, p in zip(names, paths, strict=True)
     ]
+
+
+def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, Served]:
+    """`python serve.py` on a free loopback port with the token from the environment; returns
+    once it says where it serves (or fails the test with the end of its log)."""
+    args = [
+        sys.executable, str(ROOT / "serve.py"), "--model-dir", str(model_dir), "--stage", "1",
+        "--port", "0", "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
+        "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-files", str(MAX_FILES), "--workers", "2",
+        *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "M2CNN_SERVE_TOKEN": TOKEN}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    deadline = time.monotonic() + _STARTUP_SECONDS
+    url = None
+    while url is None:
+        found = re.search(r"serving stage 1 on (http://\S+?)/? ", log.read_text(errors="replace"))
+        url = found and found.group(1)
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"serve.py did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    return process, Served(url, log)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

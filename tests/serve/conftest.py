@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
 import keras
 import numpy as np
 import pytest
-from _served import MAX_BATCH, MAX_FILES, MAX_UPLOAD_MB, PARAMS, SIZE, TOKEN, Served, png_claiming
+from _served import PARAMS, SIZE, Served, png_claiming, start_server, stop_server
 from synthetic_fundus import fundus
 
 from m2cnn_tf.checkpoints import CONFIG, save_best, stage_dir
 from m2cnn_tf.model import build_m2cnn
-
-_STARTUP_SECONDS = 240
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spread_heads(model: keras.Model) -> None:
@@ -93,50 +84,25 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _start(model_dir: Path, log: Path) -> subprocess.Popen:
-    args = [
-        sys.executable, str(ROOT / "serve.py"), "--model-dir", str(model_dir), "--stage", "1",
-        "--port", "0", "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
-        "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-files", str(MAX_FILES), "--workers", "2",
-    ]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "M2CNN_SERVE_TOKEN": TOKEN}
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory) -> Served:
     """`python serve.py` with the token from the environment, until the session ends."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    process = _start(model_dir, log)
-    deadline = time.monotonic() + _STARTUP_SECONDS
-    url = None
-    while url is None:
-        found = re.search(r"serving stage 1 on (http://\S+?)/? ", log.read_text(errors="replace"))
-        url = found and found.group(1)
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"serve.py did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    served = Served(url, log)
+    process, served = start_server(model_dir, log)
     with served.client(token=None) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
     yield served
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_server(process)
 
 
 @pytest.fixture(scope="session")
 def predict_rows(model_dir):
     """predict.py's rows for a list of files: its own library path (load_stage, the
     manifest's preprocessing parameters, Predictor with predict.py's defaults)."""
-    from m2cnn_tf import checkpoints, prediction
+    from m2cnn_tf import checkpoints, manifest, prediction
 
     model, _ = checkpoints.load_stage(model_dir, 1)
-    params, source = prediction.preprocess_params_for(model_dir, 1)
+    params, source = manifest.preprocess_params_for(model_dir, 1)
     assert params == PARAMS and source.endswith("manifest.json")
     predictor = prediction.Predictor(model, params)
 

@@ -19,8 +19,8 @@ import pytest
 from _served import MAX_FILES, MAX_UPLOAD_MB, SIZE, TOKEN, png_claiming, upload
 from PIL import Image
 
-from m2cnn_tf import image_headers
 from m2cnn_tf.commands import serve as serve_command
+from m2cnn_tf.serve import image_headers
 
 KEYS = {"filename", "grade", "score", "probabilities", "referable", "warnings", "error"}
 

@@ -1,4 +1,4 @@
-"""m2cnn_tf.batching: which waiting items share a model call, and where that call runs."""
+"""m2cnn_tf.serve.batching: which waiting items share a model call, and where that call runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from m2cnn_tf.batching import MicroBatcher
+from m2cnn_tf.serve.batching import MicroBatcher
 
 # A liveness bound, not a speed assertion: a batcher that never closes a full batch, or runs
 # the call on the event loop, would hang; the tests fail after this instead.

@@ -15,17 +15,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from m2cnn_tf import protocol
 from m2cnn_tf.common import atomic_write_json, atomic_write_text, finite_or_none
-from m2cnn_tf.reproduction import Plan, PlannedRun
-from m2cnn_tf.reproduction_runs import epoch_rows, load_state
-
-WAY_NAMES = {"scores": "scores", "prob": "prob."}
+from m2cnn_tf.reports import REPORT
+from m2cnn_tf.reproduce import protocol
+from m2cnn_tf.reproduce.plan import Plan, PlannedRun
+from m2cnn_tf.reproduce.runs import epoch_rows, load_state
 
 
 def _report(plan: Plan, run: str, split: str) -> dict[str, Any] | None:
-    path = Path(plan.options.out) / "reports" / f"{run}-{split}" / "report.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The report of the plan's evaluation of `run` on `split`, if there is one yet."""
+    for e in plan.evaluations:
+        if e.run == run and e.split == split:
+            path = Path(e.out) / REPORT
+            return json.loads(path.read_text()) if path.is_file() else None
+    return None
 
 
 def _cell(plan: Plan, run: str | None, split: str, way: str, paper: float | None) -> dict:

@@ -1,11 +1,11 @@
 """What the served model says about uploaded photographs: the grader behind serve.py.
 
 A `Grader` holds one loaded model for the server's lifetime. `prepare` turns an upload's bytes
-into the model's input exactly as predict.py's `preprocess_file` turns a file into it (the same
-decoder, §II-A's crop, Eq. (1) at `base_size` with the training data's manifest parameters, the
-same resize), on any thread; `infer` grades a micro-batch through
-predict.py's own `Predictor`, on the model thread only. So a photograph gets the same grade,
-score and probabilities from the server as from predict.py.
+into the model's input with `preprocessing.preprocess_bytes`, the steps predict.py's
+`preprocess_file` takes on a file (§II-A's crop, Eq. (1) at `base_size` with the training data's
+manifest parameters, the same resize), on any thread; `infer` grades a micro-batch through
+predict.py's own `Predictor.grade`, on the model thread only. So a photograph gets the same
+grade, score and probabilities from the server as from predict.py.
 
 Ours (the paper serves nothing): every model call is padded with black images to `max_batch`.
 On the CPU, oneDNN picks kernels by batch shape and the outputs then differ in the last bits
@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from m2cnn_tf import image_headers
+from m2cnn_tf import checkpoints, manifest
 from m2cnn_tf.backends import load_backend, load_keras, runtime_of
 from m2cnn_tf.common import finite_or_none
-from m2cnn_tf.decoding import decode_bgr
 from m2cnn_tf.errors import one_line
-from m2cnn_tf.preprocessing import (
-    PreprocessParams,
-    find_disc,
-    preprocess_image,
-    resize_to,
-)
+from m2cnn_tf.prediction import Predictor
+from m2cnn_tf.preprocessing import Preprocessed, PreprocessParams, preprocess_bytes
+from m2cnn_tf.serve import image_headers
 
 # The International Clinical DR Severity Scale, grades 0-4 (§III-A, Kaggle's labels).
 GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
@@ -61,24 +56,26 @@ class Job:
     gradcam: bool = False
 
 
-def quality_warnings(bgr: np.ndarray, info: image_headers.ImageInfo, size: int) -> tuple[str, ...]:
+def quality_warnings(
+    found: Preprocessed, info: image_headers.ImageInfo, size: int
+) -> tuple[str, ...]:
     """What may make a grade less trustworthy although the photograph could be graded."""
-    found = []
+    warnings = []
     if info.grayscale:
-        found.append("grayscale photograph: the model was trained on colour photographs")
+        warnings.append("grayscale photograph: the model was trained on colour photographs")
     if (info.bit_depth or 8) > 8:
-        found.append(f"{info.bit_depth}-bit image, reduced to 8 bits per channel")
-    h, w = bgr.shape[:2]
-    x0, y0, x1, y1 = find_disc(bgr)
+        warnings.append(f"{info.bit_depth}-bit image, reduced to 8 bits per channel")
+    w, h = found.decoded_size
+    x0, y0, x1, y1 = found.disc
     if (x0, y0, x1, y1) == (0, 0, w, h):
-        found.append(
+        warnings.append(
             "no clear fundus: no dark border around a disc was found, so the whole frame "
             "was graded as the fundus"
         )
     across = round(max(x1 - x0, y1 - y0) * info.width / w)  # in the original's pixels
     if across < size:
-        found.append(f"low resolution: the fundus is {across} px across, enlarged to {size} px")
-    return tuple(found)
+        warnings.append(f"low resolution: the fundus is {across} px across, enlarged to {size} px")
+    return tuple(warnings)
 
 
 class Grader:
@@ -97,21 +94,16 @@ class Grader:
         max_batch: int = 8,
         max_pixels: int = image_headers.MAX_PIXELS,
     ):
-        from m2cnn_tf.prediction import Predictor
-
         self.model, self.meta = model, meta
         self.params, self.params_source = params, params_source
         self.model_dir, self.stage = Path(model_dir), stage
         self.backend = getattr(model, "kind", "keras")
         self.max_batch, self.max_pixels = max_batch, max_pixels
         self.size = runtime_of(model)[1]
-        self._batch: list[np.ndarray] = []
         self.predictor = Predictor(
             model,
             params,
             batch_size=max_batch,
-            workers=1,
-            preprocess=self._batch.__getitem__,  # keys are positions in the current batch
             gradcam_model=lambda: load_keras(model_dir, stage).model,
             **({"cutpoints": cutpoints} if cutpoints else {}),
         )
@@ -130,17 +122,12 @@ class Grader:
     ) -> Grader:
         """Load a stage's best checkpoint (or its LiteRT export) and its training data's
         preprocessing parameters."""
-        from m2cnn_tf.checkpoints import read_meta
-        from m2cnn_tf.prediction import preprocess_params_for
-
         model = load_backend(
             backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads
         )
-        params, source = preprocess_params_for(model_dir, stage, data_dir)
-        return cls(
-            model, read_meta(model_dir, stage), params, source, model_dir=model_dir, stage=stage,
-            **kw,
-        )  # fmt: skip
+        params, source = manifest.preprocess_params_for(model_dir, stage, data_dir)
+        meta = checkpoints.read_meta(model_dir, stage)
+        return cls(model, meta, params, source, model_dir=model_dir, stage=stage, **kw)
 
     # -----------------------------------------------------------------------------------------
     # Any thread
@@ -149,13 +136,11 @@ class Grader:
         """Check the header (type by content, size before decoding), decode, preprocess."""
         try:
             info = image_headers.inspect(data, self.max_pixels)
-            bgr, _ = decode_bgr(data, self.params.base_size)  # refuses a cut-off file
-            warnings = quality_warnings(bgr, info, self.size)
-            base = preprocess_image(bgr, self.params)
+            found = preprocess_bytes(data, [self.size], self.params)  # refuses a cut-off file
         except Exception as err:  # BadImage, RefusedImage or a decoder's own: one bad file
             return Prepared(filename, None, one_line(err))
-        image = cv2.cvtColor(resize_to(base, self.size), cv2.COLOR_BGR2RGB)
-        return Prepared(filename, image, None, warnings)
+        warnings = quality_warnings(found, info, self.size)
+        return Prepared(filename, found.images[self.size], None, warnings)
 
     # -----------------------------------------------------------------------------------------
     # The model thread only
@@ -166,30 +151,29 @@ class Grader:
         if not 0 < len(jobs) <= self.max_batch:
             raise ValueError(f"a batch holds 1 to {self.max_batch} images, got {len(jobs)}")
         pad = np.zeros_like(jobs[0].image)
-        self._batch[:] = [job.image for job in jobs] + [pad] * (self.max_batch - len(jobs))
-        rows = list(self.predictor.rows(range(self.max_batch)))[: len(jobs)]
+        batch = np.stack([job.image for job in jobs] + [pad] * (self.max_batch - len(jobs)))
+        rows = self.predictor.grade(batch, [""] * self.max_batch)[: len(jobs)]
         if any(job.gradcam for job in jobs):
-            cams = self.predictor.cams(np.stack(self._batch))
+            cams = self.predictor.cams(batch)
             for row, job, cam in zip(rows, jobs, cams, strict=False):
                 if job.gradcam:
                     row["gradcam_png"] = _panel_png(job.image, cam)
         return rows
 
     def warm_up(self) -> None:
-        """Trace the model call and Grad-CAM once, so that the first request is not slow."""
+        """Trace the model call once, so that the first request is not slow; with Keras also
+        Grad-CAM (a LiteRT grader loads the Keras model only when a panel is first asked for)."""
         grey = np.full((self.size, self.size, 3), 128, np.uint8)
-        self.infer([Job(grey, gradcam=True)])
+        self.infer([Job(grey, gradcam=self.backend == "keras")])
 
     # -----------------------------------------------------------------------------------------
     # The model panel
 
     def facts(self) -> dict[str, Any]:
         """Stage, resolution, preset, val kappa and date (best.json), the training data."""
-        from m2cnn_tf.checkpoints import BEST_META, stage_dir
-
         meta = self.meta
         metric = meta.get("best_metric", "val_kappa_scores")
-        best_json = stage_dir(self.model_dir, self.stage) / BEST_META
+        best_json = checkpoints.stage_dir(self.model_dir, self.stage) / checkpoints.BEST_META
         date = None
         if best_json.is_file():
             mtime = best_json.stat().st_mtime
@@ -208,29 +192,10 @@ class Grader:
             "backend": self.backend,
             "cutpoints": list(self.predictor.cutpoints),
             "preprocessing": {**self.params.to_dict(), "source": self.params_source},
-            "training_data": manifest_summary(self.params_source),
+            "training_data": manifest.summary(self.params_source),
             "grades": list(GRADE_NAMES),
             "notice": NOTICE,
         }
-
-
-def manifest_summary(source: str) -> dict[str, Any] | None:
-    """The training data's manifest in brief: what it was made from, how many images per split."""
-    path = Path(source)
-    if path.name != "manifest.json" or not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    counts = manifest.get("counts", {})
-    origin = manifest.get("source")
-    return {
-        "manifest": str(path),
-        "tool": manifest.get("tool"),
-        "source": origin.get("kind") if isinstance(origin, dict) else origin,
-        "sizes": manifest.get("params", {}).get("sizes"),
-        "images": {split: c.get("records") for split, c in counts.items()},
-        "grades": {split: c.get("grades") for split, c in counts.items()},
-        "finished_utc": manifest.get("timings", {}).get("finished_utc"),
-    }
 
 
 def _panel_png(rgb: np.ndarray, cam: np.ndarray) -> str:

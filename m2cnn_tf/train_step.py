@@ -15,10 +15,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from m2cnn_tf import data
-from m2cnn_tf.config import LOSSES, NUM_CLASSES, OPTIMIZERS, AugmentConfig, unknown_choice
+from m2cnn_tf import augmentation
+from m2cnn_tf.config import NUM_CLASSES, OBJECTIVES, OPTIMIZERS, AugmentConfig, unknown_choice
 from m2cnn_tf.errors import RunFailed
-from m2cnn_tf.losses import multitask_loss, regularized_variables
+from m2cnn_tf.losses import TERMS, objective_loss, regularized_variables
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS
 from m2cnn_tf.model import split_lr_groups
 
@@ -115,8 +115,8 @@ class TwoRateTrainer(keras.Model):
     its own optimizer's scale, so each unscales and skips non-finite steps on its own, and a
     group that overflows lowers the common scale for the next step.
 
-    `loss` picks Table II's objective: "multitask" optimises Eq. (4), "ce" Eq. (2) + L_reg, "mse"
-    Eq. (3) + L_reg. All parts are still logged, so the untrained head's loss stays visible.
+    `loss` picks Table II's objective (`config.OBJECTIVES`): which terms of Eq. (4) it
+    minimises. Every term is still logged, so the untrained head's loss stays visible.
 
     `augment` is the run's AugmentConfig: the step augments when it is enabled with on="step"
     (with "pipeline", `data.make_dataset` does instead).
@@ -133,20 +133,18 @@ class TwoRateTrainer(keras.Model):
         **kwargs,
     ):
         super().__init__(name="trainer", **kwargs)
-        if loss not in LOSSES:
-            raise unknown_choice("loss", loss, LOSSES)
+        if loss not in OBJECTIVES:
+            raise unknown_choice("loss", loss, OBJECTIVES)
         self.loss_mode = loss
         self.net = net
         on_device = augment is not None and augment.enabled and augment.on == "step"
-        self.augment = augment if on_device else None  # for data.augment_scaled, or None
+        self.augment = augment if on_device else None  # for augmentation.augment_scaled, or None
         self.seed = int(seed)
         self.weight_decay = float(weight_decay)
         self.pretrained_layers = tuple(pretrained_layers)
         self.optimizer_new = None
-        self.loss_mean = keras.metrics.Mean(name="loss")
-        self.ce_mean = keras.metrics.Mean(name="ce")
-        self.mse_mean = keras.metrics.Mean(name="mse")
-        self.reg_mean = keras.metrics.Mean(name="reg")
+        # One running mean per logged part: the objective's sum, every term, L_reg.
+        self.means = {k: keras.metrics.Mean(name=k) for k in ("loss", *TERMS, "reg")}
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.kappa_scores = QuadraticKappa(from_scores=True, name="kappa_scores")
         self.kappa_probs = QuadraticKappa(from_scores=False, name="kappa_probs")
@@ -191,39 +189,19 @@ class TwoRateTrainer(keras.Model):
 
     @property
     def metrics(self):
-        return [
-            self.loss_mean,
-            self.ce_mean,
-            self.mse_mean,
-            self.reg_mean,
-            self.accuracy,
-            self.kappa_scores,
-            self.kappa_probs,
-        ]
+        return [*self.means.values(), self.accuracy, self.kappa_scores, self.kappa_probs]
 
     def _loss(self, images, grades, training: bool):
         outputs = self.net(images, training=training)
-        parts = multitask_loss(grades, outputs, regularized_variables(self.net), self.weight_decay)
-        if self.loss_mode != "multitask":
-            parts = {**parts, "loss": parts[self.loss_mode] + parts["reg"]}
-        return outputs, parts
+        reg = regularized_variables(self.net)
+        return outputs, objective_loss(self.loss_mode, grades, outputs, reg, self.weight_decay)
 
     def _track(self, grades, outputs, parts) -> dict:
-        for tracker, key in (
-            (self.loss_mean, "loss"),
-            (self.ce_mean, "ce"),
-            (self.mse_mean, "mse"),
-            (self.reg_mean, "reg"),
-        ):
-            tracker.update_state(parts[key])
+        for key, mean in self.means.items():
+            mean.update_state(parts[key])
         self.accuracy.update_state(grades, outputs["logits"])
-        return {
-            "loss": self.loss_mean.result(),
-            "ce": self.ce_mean.result(),
-            "mse": self.mse_mean.result(),
-            "reg": self.reg_mean.result(),
-            "accuracy": self.accuracy.result(),
-        }
+        logs = {k: m.result() for k, m in self.means.items()}
+        return {**logs, "accuracy": self.accuracy.result()}
 
     def train_step(self, batch):
         images, meta = batch
@@ -263,7 +241,7 @@ class TwoRateTrainer(keras.Model):
                 tf.cast(optimizer.iterations, tf.int64),
             ]
         )
-        return data.augment_scaled(images, seeds, self.augment)
+        return augmentation.augment_scaled(images, seeds, self.augment)
 
     def test_step(self, batch):
         images, meta = batch

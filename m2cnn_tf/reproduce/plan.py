@@ -1,5 +1,6 @@
-"""Which runs and evaluations reproduce the chosen experiments, as train.py / evaluate.py
-command lines: the plan that `reproduce.py` writes to OUT/plan.json and then carries out.
+"""Which runs and evaluations reproduce the chosen experiments, each as the typed arguments of
+a library call (a training `Config`; `evaluation.run_evaluation`'s arguments): the plan that
+`reproduce.py` writes to OUT/plan.json and then carries out (`runs`).
 
 Every value comes from `protocol.py`; the options only pick experiments, scale the steps, map
 the paper's sizes to others, and replace the batch size or the backbone weights. A run needed
@@ -8,86 +9,32 @@ chain) is planned once. Runs are in an order where each comes after the runs it 
 
 Layout of OUT: `runs/<name>/` is each run's model directory (train.py --model-dir, with its one
 stage folder), `reports/<name>-<split>/` each evaluation (evaluate.py --out), `plan.json`,
-then the report (`reproduction_report.py`). Kept free of TensorFlow.
+then the report (`report.py`). plan.json also gives each run and evaluation as the train.py /
+evaluate.py command line that repeats it by hand. Kept free of TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from m2cnn_tf import footprint, protocol
-from m2cnn_tf.common import BEST_MODEL, atomic_write_json, stage_dir
-from m2cnn_tf.config import MIN_IMAGE_SIZE, PRESETS, multi_cell_path
+from m2cnn_tf import checkpoints
+from m2cnn_tf.common import atomic_write_json
+from m2cnn_tf.config import (
+    Config,
+    ModelConfig,
+    OptimConfig,
+    flat_key,
+    leaf_fields,
+)
 from m2cnn_tf.errors import UsageError
+from m2cnn_tf.reproduce import footprint, protocol
+from m2cnn_tf.reproduce.options import WEIGHTS_CHOICES, Options
 
 PLAN = "plan.json"
-WEIGHTS_CHOICES = ("imagenet", "none")  # or a path (train.py --weights)
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """What the user chose; the defaults reproduce every experiment as the protocol says."""
-
-    data: str
-    out: str
-    experiments: tuple[str, ...] = protocol.EXPERIMENTS
-    preset: str = protocol.TRAIN_SETTINGS["preset"].value
-    batch_size: int = protocol.TRAIN_SETTINGS["batch_size"].value
-    steps_scale: float = 1.0
-    weights: str = "imagenet"
-    sizes: tuple[int, ...] = protocol.SIZES.value
-    ablation_init: str = "imagenet"
-
-    def check(self) -> None:
-        """A UsageError naming the setting, before any work."""
-        unknown = [e for e in self.experiments if e not in protocol.EXPERIMENTS]
-        if unknown or not self.experiments:
-            raise UsageError(
-                f"choose from {', '.join(protocol.EXPERIMENTS)}, got {','.join(self.experiments)}",
-                setting="experiments",
-            )
-        if self.preset not in PRESETS:
-            raise UsageError(f"choose one of {', '.join(PRESETS)}", setting="preset")
-        if self.batch_size < 1:
-            raise UsageError(f"must be positive, got {self.batch_size}", setting="batch_size")
-        if not (self.steps_scale > 0 and math.isfinite(self.steps_scale)):
-            raise UsageError(f"must be positive, got {self.steps_scale}", setting="steps_scale")
-        if self.ablation_init not in protocol.ABLATION_INITS:
-            raise UsageError(
-                f"choose one of {', '.join(protocol.ABLATION_INITS)}", setting="ablation_init"
-            )
-        if self.weights not in WEIGHTS_CHOICES and not Path(self.weights).is_file():
-            raise UsageError(
-                f"{self.weights!r} is neither imagenet, none nor a file", setting="weights"
-            )
-        self._check_sizes()
-
-    def _check_sizes(self) -> None:
-        """Three sizes that take the paper's three Multi-Cell paths (§II-C), in order."""
-        nominal = protocol.SIZES.value
-        paths = [multi_cell_path(s) for s in nominal]
-        if len(self.sizes) != len(nominal) or any(
-            s < MIN_IMAGE_SIZE or multi_cell_path(s) != p
-            for s, p in zip(self.sizes, paths, strict=False)
-        ):
-            raise UsageError(
-                f"need three sizes that take the Multi-Cell paths of {nominal} ({', '.join(paths)}"
-                f": {MIN_IMAGE_SIZE}-349, 350-699, 700 and above), got "
-                f"{','.join(map(str, self.sizes))}",
-                setting="sizes",
-            )
-
-    def size(self, nominal: int) -> int:
-        return dict(zip(protocol.SIZES.value, self.sizes, strict=True))[nominal]
-
-    def steps(self, paper_steps: int) -> int:
-        """--steps-scale: every step count times the scale, at least 1."""
-        return max(1, round(paper_steps * self.steps_scale))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,21 +58,30 @@ class PlannedRun:
     model_dir: str
     est_gpu_memory_gb: float | None
     est_hours: float | None  # of its own steps, at the paper's speed (footprint.paper_hours)
-    train_args: tuple[str, ...]  # train.py's flags (--mixed-precision added where a GPU is)
+    config: Config  # what training.run trains (runs.runtime_settings added for this machine)
+    train_args: tuple[str, ...]  # the same as train.py's flags, to repeat the run by hand
 
     def checkpoint(self) -> str:
-        return str(stage_dir(self.model_dir, self.stage) / BEST_MODEL)
+        return str(checkpoints.stage_dir(self.model_dir, self.stage) / checkpoints.BEST_MODEL)
 
     def epochs_csv(self) -> Path:
-        return stage_dir(self.model_dir, self.stage) / "epochs.csv"
+        return checkpoints.stage_dir(self.model_dir, self.stage) / "epochs.csv"
 
 
 @dataclasses.dataclass(frozen=True)
 class PlannedEvaluation:
+    """One evaluation: `evaluation.run_evaluation`'s arguments, and its report folder `out`."""
+
     run: str
     split: str
-    out: str  # evaluate.py --out
-    args: tuple[str, ...]  # evaluate.py's flags
+    out: str  # the report folder (evaluate.py --out)
+    model_dir: str
+    stage: int
+    data: str
+    thresholds: str  # round | fit
+    tta: str
+    bootstrap: int
+    args: tuple[str, ...]  # the same as evaluate.py's flags, to repeat it by hand
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,27 +196,60 @@ def make_plan(options: Options) -> Plan:
                 mixed_precision=protocol.MIXED_PRECISION.value,
             ),
             est_hours=_hours(options, spec, steps - before),
+            config=Config(),
             train_args=(),
         )
-        planned[name] = dataclasses.replace(run, train_args=_train_args(options, run, data, start))
+        config = _run_config(options, run, data, start)
+        planned[name] = dataclasses.replace(run, config=config, train_args=command_line(config))
     return Plan(options, tuple(planned.values()), _evaluations(options, planned, data, out))
 
 
-def _train_args(
-    options: Options, run: PlannedRun, data: str, start: PlannedRun | None
-) -> tuple[str, ...]:
-    """train.py's flags for the run: every protocol setting spelled out, no default relied on."""
-    args = [
-        *("--stage", str(run.stage), "--data", data, "--model-dir", run.model_dir),
-        *("--image-size", str(run.image_size), "--preset", options.preset, "--loss", run.loss),
-        "--multi-cell" if run.multi_cell else "--nomulti-cell",
-        *(("--init", start.checkpoint()) if start else ("--weights", options.weights)),
-        *("--epochs", str(run.epochs), "--steps-per-epoch", str(run.steps_per_epoch)),
-        *("--batch-size", str(options.batch_size)),
-    ]
-    for key, value in protocol.TRAIN_SETTINGS.items():
-        if key not in ("preset", "batch_size"):  # the options' own
-            args += [f"--{key.replace('_', '-')}", str(value.value)]
+def _run_config(options: Options, run: PlannedRun, data: str, start: PlannedRun | None) -> Config:
+    """The run's training Config: every protocol setting given, no default relied on."""
+    model = ModelConfig(
+        preset=options.preset,
+        multi_cell=run.multi_cell,
+        **({"init": start.checkpoint()} if start else {"weights": options.weights}),
+    )
+    optim = OptimConfig(
+        loss=run.loss,
+        epochs=run.epochs,
+        steps_per_epoch=run.steps_per_epoch,
+        batch_size=options.batch_size,
+    )
+    config = Config(
+        stage=run.stage, data=data, model_dir=run.model_dir, image_size=run.image_size,
+        model=model, optim=optim,
+    )  # fmt: skip
+    shared = {k: v.value for k, v in protocol.TRAIN_SETTINGS.items()}
+    shared.pop("preset"), shared.pop("batch_size")  # the options' own
+    return with_settings(config, shared)
+
+
+def with_settings(config: Config, values: dict[str, Any]) -> Config:
+    """`config` with settings replaced by their flat names (`lr_new`, `mixed_precision`)."""
+    where = {flat_key(f): (section, f.name) for section, f in leaf_fields()}
+    for key, value in values.items():
+        section, name = where[key]
+        if section is None:
+            config = dataclasses.replace(config, **{name: value})
+        else:
+            changed = dataclasses.replace(getattr(config, section), **{name: value})
+            config = dataclasses.replace(config, **{section: changed})
+    return config
+
+
+def command_line(config: Config) -> tuple[str, ...]:
+    """train.py's flags that give `config` (`--batch-size=16`, `--nomulti-cell`), every
+    setting spelled out: how a run is repeated by hand (plan.json's `train_args`)."""
+    args = []
+    for section, f in leaf_fields():
+        value = getattr(config if section is None else getattr(config, section), f.name)
+        name = flat_key(f).replace("_", "-")
+        if not f.metadata["flag"] or value is None:
+            continue
+        args.append((f"--{name}" if value else f"--no{name}") if isinstance(value, bool)
+                    else f"--{name}={value}")  # fmt: skip
     return tuple(args)
 
 
@@ -290,15 +279,26 @@ def _evaluations(
             for split in protocol.EVAL_SPLITS["table3"].value:
                 wanted[(protocol.table3_run(row, options.ablation_init), split)] = None
     found = []
+    settings = {key: value.value for key, value in protocol.EVALUATION.items()}
     for name, split in wanted:
         run, report = runs[name], out / "reports" / f"{name}-{split}"
         args = [
             *("--model-dir", run.model_dir, "--stage", str(run.stage), "--data", data),
             *("--split", split, "--out", str(report)),
         ]
-        for key, value in protocol.EVALUATION.items():
-            args += [f"--{key}", str(value.value)]
-        found.append(PlannedEvaluation(name, split, str(report), tuple(args)))
+        args += [f"--{key}={value}" for key, value in settings.items()]
+        found.append(
+            PlannedEvaluation(
+                name,
+                split,
+                str(report),
+                run.model_dir,
+                run.stage,
+                data,
+                **settings,
+                args=tuple(args),
+            )
+        )
     return tuple(found)
 
 
@@ -315,19 +315,20 @@ def missing_records(plan: Plan) -> list[str]:
 
 
 def save_plan(plan: Plan) -> Path:
-    """Write OUT/plan.json, refusing to change a run or evaluation that an earlier plan in the
-    same folder already holds (its results would no longer match)."""
+    """Write OUT/plan.json, refusing to change a run that an earlier plan in the same folder
+    already holds (its results would no longer match)."""
     out = Path(plan.options.out)
     path = out / PLAN
     if path.is_file():
         old = json.loads(path.read_text())
-        before = {r["name"]: r["train_args"] for r in old.get("runs", [])}
+        before = {r["name"]: r.get("config") for r in old.get("runs", [])}
         for run in plan.runs:
-            if run.name in before and list(before[run.name]) != list(run.train_args):
+            now = dataclasses.asdict(run.config)
+            if run.name in before and before[run.name] != now:
                 raise UsageError(
                     f"{out} holds a plan whose run {run.name} was trained differently "
-                    f"({_difference(before[run.name], run.train_args)}); give the same options "
-                    "as before, or another output folder",
+                    f"({_difference(before[run.name], now)}); give the same options as before, "
+                    "or another output folder",
                     setting="out",
                 )
     out.mkdir(parents=True, exist_ok=True)
@@ -335,13 +336,16 @@ def save_plan(plan: Plan) -> Path:
     return path
 
 
-def _difference(old: list[str], new: tuple[str, ...]) -> str:
-    """The first flag whose value differs, as `--flag old -> new`."""
-    pairs_old, pairs_new = dict(itertools.pairwise(old)), dict(itertools.pairwise(new))
-    for flag in dict.fromkeys([*old, *new]):
-        if flag.startswith("--") and pairs_old.get(flag) != pairs_new.get(flag):
-            return f"{flag} {pairs_old.get(flag)} -> {pairs_new.get(flag)}"
-    return "the flags differ"
+def _difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """The first setting whose value differs, as `--flag old -> new`."""
+    old = old or {}
+    for section, f in leaf_fields():
+        where_old = old if section is None else old.get(section) or {}
+        where_new = new if section is None else new.get(section) or {}
+        was, now = where_old.get(f.name), where_new.get(f.name)
+        if was != now:
+            return f"--{flat_key(f).replace('_', '-')} {was} -> {now}"
+    return "the settings differ"
 
 
 def plan_table(plan: Plan) -> str:

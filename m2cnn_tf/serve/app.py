@@ -35,17 +35,17 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
 from m2cnn_tf import __version__
-from m2cnn_tf.batching import MicroBatcher
 from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
-from m2cnn_tf.grader import NOTICE, Grader, Job, Prepared
 from m2cnn_tf.metrics import REFERABLE_GRADE
 from m2cnn_tf.prediction import CSV_COLUMNS
-from m2cnn_tf.uploads import FIELD, MB, Limits, RequestRefused, read_uploads
+from m2cnn_tf.serve.batching import MicroBatcher
+from m2cnn_tf.serve.grader import NOTICE, Grader, Job, Prepared
+from m2cnn_tf.serve.uploads import FIELD, MB, Limits, RequestRefused, read_uploads
 
 HERE = Path(__file__).resolve().parent
 COOKIE = "m2cnn_token"
-log = logging.getLogger("m2cnn_tf.serving")
+log = logging.getLogger("m2cnn_tf.serve")
 templates = Jinja2Templates(directory=HERE / "templates")
 
 

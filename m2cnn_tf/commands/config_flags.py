@@ -17,12 +17,12 @@ from typing import Any
 
 from absl import flags
 
-from m2cnn_tf.config import _SECTIONS, Config, _assemble, _leaves, flat_key
+from m2cnn_tf.config import SECTIONS, Config, assemble, flat_key, leaf_fields
 
 
 def _value_type(section: str | None, f: dataclasses.Field) -> type:
     """The field's type without `| None`."""
-    hint = typing.get_type_hints(Config if section is None else _SECTIONS[section])[f.name]
+    hint = typing.get_type_hints(Config if section is None else SECTIONS[section])[f.name]
     if isinstance(hint, types.UnionType):
         (hint,) = [t for t in typing.get_args(hint) if t is not type(None)]
     return hint
@@ -44,7 +44,7 @@ class _SwitchParser(flags.BooleanParser):
 def join_switch_words(argv: Iterable[str]) -> list[str]:
     """`--augment none` → `--augment=none`: absl never gives a boolean flag the argument after
     it, so a switch's off word is joined to it before parsing."""
-    words = {flat_key(f).replace("_", "-"): f.metadata["off_word"] for _, f in _leaves()}
+    words = {flat_key(f).replace("_", "-"): f.metadata["off_word"] for _, f in leaf_fields()}
     out: list[str] = []
     for arg in argv:
         previous = out[-1].lstrip("-") if out and out[-1].startswith("-") else None
@@ -57,7 +57,7 @@ def join_switch_words(argv: Iterable[str]) -> list[str]:
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """One absl flag per setting, named after its flat key, with the field's help and choices."""
-    for section, f in _leaves():
+    for section, f in leaf_fields():
         if not f.metadata["flag"]:
             continue
         name, help_text = flat_key(f).replace("_", "-"), f.metadata["help"]
@@ -86,11 +86,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def from_flags(flag_values: flags.FlagValues) -> Config:
     """The Config of parsed flags (settings without a flag keep their defaults)."""
     found = []
-    for section, f in _leaves():
+    for section, f in leaf_fields():
         if not f.metadata["flag"]:
             continue
         value = flag_values[flat_key(f).replace("_", "-")].value
         if value is not None and f.metadata["choices"] is not None:
             value = _value_type(section, f)(value)  # enum flags hold strings
         found.append((section, f.name, value))
-    return _assemble(found)
+    return assemble(found)

@@ -1,10 +1,11 @@
 """Carry out a reproduction plan: train each run once, evaluate, and resume where it stopped.
 
-Each run and evaluation calls the command-line contract in this process
-(`m2cnn_tf.commands.train.run`, `...evaluate.run`, the same as `python train.py ...`), one
-after the other, so TensorFlow loads once. A run is finished when its model directory holds
-`reproduce.json` with `done`; then it is skipped. An unfinished run is started again with the
-same command line, and train.py resumes it from its own backup. A run that carries on a
+Each run is one `training.run(config)` and each evaluation one `evaluation.run_evaluation`,
+library calls in this process, one after the other, so TensorFlow loads once; their errors
+propagate as they are (`errors.Interrupted`, `RunFailed`, `UsageError`) with the run's name
+added, and the command line maps them to exit codes. A run is finished when its model
+directory holds `reproduce.json` with `done`; then it is skipped. An unfinished run is started
+again with the same config, and training resumes it from its own backup. A run that carries on a
 shorter one (`continues`, Fig. 4's longer runs) starts as a copy of that run's finished
 directory, so train.py resumes it from the shorter run's last epoch. An evaluation is done when
 its report.json is newer than the run's checkpoint.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import importlib
 import json
 import shutil
 import threading
@@ -27,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from m2cnn_tf import protocol
 from m2cnn_tf.common import atomic_write_json
-from m2cnn_tf.errors import Interrupted, RunFailed, UsageError
-from m2cnn_tf.reproduction import Plan, PlannedEvaluation, PlannedRun
+from m2cnn_tf.errors import M2cnnError, RunFailed
+from m2cnn_tf.reproduce import protocol
+from m2cnn_tf.reproduce.plan import Plan, PlannedEvaluation, PlannedRun, with_settings
 
 STATE = "reproduce.json"  # in each run's model directory
 POLL_SECONDS = 0.5
@@ -38,11 +38,13 @@ POLL_SECONDS = 0.5
 Log = Callable[[str], None]
 
 
-def call(command: str, args: list[str] | tuple[str, ...]) -> int:
-    """Run `python <command>.py ARGS` in this process; returns its exit code."""
-    module = importlib.import_module(f"m2cnn_tf.commands.{command}")
+def _in(name: str, call: Callable[[], Any]) -> Any:
+    """`call()`, its library errors raised again with the run's name in front, then a fresh
+    Keras session for the next run."""
     try:
-        return module.run([f"{command}.py", *args])
+        return call()
+    except M2cnnError as err:
+        raise type(err)(f"{name}: {err}", setting=err.setting) from None
     finally:
         import keras
 
@@ -118,12 +120,16 @@ def _start_from(source: PlannedRun, run: PlannedRun, log: Log) -> None:
     log(f"{run.name}: starts from a copy of {source.name} (its first {source.steps} steps)")
 
 
-def runtime_args(gpus: int) -> list[str]:
-    """Flags for this machine, not part of the plan: mixed precision on a GPU (protocol), and
-    every GPU when there are several (tf.distribute's mirrored strategy, whose BatchNorm is
-    synchronised, so the global batch is the protocol's batch)."""
-    args = ["--mixed-precision"] if gpus and protocol.MIXED_PRECISION.value else []
-    return args + (["--strategy", protocol.MULTI_GPU.value] if gpus > 1 else [])
+def runtime_settings(gpus: int) -> dict[str, Any]:
+    """Settings for this machine, not part of the plan: mixed precision on a GPU (protocol),
+    and every GPU when there are several (tf.distribute's mirrored strategy, whose BatchNorm
+    is synchronised, so the global batch is the protocol's batch)."""
+    found: dict[str, Any] = {}
+    if gpus and protocol.MIXED_PRECISION.value:
+        found["mixed_precision"] = True
+    if gpus > 1:
+        found["strategy"] = protocol.MULTI_GPU.value
+    return found
 
 
 def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") -> bool:
@@ -140,23 +146,16 @@ def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") ->
             state["done"] = True
             save_state(run, state)
             return False
-    args = [*run.train_args, *runtime_args(gpus)]
-    log(f"{tag}{run.name}: train.py {' '.join(args)}")
+    from m2cnn_tf import training
+
+    config = with_settings(run.config, runtime_settings(gpus))
+    log(f"{tag}{run.name}: training (by hand: train.py {' '.join(run.train_args)})")
     Path(run.model_dir).mkdir(parents=True, exist_ok=True)
     with EpochClock(run, state):
-        code = call("train", args)
-    if code == 0:
-        state["done"] = True
-        save_state(run, state)
-        return True
-    if code == 130:
-        raise Interrupted(f"interrupted in run {run.name}; rerun the same command to resume")
-    if code == 2:
-        raise UsageError(f"train.py refused run {run.name} (its error is above)")
-    raise RunFailed(
-        f"run {run.name} failed (train.py exit {code}, the reason is above); rerun the same "
-        "command to resume it from its last backup"
-    )
+        _in(f"run {run.name}", lambda: training.run(config, log=log))
+    state["done"] = True
+    save_state(run, state)
+    return True
 
 
 def evaluate(plan: Plan, evaluation: PlannedEvaluation, *, log: Log) -> bool:
@@ -167,12 +166,17 @@ def evaluate(plan: Plan, evaluation: PlannedEvaluation, *, log: Log) -> bool:
     if fresh and report.stat().st_mtime >= checkpoint.stat().st_mtime:
         log(f"{evaluation.run} on {evaluation.split}: evaluated, skipped")
         return False
-    log(f"{evaluation.run} on {evaluation.split}: evaluate.py {' '.join(evaluation.args)}")
-    code = call("evaluate", evaluation.args)
-    if code == 130:
-        raise Interrupted(f"interrupted evaluating {evaluation.run}; rerun to go on")
-    if code != 0:
-        raise RunFailed(f"evaluating {evaluation.run} on {evaluation.split} failed (exit {code})")
+    from m2cnn_tf import evaluation as evaluating
+
+    e = evaluation
+    log(f"{e.run} on {e.split}: evaluating (by hand: evaluate.py {' '.join(e.args)})")
+    _in(
+        f"evaluating {e.run} on {e.split}",
+        lambda: evaluating.run_evaluation(
+            e.model_dir, e.stage, e.data, e.split, e.out, fit_thresholds=e.thresholds == "fit",
+            tta=e.tta, n_boot=e.bootstrap, log=log,
+        ),
+    )  # fmt: skip
     return True
 
 
