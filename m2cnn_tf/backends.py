@@ -187,14 +187,12 @@ def load_litert(
     return LiteRTBackend(path, sidecar, threads)
 
 
-def load_keras(model_dir: str | Path, stage: int, image_size: int | None = None) -> KerasBackend:
-    from m2cnn_tf import checkpoints
-
-    try:
-        path = checkpoints.best_model_path(model_dir, stage)
-        model, meta = checkpoints.load_stage(model_dir, stage)
-    except checkpoints.CheckpointMissing as err:
-        raise ModelFileError(str(err), setting="model_dir") from None
+def load_keras(
+    model_dir: str | Path, stage: int, image_size: int | None = None, checkpoint: str = "best"
+) -> KerasBackend:
+    """A stage's best (or last) checkpoint as a Keras backend."""
+    path = checkpoints.checkpoint_path(model_dir, stage, checkpoint)
+    model, meta = checkpoints.load_stage(model_dir, stage, checkpoint)
     backend = KerasBackend(model, meta, str(path))
     if image_size is not None and image_size != backend.image_size:
         raise ModelFileError(
@@ -213,10 +211,12 @@ def load_backend(
     litert_model: str | Path | None = None,
     threads: int | None = None,
     image_size: int | None = None,
+    checkpoint: str = "best",
 ) -> Backend:
-    """The backend `kind` for a stage: its best checkpoint (keras), or `litert_model`, by
-    default the stage's exported file (litert). `threads` (LiteRT only): default all cores.
-    `image_size`, when given, must be the model's. Every failure is a one-line UsageError."""
+    """The backend `kind` for a stage: its best (or last) checkpoint (keras), or
+    `litert_model`, by default the stage's exported file (litert, exported from best.keras).
+    `threads` (LiteRT only): default all cores. `image_size`, when given, must be the model's.
+    Every failure is a one-line UsageError."""
     if kind not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {kind!r}",
                          setting="backend")  # fmt: skip
@@ -225,7 +225,13 @@ def load_backend(
     if (kind == "keras" or litert_model is None) and (model_dir is None or stage is None):
         raise UsageError("a model directory and a stage are needed", setting="model_dir")
     if kind == "keras":
-        return load_keras(model_dir, stage, image_size)
+        return load_keras(model_dir, stage, image_size, checkpoint)
+    if checkpoint != "best":
+        raise UsageError(
+            "a LiteRT export is made from the best checkpoint; evaluate the last one with the "
+            "keras backend",
+            setting="checkpoint",
+        )
     path = litert_model if litert_model is not None else default_litert_path(model_dir, stage)
     return load_litert(
         path, model_dir=model_dir, stage=stage, threads=threads, image_size=image_size

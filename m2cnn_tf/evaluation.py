@@ -99,12 +99,14 @@ def _calibrate(
     return fit_calibration(val, fit_thresholds=fit_thresholds, per_patient=per_patient)
 
 
-def _checkpoint_record(model_dir, stage: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Which checkpoint was evaluated: report.json's "checkpoint" (with best.json's content)."""
+def _checkpoint_record(model_dir, stage: int, which: str) -> dict[str, Any]:
+    """Which checkpoint was evaluated: report.json's "checkpoint" (best or last, its path, and
+    its best.json / last.json)."""
     return {
         "model_dir": str(Path(model_dir).resolve()),
-        "path": str(checkpoints.best_model_path(model_dir, stage).resolve()),
-        "meta": meta,
+        "which": which,
+        "path": str(checkpoints.checkpoint_path(model_dir, stage, which).resolve()),
+        "meta": checkpoints.read_meta(model_dir, stage, which),
     }
 
 
@@ -160,19 +162,20 @@ def run_evaluation(
     backend: str = "keras",
     litert_model: str | Path | None = None,
     threads: int | None = None,
+    checkpoint: str = "best",
     log=print,
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint of a stage (on `backend`: the Keras model, or its LiteRT
-    export) on a split, write the report files into `out_dir` and return report.json's
+    """Evaluate a stage's best (or last) checkpoint (on `backend`: the Keras model, or its
+    LiteRT export) on a split, write the report files into `out_dir` and return report.json's
     content; warnings go through `log`."""
     check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
     runtime = backends.load_backend(
-        backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads
-    )
+        backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads,
+        checkpoint=checkpoint,
+    )  # fmt: skip
     call, image_size, _ = backends.runtime_of(runtime)
-    meta = checkpoints.read_meta(model_dir, stage)
     preds, shards = predict_split(call, data_dir, image_size, split, tta=tta, batch_size=batch_size)
     calibration = _calibrate(
         call, data_dir, image_size, split, preds, fit_thresholds=fit_thresholds,
@@ -184,7 +187,7 @@ def run_evaluation(
         split=split,
         image_size=image_size,
         stage=stage,
-        checkpoint=_checkpoint_record(model_dir, stage, meta),
+        checkpoint=_checkpoint_record(model_dir, stage, checkpoint),
         data={"dir": str(Path(data_dir).resolve()), "shards": shards},
         tta=tta,
         backend=runtime.describe(),

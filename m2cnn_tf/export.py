@@ -197,7 +197,7 @@ def export_stage(
     if out.suffix == ".json":
         raise ExportError(f"{out} would be taken for a sidecar; name the model otherwise",
                           setting="out")  # fmt: skip
-    source = file_identity(checkpoints.best_model_path(model_dir, stage))
+    source = file_identity(checkpoints.checkpoint_path(model_dir, stage))
     model, meta = checkpoints.load_stage(model_dir, stage)
     size = int(model.input_shape[1])
     chosen = calibration_records(calibration, size, calibration_count, log) if calibration else []

@@ -92,6 +92,30 @@ def quadratic_weighted_kappa(y_true, y_pred, num_classes: int = NUM_CLASSES) -> 
 # A report's figures (ours, on top of Table II's kappa)
 
 
+def _per_group_cells(y_true, y_pred, group_index, n_groups: int, num_classes: int):
+    """One flattened confusion matrix per group: a resample's matrix is counts @ this."""
+    cells = np.ravel(y_true).astype(int) * num_classes + np.ravel(y_pred).astype(int)
+    per_group = np.zeros((n_groups, num_classes * num_classes), np.float64)
+    np.add.at(per_group, (group_index, cells), 1.0)
+    return per_group
+
+
+def _groups(n: int, groups) -> tuple[np.ndarray, int]:
+    if groups is None:
+        return np.arange(n), n
+    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return index, (int(index.max()) + 1 if len(index) else 0)
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_kappa_ci(
     y_true,
     y_pred,
@@ -110,29 +134,63 @@ def bootstrap_kappa_ci(
     `np.random.default_rng(seed)`; replicates with an undefined kappa (one class only) are
     dropped. Returns (low, high) at `level`.
     """
-    y_true = np.ravel(np.asarray(y_true)).astype(int)
-    y_pred = np.ravel(np.asarray(y_pred)).astype(int)
-    if groups is None:
-        group_index = np.arange(len(y_true))
-    else:
-        _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    n_groups = int(group_index.max()) + 1 if len(group_index) else 0
-    # One flattened confusion matrix per group; a replicate's matrix is counts @ per_group.
-    cells = y_true * num_classes + y_pred
-    per_group = np.zeros((n_groups, num_classes * num_classes), np.float64)
-    np.add.at(per_group, (group_index, cells), 1.0)
+    index, n_groups = _groups(len(np.ravel(y_true)), groups)
+    per_group = _per_group_cells(y_true, y_pred, index, n_groups, num_classes)
     rng = np.random.default_rng(seed)
     kappas = np.empty(n_boot)
     for b in range(n_boot):
         counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
-        cm = (counts @ per_group).reshape(num_classes, num_classes)
-        kappas[b] = kappa_from_confusion(cm)
-    kappas = kappas[~np.isnan(kappas)]
-    if not len(kappas):
-        return float("nan"), float("nan")
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(kappas, [tail, 100 - tail])
-    return float(low), float(high)
+        kappas[b] = kappa_from_confusion((counts @ per_group).reshape(num_classes, num_classes))
+    return _percentiles(kappas, level)
+
+
+def paired_kappa_difference(
+    y_true,
+    pred_a,
+    pred_b,
+    *,
+    groups=None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+) -> tuple[float, float, float]:
+    """kappa(a) − kappa(b) on the same images, and its paired percentile bootstrap CI.
+
+    Both models are graded on the same resample of groups (patients) in every replicate, drawn
+    as in `bootstrap_kappa_ci`, so the CI is that of the difference itself: the images both got
+    right or wrong cancel out, where two independent CIs would count their spread twice.
+    Replicates in which either kappa is undefined are dropped. Returns (difference, low, high).
+    """
+    y_true = np.ravel(y_true)
+    if not len(y_true) == len(np.ravel(pred_a)) == len(np.ravel(pred_b)):
+        raise ValueError("a paired difference needs both models' grades of the same images")
+    index, n_groups = _groups(len(y_true), groups)
+    cells_a = _per_group_cells(y_true, pred_a, index, n_groups, num_classes)
+    cells_b = _per_group_cells(y_true, pred_b, index, n_groups, num_classes)
+    shape = (num_classes, num_classes)
+    observed = kappa_from_confusion(cells_a.sum(0).reshape(shape))
+    observed -= kappa_from_confusion(cells_b.sum(0).reshape(shape))
+    rng = np.random.default_rng(seed)
+    differences = np.empty(n_boot)
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
+        differences[b] = kappa_from_confusion((counts @ cells_a).reshape(shape))
+        differences[b] -= kappa_from_confusion((counts @ cells_b).reshape(shape))
+    return (float(observed), *_percentiles(differences, level))
+
+
+def mean_ci_across_seeds(values, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of per-seed figures and its Student-t CI (mean ± t·sd/√N): how far another set
+    of seeds could move it. Needs two seeds or more (else the CI is NaN)."""
+    from scipy import stats  # scikit-learn's own dependency
+
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / len(values) ** 0.5
+    return mean, mean - float(half), mean + float(half)
 
 
 def _ratio(num: float, den: float) -> float | None:

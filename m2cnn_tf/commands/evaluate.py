@@ -1,7 +1,8 @@
 """Evaluate a trained stage as in Table II / III (quadratic kappa from scores and from prob.).
 
     python evaluate.py --model-dir DIR --stage N --data OUT --split val|test --out REPORT_DIR
-        [--thresholds fit] [--tta none|flips|dihedral] [--per-patient] [--min-kappa K]
+        [--checkpoint best|last] [--thresholds fit] [--tta none|flips|dihedral] [--per-patient]
+        [--min-kappa K]
         [--backend keras|litert] [--litert-model FILE] [--threads N]
     python evaluate.py --compare REPORT_DIR1 REPORT_DIR2 ... [--min-kappa K]
 
@@ -19,7 +20,7 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import cli
+from m2cnn_tf import checkpoints, cli
 from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
 
@@ -31,6 +32,12 @@ model_flags.define_backend(FLAGS)
 model_flags.define_inference(FLAGS)
 flags.DEFINE_string("data", None, "data_prep's OUT folder (OUT/<size>/<split>-*.tfrecord).", **_F)
 flags.DEFINE_enum("split", None, ["val", "test"], "Split to evaluate.", **_F)
+flags.DEFINE_enum(
+    "checkpoint", "best", list(checkpoints.CHECKPOINTS),
+    "Which checkpoint of the stage: best (selected on val: optimistic when evaluated on val) or "
+    "last (the weights after the final step).",
+    **_F,
+)  # fmt: skip
 flags.DEFINE_string("out", None, "Report folder: report.json, predictions.csv, plots.", **_F)
 flags.DEFINE_enum(
     "thresholds", "round", ["round", "fit"], "Score cut points: round, or fit on val.", **_F
@@ -88,6 +95,7 @@ def _evaluate() -> dict:
         batch_size=FLAGS["batch-size"].value,
         n_boot=FLAGS.bootstrap,
         backend=FLAGS.backend,
+        checkpoint=FLAGS.checkpoint,
         **model_flags.backend_options(FLAGS),
     )
     print(reports.tables([(reports.run_label(FLAGS.out, report), report)]))
