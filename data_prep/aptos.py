@@ -9,29 +9,13 @@ train_images/<id_code>.png. Kaggle never released test.csv's labels, so test.csv
 so each image is its own patient. docs/external.md: the layout, licence and citation.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
 from data_prep import options
-from data_prep.worker import Settings
 
-if TYPE_CHECKING:
-    from data_prep.sources import Listing  # pandas: imported when the command runs
-
-PROG = "data_prep.aptos"
-FLAGS = options.conversion_flags(
-    {"aptos-dir": "the unpacked Kaggle download (train.csv, train_images/)"}, ["aptos-dir"]
+PROG, FLAGS, run, main = options.published_command(
+    "aptos",
+    __doc__,
+    {"aptos-dir": "the unpacked Kaggle download (train.csv, train_images/)"},
 )
-
-
-def _listing(_settings: Settings) -> Listing:
-    from data_prep.external import aptos_listing
-
-    return aptos_listing(FLAGS["aptos-dir"].value)
-
-
-run, main = options.conversion_command(PROG, __doc__, FLAGS, _listing)
 
 if __name__ == "__main__":
     main()

@@ -9,29 +9,13 @@ becomes our val split. Grade 5 (ungradable) is excluded and counted. No patient 
 published, so each image is its own patient. docs/external.md: the layout, licence and citation.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
 from data_prep import options
-from data_prep.worker import Settings
 
-if TYPE_CHECKING:
-    from data_prep.sources import Listing  # pandas: imported when the command runs
-
-PROG = "data_prep.ddr"
-FLAGS = options.conversion_flags(
-    {"ddr-dir": "the unpacked DDR-dataset/DR_grading (or a folder above it)"}, ["ddr-dir"]
+PROG, FLAGS, run, main = options.published_command(
+    "ddr",
+    __doc__,
+    {"ddr-dir": "the unpacked DDR-dataset/DR_grading (or a folder above it)"},
 )
-
-
-def _listing(_settings: Settings) -> Listing:
-    from data_prep.external import ddr_listing
-
-    return ddr_listing(FLAGS["ddr-dir"].value)
-
-
-run, main = options.conversion_command(PROG, __doc__, FLAGS, _listing)
 
 if __name__ == "__main__":
     main()

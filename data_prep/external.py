@@ -1,18 +1,14 @@
-"""The published DR sets an EyePACS-trained model is validated on, read exactly as their
-publishers distribute them (unpacked, nothing renamed): APTOS 2019, Messidor-2 with the
-adjudicated grades of Krause et al. (2018), IDRiD (B. Disease Grading) and DDR (DR grading).
+"""The published DR sets an EyePACS-trained grader is validated on, read exactly as their
+publishers distribute them (unpacked, nothing renamed): APTOS 2019, Messidor-2 with Krause et
+al.'s (2018) adjudicated grades, IDRiD (B. Disease Grading) and DDR (DR grading).
 
-Each listing knows its set's layout, keeps the set's own splits, names its patients when the
-set says who they are, and lists what the set's protocol leaves out (ungradable images) apart
-from bad inputs; the conversion is data_prep.convert's, as for Kaggle. docs/external.md gives
-each layout and the documents it was confirmed against.
-
-Variants met in the wild, all handled: file names whose case differs from the label file
-(Messidor-2's CSV says IM000595.jpg, its folder holds IM000595.JPG), .png and .JPG in one
-folder, a byte-order mark, column names with a trailing space and empty padding columns
-(IDRiD's "Risk of macular edema "), blank trailing rows, directory names with spaces, and a
-download unpacked one folder deeper than its documentation shows ("B. Disease Grading/B.
-Disease Grading/...").
+Each listing keeps its set's own splits, names the patients when the set says who they are, and
+lists what the set's protocol leaves out (ungradable images) apart from bad inputs; the
+conversion is data_prep.convert's, as for Kaggle. docs/external.md gives each layout, the
+documents it was confirmed against, and the variants handled: file-name case (Messidor-2's CSV
+says IM000595.jpg, its folder holds IM000595.JPG), .png beside .JPG, a byte-order mark, IDRiD's
+"Risk of macular edema " and padding columns and rows, folder names with spaces, a download
+unpacked one folder deeper ("B. Disease Grading/B. Disease Grading/...").
 """
 
 from __future__ import annotations
@@ -53,7 +49,7 @@ DATASETS: dict[str, Published] = {
         "https://kaggle.com/competitions/aptos2019-blindness-detection",
     ),
     "messidor2": Published(
-        name="Messidor-2 (Krause 2018 grades)",
+        name="Messidor-2 (Krause grades)",
         download="images: https://www.adcis.net/en/third-party/messidor2/ ; grades: "
         "https://www.kaggle.com/datasets/google-brain/messidor2-dr-grades",
         licence="Images: research and education only, no redistribution, acknowledging the "
@@ -244,11 +240,7 @@ def _exams(pairs_csv: Path) -> dict[str, tuple[str, str]]:
 
 def _gradable(value: str) -> bool | None:
     """adjudicated_gradable: 1 gradable, 0 ungradable (its grades are empty), else None."""
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return {1.0: True, 0.0: False}.get(number)
+    return {"1": True, "1.0": True, "0": False, "0.0": False}.get(value.strip())
 
 
 def messidor2_listing(
@@ -402,3 +394,12 @@ def _ddr_row(line: str, split: str, index: ImageIndex) -> Row | Skip | None:
     if len(fields) != 2:
         return Skip("", "", f"line {line.strip()!r} is not 'file grade'", split)
     return _row(split, fields[0], fields[1], index)
+
+
+# The listing of each published set's command (data_prep.options.published_command).
+LISTINGS = {
+    "aptos": aptos_listing,
+    "messidor2": messidor2_listing,
+    "idrid": idrid_listing,
+    "ddr": ddr_listing,
+}

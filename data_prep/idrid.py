@@ -11,29 +11,13 @@ ids carry their split ("test/IDRiD_001"); each image is its own patient. docs/ex
 layout, licence and citation.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
 from data_prep import options
-from data_prep.worker import Settings
 
-if TYPE_CHECKING:
-    from data_prep.sources import Listing  # pandas: imported when the command runs
-
-PROG = "data_prep.idrid"
-FLAGS = options.conversion_flags(
-    {"idrid-dir": 'the unpacked "B. Disease Grading" (or a folder above it)'}, ["idrid-dir"]
+PROG, FLAGS, run, main = options.published_command(
+    "idrid",
+    __doc__,
+    {"idrid-dir": 'the unpacked "B. Disease Grading" (or a folder above it)'},
 )
-
-
-def _listing(_settings: Settings) -> Listing:
-    from data_prep.external import idrid_listing
-
-    return idrid_listing(FLAGS["idrid-dir"].value)
-
-
-run, main = options.conversion_command(PROG, __doc__, FLAGS, _listing)
 
 if __name__ == "__main__":
     main()

@@ -11,33 +11,16 @@ image goes into the `test` split; the two images of an exam are one patient. doc
 the layout, licence and citations.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
 from data_prep import options
-from data_prep.worker import Settings
 
-if TYPE_CHECKING:
-    from data_prep.sources import Listing  # pandas: imported when the command runs
-
-PROG = "data_prep.messidor2"
-FLAGS = options.conversion_flags(
+PROG, FLAGS, run, main = options.published_command(
+    "messidor2",
+    __doc__,
     {
         "messidor2-dir": "the unpacked ADCIS download (IMAGES/, messidor-2.csv)",
         "grades": "Kaggle's messidor_data.csv (default: found below --messidor2-dir)",
     },
-    ["messidor2-dir"],
 )
-
-
-def _listing(_settings: Settings) -> Listing:
-    from data_prep.external import messidor2_listing
-
-    return messidor2_listing(FLAGS["messidor2-dir"].value, FLAGS.grades)
-
-
-run, main = options.conversion_command(PROG, __doc__, FLAGS, _listing)
 
 if __name__ == "__main__":
     main()

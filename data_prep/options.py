@@ -132,6 +132,22 @@ def conversion_command(
     return run, main
 
 
+def published_command(
+    name: str, doc: str, inputs: dict[str, str]
+) -> tuple[str, flags.FlagValues, Callable[..., int], Callable[[], None]]:
+    """A published set's command, data_prep.NAME: PROG, FLAGS, run and main. Its `inputs`
+    flags (the first required) are passed, in order, to data_prep.external's listing of it."""
+    tool = f"data_prep.{name}"
+    fv = conversion_flags(inputs, [next(iter(inputs))])
+
+    def make_listing(_settings: Settings) -> Listing:
+        from data_prep.external import LISTINGS  # pandas: imported when the command runs
+
+        return LISTINGS[name](*(fv[flag].value for flag in inputs))
+
+    return tool, fv, *conversion_command(tool, doc, fv, make_listing)
+
+
 def run_conversion(
     prog: str,
     doc: str,

@@ -35,6 +35,15 @@ def convert(command, flag: str, source: Path, out: Path) -> int:
     return command.run([command.PROG, flag, str(source), "--out", str(out), *FAST])
 
 
+def converted(tmp_path: Path, tree, command, folder: str) -> tuple[dict, Path]:
+    """Build `tree` in tmp_path/folder and convert it with `command` (its -dir flag naming the
+    folder) into tmp_path/out: the tree's kept grades, and out."""
+    kept = tree(tmp_path / folder)
+    flag = next(f for f in command.FLAGS if f.endswith("-dir"))
+    assert convert(command, f"--{flag}", tmp_path / folder, tmp_path / "out") == 0
+    return kept, tmp_path / "out"
+
+
 def read_split(out: Path, split: str) -> dict[str, dict[str, str | int]]:
     """id → grade, patient, eye of every record of a split."""
     rows = {}
@@ -83,9 +92,7 @@ def aptos_tree(root: Path) -> dict[str, int]:
 
 
 def test_aptos_converts_train_csv_into_test_and_says_test_csv_is_unlabelled(tmp_path, capsys):
-    kept = aptos_tree(tmp_path / "aptos2019-blindness-detection")
-    out = tmp_path / "out"
-    assert convert(aptos, "--aptos-dir", tmp_path / "aptos2019-blindness-detection", out) == 0
+    kept, out = converted(tmp_path, aptos_tree, aptos, "aptos2019-blindness-detection")
     got = read_split(out, "test")
     assert {i: r["grade"] for i, r in got.items()} == kept
     assert all(r["patient"] == i and r["eye"] == "" for i, r in got.items())  # no patient ids
@@ -142,9 +149,7 @@ def messidor2_tree(root: Path) -> dict[str, int]:
 
 
 def test_messidor2_excludes_ungradable_images_and_groups_the_two_eyes_of_an_exam(tmp_path, capsys):
-    kept = messidor2_tree(tmp_path / "messidor-2")
-    out = tmp_path / "out"
-    assert convert(messidor2, "--messidor2-dir", tmp_path / "messidor-2", out) == 0
+    kept, out = converted(tmp_path, messidor2_tree, messidor2, "messidor-2")
     got = read_split(out, "test")
     assert {i: r["grade"] for i, r in got.items()} == kept
     for k, (left, right) in enumerate(EXAMS):
@@ -210,9 +215,7 @@ def idrid_tree(root: Path) -> dict[str, dict[str, int]]:
 
 
 def test_idrid_keeps_its_train_test_split_and_tells_apart_the_same_names(tmp_path, capsys):
-    kept = idrid_tree(tmp_path / "IDRiD")
-    out = tmp_path / "out"
-    assert convert(idrid, "--idrid-dir", tmp_path / "IDRiD", out) == 0
+    kept, out = converted(tmp_path, idrid_tree, idrid, "IDRiD")
     for split in ("train", "test"):
         got = read_split(out, split)
         assert {i: r["grade"] for i, r in got.items()} == kept[split]
@@ -255,9 +258,7 @@ def ddr_tree(root: Path, per_split: int = 6) -> dict[str, dict[str, int]]:
 
 
 def test_ddr_keeps_its_three_splits_and_excludes_grade_5(tmp_path, capsys):
-    kept = ddr_tree(tmp_path)
-    out = tmp_path / "out"
-    assert convert(ddr, "--ddr-dir", tmp_path, out) == 0  # found below: DDR-dataset/DR_grading
+    kept, out = converted(tmp_path, ddr_tree, ddr, "ddr")  # DR_grading is found below it
     for split in ("train", "val", "test"):
         got = read_split(out, split)
         assert {i: r["grade"] for i, r in got.items()} == kept[split], split
