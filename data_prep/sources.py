@@ -100,9 +100,7 @@ def read_labels(
     if not path.is_file():
         raise UsageError(f"labels file not found: {path}", setting=setting)
     try:
-        df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig"
-        )
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         message = f"cannot read {path} as CSV: {one_line(e)}"
         raise UsageError(message, setting=setting) from None

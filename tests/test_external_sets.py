@@ -174,6 +174,20 @@ def test_messidor2_excludes_ungradable_images_and_groups_the_two_eyes_of_an_exam
     assert "excluded 1 image(s) by the dataset's protocol: 1 ungradable" in shown
 
 
+def test_messidor2_takes_the_grades_from_elsewhere_and_without_exams_each_image_alone(
+    tmp_path, capsys
+):
+    kept = messidor2_tree(tmp_path / "m")
+    (tmp_path / "m" / "messidor-2.csv").unlink()
+    grades = (tmp_path / "m" / "messidor_data.csv").rename(tmp_path / "grades.csv")
+    argv = ["--messidor2-dir", str(tmp_path / "m"), "--grades", str(grades)]
+    assert messidor2.run([messidor2.PROG, *argv, "--out", str(tmp_path / "out"), *FAST]) == 0
+    got = read_split(tmp_path / "out", "test")
+    assert {i: r["grade"] for i, r in got.items()} == kept
+    assert all(r["patient"] == i and r["eye"] == "" for i, r in got.items())
+    assert "no messidor-2.csv (ADCIS's exam list) found" in capsys.readouterr().out
+
+
 def test_messidor2_without_the_kaggle_grades_is_a_one_line_usage_error(tmp_path, capsys):
     messidor2_tree(tmp_path / "m")
     (tmp_path / "m" / "messidor_data.csv").unlink()
@@ -207,7 +221,7 @@ def idrid_tree(root: Path) -> dict[str, dict[str, int]]:
         lines += [",,,,,,,,,,,"] * 3
         gt = grading / "2. Groundtruths" / f"{letter}. IDRiD_Disease Grading_{csv_name} Labels.csv"
         gt.parent.mkdir(parents=True, exist_ok=True)
-        gt.write_text("\r\n".join(lines) + "\r\n")
+        gt.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")  # with a BOM
         kept[split] = {f"{split}/IDRiD_{k:03d}": (k + n) % 5 for k in range(1, n + 1)}
     (grading / "1. Original Images" / "b. Testing Set" / "IDRiD_003.jpg").write_bytes(b"")
     del kept["test"]["test/IDRiD_003"]
@@ -248,7 +262,7 @@ def ddr_tree(root: Path, per_split: int = 6) -> dict[str, dict[str, int]]:
         if theirs != "valid":
             write_fundus(grading / theirs / f"00{n + 1}-0099-000.jpg", seed=99)
             lines.append(f"00{n + 1}-0099-000.jpg 5")  # ungradable
-        (grading / f"{theirs}.txt").write_text("\n".join(lines) + "\n\n")
+        (grading / f"{theirs}.txt").write_text("\n".join(lines) + "\n\n", encoding="utf-8-sig")
     with open(grading / "train.txt", "a") as f:
         f.write("001-0098-000.jpg 2\n")  # no such file
     (grading / "valid" / "002-0097-000.jpg").write_text("not a JPEG\n")
