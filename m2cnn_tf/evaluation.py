@@ -127,9 +127,11 @@ def _calibration_record(cal: Calibration, fit_thresholds: bool, split: str) -> d
 def completeness_record(
     data_dir: str | Path, split: str, preds: Predictions, log=print
 ) -> dict[str, Any]:
-    """report.json's `n_images`, `n_expected` (None without a manifest), `missing_ids` and
-    `flagged` (graded, but kept by data_prep although imperfect); a one-line warning through
-    `log` when the split's source lists another number of images than were graded."""
+    """report.json's `n_images`, `n_expected` (None without a manifest), `missing_ids`,
+    `flagged` (graded, but kept by data_prep although imperfect), `n_excluded` (left out by the
+    dataset's protocol, e.g. ungradable) and `dataset` (a published set's name, or None); a
+    one-line warning through `log` when the split's source lists another number of images than
+    were graded."""
     found = manifest.completeness(data_dir, split, (str(i) for i in preds.ids))
     n_images = len(preds)
     if found.n_expected is not None and n_images != found.n_expected:
@@ -143,6 +145,8 @@ def completeness_record(
         "n_expected": found.n_expected,
         "missing_ids": found.missing,
         "flagged": found.flagged,
+        "n_excluded": found.excluded,
+        "dataset": found.dataset,
     }
 
 

@@ -315,3 +315,93 @@ def evaluate_predictions(
         "grade_counts": np.bincount(preds.grades, minlength=NUM_CLASSES).tolist(),
         "operating_point": OPERATING_POINT,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# External validation (ours): referable DR at an operating point chosen elsewhere
+# (calibration.choose_threshold), with bootstrap CIs.
+
+
+def referable_output(preds: Predictions, way: str) -> np.ndarray:
+    """The continuous referable-DR output of a way: the score, or P(grade >= 2)."""
+    return preds.scores if way == "scores" else referable_probability(preds.probs)
+
+
+def _group_weights(groups, n: int, n_boot: int, seed: int):
+    """Per image, how often each bootstrap replicate draws it: the groups (patients) are
+    resampled with replacement, replicate b drawing `rng.integers(0, G, size=G)` from
+    `np.random.default_rng(seed)`, as `bootstrap_kappa_ci` does."""
+    if groups is None:
+        group_index = np.arange(n)
+    else:
+        _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups = int(group_index.max()) + 1 if n else 0
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
+        yield counts[group_index].astype(np.float64)
+
+
+def _percentiles(values: list[float], level: float) -> list[float | None]:
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return [None, None]
+    tail = (1.0 - level) / 2 * 100
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+
+
+def referable_at(
+    grades, continuous, threshold: float | None, *, groups=None, n_boot: int = 1000,
+    level: float = 0.95, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Referable DR at a given threshold (referable iff output >= it): ROC AUC, sensitivity and
+    specificity, each with its percentile bootstrap CI over `groups` (patients). A replicate
+    without referable (non-referable) images has no AUC and no sensitivity (specificity): it is
+    left out of those figures' CIs."""
+    from sklearn.metrics import roc_auc_score  # slow to import; only needed here
+
+    truth = np.ravel(grades) >= REFERABLE_GRADE
+    continuous = np.ravel(np.asarray(continuous, np.float64))
+    decision = continuous >= (np.inf if threshold is None else threshold)
+
+    def figures(w: np.ndarray) -> tuple[float, float, float]:
+        pos, neg = (w * truth).sum(), (w * ~truth).sum()
+        auc = roc_auc_score(truth, continuous, sample_weight=w) if pos and neg else np.nan
+        sens = (w * (decision & truth)).sum() / pos if pos else np.nan
+        spec = (w * (~decision & ~truth)).sum() / neg if neg else np.nan
+        return auc, sens, spec
+
+    point = figures(np.ones(len(truth)))
+    replicates = [figures(w) for w in _group_weights(groups, len(truth), n_boot, seed)]
+    names = ("auc", "sensitivity", "specificity")
+    shown = None if threshold is None else finite_or_none(threshold)  # +inf: nobody referred
+    result: dict[str, Any] = {"threshold": shown, "prevalence": float(truth.mean())}
+    for k, name in enumerate(names):
+        result[name] = finite_or_none(point[k])
+        result[f"{name}_ci95"] = _percentiles([r[k] for r in replicates], level)
+    return result
+
+
+def figures_at(
+    preds: Predictions, cutpoints: Sequence[float], thresholds: dict[str, float], **boot
+) -> dict[str, dict[str, Any]]:
+    """Both ways' kappa (the scores cut by `cutpoints`) and referable-DR figures at their
+    `thresholds`, with bootstrap CIs over patients when every image has one (`boot`: n_boot,
+    seed)."""
+    groups = preds.patients if all(preds.patients) else None
+    figures = {}
+    for way in WAYS:
+        graded = (
+            scores_to_grades(preds.scores, cutpoints)
+            if way == "scores"
+            else probs_to_grades(preds.probs)
+        )
+        ci = bootstrap_kappa_ci(preds.grades, graded, groups=groups, **boot)
+        figures[way] = {
+            "kappa": finite_or_none(quadratic_weighted_kappa(preds.grades, graded)),
+            "kappa_ci95": [finite_or_none(v) for v in ci],
+            **referable_at(
+                preds.grades, referable_output(preds, way), thresholds[way], groups=groups, **boot
+            ),
+        }
+    return figures

@@ -20,6 +20,10 @@ COMMANDS = [
     (["reproduce.py"], ["--ablation-init", "sideways"]),
     (["-m", "data_prep.kaggle"], ["--workers", "many"]),
     (["-m", "data_prep.folder"], ["--workers", "many"]),
+    (["-m", "data_prep.aptos"], ["--workers", "many"]),
+    (["-m", "data_prep.messidor2"], ["--workers", "many"]),
+    (["-m", "data_prep.idrid"], ["--workers", "many"]),
+    (["-m", "data_prep.ddr"], ["--workers", "many"]),
     (["-m", "data_prep.demo"], ["--per-grade", "lots"]),
     (["-m", "data_prep.cli"], ["reshape"]),
 ]

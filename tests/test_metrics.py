@@ -203,3 +203,36 @@ def test_per_grade_and_referable_rates_equal_hand_counts():
     ref = referable_metrics(y_true, y_pred.astype(float), y_pred, threshold=1.5)
     assert (ref["sensitivity"], ref["specificity"], ref["prevalence"]) == (0.75, 1.0, 0.5)
     assert ref["threshold"] == 1.5
+
+
+def test_referable_figures_and_their_bootstrap_cis_equal_a_plain_resampling_loop():
+    from sklearn.metrics import roc_auc_score
+
+    from m2cnn_tf.metrics import referable_at
+
+    rng = np.random.default_rng(4)
+    grades = rng.integers(0, 5, 40)
+    scores = grades + rng.normal(0, 1.5, 40)
+    groups = [str(i // 2) for i in range(40)]  # two eyes per patient
+    got = referable_at(grades, scores, 1.7, groups=groups, n_boot=200, seed=3)
+    truth, refer = grades >= 2, scores >= 1.7
+    assert got["auc"] == pytest.approx(roc_auc_score(truth, scores))
+    assert got["sensitivity"] == (refer & truth).sum() / truth.sum()
+    assert got["specificity"] == (~refer & ~truth).sum() / (~truth).sum()
+    # The reference: resample patients as bootstrap_kappa_ci does, concatenate their images.
+    names = sorted(set(groups))
+    members = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
+    draw = np.random.default_rng(3)
+    values: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    for _ in range(200):
+        idx = [i for k in draw.integers(0, len(names), len(names)) for i in members[names[k]]]
+        t, s, r = truth[idx], scores[idx], refer[idx]
+        if t.any() and (~t).any():
+            values["auc"].append(roc_auc_score(t, s))
+        if t.any():
+            values["sensitivity"].append((r & t).sum() / t.sum())
+        if (~t).any():
+            values["specificity"].append((~r & ~t).sum() / (~t).sum())
+    for name, reference in values.items():
+        np.testing.assert_allclose(got[f"{name}_ci95"], np.percentile(reference, [2.5, 97.5]))
+        assert got[f"{name}_ci95"][0] <= got[name] <= got[f"{name}_ci95"][1]
