@@ -100,15 +100,26 @@ def _per_group_cells(y_true, y_pred, group_index, n_groups: int, num_classes: in
     return per_group
 
 
-def _groups(n: int, groups) -> tuple[np.ndarray, int]:
+def _resamples(n: int, groups, n_boot: int, seed: int):
+    """(each image's group, its number of groups, the replicates): replicate b draws the groups
+    with replacement, `rng.integers(0, G, size=G)` from `np.random.default_rng(seed)`, and
+    yields how often it drew each group. Every bootstrap here uses these draws, so that figures
+    from one seed resample the same patients."""
     if groups is None:
-        return np.arange(n), n
-    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    return index, (int(index.max()) + 1 if len(index) else 0)
+        index = np.arange(n)
+    else:
+        _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups = int(index.max()) + 1 if len(index) else 0
+    rng = np.random.default_rng(seed)
+    draws = (
+        np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
+        for _ in range(n_boot)
+    )
+    return index, n_groups, draws
 
 
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
-    values = values[~np.isnan(values)]
+    values = values[np.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
     tail = (1.0 - level) / 2 * 100
@@ -134,13 +145,10 @@ def bootstrap_kappa_ci(
     `np.random.default_rng(seed)`; replicates with an undefined kappa (one class only) are
     dropped. Returns (low, high) at `level`.
     """
-    index, n_groups = _groups(len(np.ravel(y_true)), groups)
+    index, n_groups, draws = _resamples(len(np.ravel(y_true)), groups, n_boot, seed)
     per_group = _per_group_cells(y_true, y_pred, index, n_groups, num_classes)
-    rng = np.random.default_rng(seed)
-    kappas = np.empty(n_boot)
-    for b in range(n_boot):
-        counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
-        kappas[b] = kappa_from_confusion((counts @ per_group).reshape(num_classes, num_classes))
+    shape = (num_classes, num_classes)
+    kappas = np.array([kappa_from_confusion((c @ per_group).reshape(shape)) for c in draws])
     return _percentiles(kappas, level)
 
 
@@ -165,18 +173,17 @@ def paired_kappa_difference(
     y_true = np.ravel(y_true)
     if not len(y_true) == len(np.ravel(pred_a)) == len(np.ravel(pred_b)):
         raise ValueError("a paired difference needs both models' grades of the same images")
-    index, n_groups = _groups(len(y_true), groups)
+    index, n_groups, draws = _resamples(len(y_true), groups, n_boot, seed)
     cells_a = _per_group_cells(y_true, pred_a, index, n_groups, num_classes)
     cells_b = _per_group_cells(y_true, pred_b, index, n_groups, num_classes)
     shape = (num_classes, num_classes)
-    observed = kappa_from_confusion(cells_a.sum(0).reshape(shape))
-    observed -= kappa_from_confusion(cells_b.sum(0).reshape(shape))
-    rng = np.random.default_rng(seed)
-    differences = np.empty(n_boot)
-    for b in range(n_boot):
-        counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
-        differences[b] = kappa_from_confusion((counts @ cells_a).reshape(shape))
-        differences[b] -= kappa_from_confusion((counts @ cells_b).reshape(shape))
+
+    def difference(counts) -> float:
+        a = kappa_from_confusion((counts @ cells_a).reshape(shape))
+        return a - kappa_from_confusion((counts @ cells_b).reshape(shape))
+
+    observed = difference(np.ones(n_groups))
+    differences = np.array([difference(c) for c in draws])
     return (float(observed), *_percentiles(differences, level))
 
 
@@ -327,29 +334,6 @@ def referable_output(preds: Predictions, way: str) -> np.ndarray:
     return preds.scores if way == "scores" else referable_probability(preds.probs)
 
 
-def _group_weights(groups, n: int, n_boot: int, seed: int):
-    """Per image, how often each bootstrap replicate draws it: the groups (patients) are
-    resampled with replacement, replicate b drawing `rng.integers(0, G, size=G)` from
-    `np.random.default_rng(seed)`, as `bootstrap_kappa_ci` does."""
-    if groups is None:
-        group_index = np.arange(n)
-    else:
-        _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    n_groups = int(group_index.max()) + 1 if n else 0
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
-        yield counts[group_index].astype(np.float64)
-
-
-def _percentiles(values: list[float], level: float) -> list[float | None]:
-    values = [v for v in values if np.isfinite(v)]
-    if not values:
-        return [None, None]
-    tail = (1.0 - level) / 2 * 100
-    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
-
-
 def referable_at(
     grades, continuous, threshold: float | None, *, groups=None, n_boot: int = 1000,
     level: float = 0.95, seed: int = 0,
@@ -372,13 +356,15 @@ def referable_at(
         return auc, sens, spec
 
     point = figures(np.ones(len(truth)))
-    replicates = [figures(w) for w in _group_weights(groups, len(truth), n_boot, seed)]
+    index, _, draws = _resamples(len(truth), groups, n_boot, seed)
+    replicates = np.array([figures(c[index].astype(np.float64)) for c in draws])
     names = ("auc", "sensitivity", "specificity")
     shown = None if threshold is None else finite_or_none(threshold)  # +inf: nobody referred
     result: dict[str, Any] = {"threshold": shown, "prevalence": float(truth.mean())}
     for k, name in enumerate(names):
         result[name] = finite_or_none(point[k])
-        result[f"{name}_ci95"] = _percentiles([r[k] for r in replicates], level)
+        ci = _percentiles(replicates[:, k] if len(replicates) else np.array([]), level)
+        result[f"{name}_ci95"] = [finite_or_none(v) for v in ci]
     return result
 
 

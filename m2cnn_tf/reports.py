@@ -19,20 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from m2cnn_tf.calibration import OperatingRule, operating_thresholds
 from m2cnn_tf.common import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    finite_or_none,
 )
 from m2cnn_tf.config import NUM_CLASSES
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.metrics import (
-    DEFAULT_CUTPOINTS,
     WAYS,
     Predictions,
-    figures_at,
     probs_to_grades,
     scores_to_grades,
 )
@@ -310,66 +306,6 @@ def load_predictions(report_dir: str | Path) -> Predictions:
         )
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise UsageError(f"cannot read {path}: {err}") from None
-
-
-def _external_row(
-    report_dir: str | Path, cutpoints: Sequence[float], thresholds: dict[str, float], **boot
-) -> dict[str, Any]:
-    """One report re-graded with the development cut points and operating point."""
-    report, preds = load_report(report_dir), load_predictions(report_dir)
-    return {
-        "report": str(report_dir),
-        "dataset": report.get("dataset")
-        or Path(report.get("data", {}).get("dir", report_dir)).name,
-        "split": report.get("split"),
-        "image_size": report.get("image_size"),
-        "n_images": len(preds),
-        "n_excluded": report.get("n_excluded"),
-        **figures_at(preds, cutpoints, thresholds, **boot),
-    }
-
-
-def external_validation(
-    development: str | Path,
-    report_dirs: Sequence[str | Path],
-    rule: OperatingRule,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Every report side by side at one referable-DR operating point, chosen by `rule` on the
-    development set's val report (`development`) and applied unchanged to every set, as
-    Gulshan et al. (JAMA 2016) did for Messidor-2; every report's predictions.csv is re-graded
-    with the development report's cut points too, so that one grader is compared."""
-    dev = load_report(development)
-    if dev.get("split") != "val":
-        raise UsageError(
-            f"{development} is a {dev.get('split')} report: the operating point is chosen on the "
-            "development set's val split",
-            setting="development",
-        )
-    thresholds = operating_thresholds(load_predictions(development), rule)
-    cutpoints = tuple(dev.get("cutpoints") or DEFAULT_CUTPOINTS)
-    others = [d for d in report_dirs if Path(d).resolve() != Path(development).resolve()]
-    boot = {"n_boot": n_boot, "seed": seed}
-    rows = [_external_row(d, cutpoints, thresholds, **boot) for d in [development, *others]]
-    rows[0]["development"] = True
-    return {
-        "operating_point": {
-            "rule": rule.describe(),
-            "thresholds": {way: finite_or_none(t) for way, t in thresholds.items()},  # inf: None
-            "chosen_on": {
-                key: rows[0][key] for key in ("report", "dataset", "split", "image_size")
-            },
-        },
-        "cutpoints": {
-            "values": list(cutpoints),
-            "from": str(development),
-            "how": dev.get("thresholds", "rounding"),
-        },
-        "bootstrap": {**boot, "unit": "patient where every image has one", "method": "percentile"},
-        "rows": rows,
-    }
 
 
 # The external table's figures: (column, key in a way's figures), each with its 95% CI.

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from synthetic_fundus import write_fundus
 
 from data_prep import aptos, cli, ddr, idrid, messidor2
-from m2cnn_tf import records, reports
+from m2cnn_tf import calibration, records
 from m2cnn_tf.calibration import OperatingRule
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.manifest import completeness
@@ -365,7 +365,7 @@ def test_the_operating_point_comes_from_the_development_val_split_and_is_applied
     )
     assert any(x.startswith("IDRiD disease grading") for x in shown.splitlines())
     # The threshold is Youden's point on the development val scores (sklearn's ROC) ...
-    result = reports.external_validation(dev, [ext], OperatingRule("youden"), n_boot=50)
+    result = calibration.external_validation(dev, [ext], OperatingRule("youden"), n_boot=50)
     grades, scores = _predictions(dev)
     fpr, tpr, thr = roc_curve(grades >= 2, scores, drop_intermediate=False)
     youden = thr[np.argmax(np.round(tpr - fpr, 12))]

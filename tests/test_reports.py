@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _reports import fake_report
 
-from m2cnn_tf import reports
+from m2cnn_tf import calibration, reports
 from m2cnn_tf.calibration import OperatingRule
 from m2cnn_tf.errors import UsageError
 
@@ -117,7 +117,7 @@ def test_external_validation_applies_the_development_operating_point_unchanged(t
     ext = fake_report(tmp_path / "ext", "/runs/m", "test", 224, 0.5, 0.4)
     _with_predictions(ext, *EXT, dataset="Messidor-2", cutpoints=[1, 2, 3, 3.9], excluded=4)
     rule = OperatingRule("specificity", 0.9)
-    result = reports.external_validation(dev, [ext, dev], rule, n_boot=100)
+    result = calibration.external_validation(dev, [ext, dev], rule, n_boot=100)
     assert result["operating_point"]["thresholds"]["scores"] == 2.6
     assert result["operating_point"]["chosen_on"]["dataset"] == "EyePACS"
     assert result["cutpoints"] == {
@@ -145,7 +145,7 @@ def test_the_operating_point_is_only_chosen_on_a_val_report(tmp_path):
     ext = fake_report(tmp_path / "ext", "/runs/m", "test", 224, 0.5, 0.4)
     _with_predictions(ext, *EXT, dataset="Messidor-2", cutpoints=[0.5, 1.5, 2.5, 3.5])
     with pytest.raises(UsageError, match="is a test report") as e:
-        reports.external_validation(ext, [ext], OperatingRule("youden"))
+        calibration.external_validation(ext, [ext], OperatingRule("youden"))
     assert e.value.setting == "development"
 
 

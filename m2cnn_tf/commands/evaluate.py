@@ -25,7 +25,7 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import checkpoints, cli
+from m2cnn_tf import calibration, checkpoints, cli
 from m2cnn_tf.calibration import OPERATING_POINT_HELP, OperatingRule, parse_operating_point
 from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
@@ -144,7 +144,7 @@ def _body(rest: list[str]) -> int:
         print(reports.compare_reports(compare))
         last = reports.load_report(compare[-1])
     if rule is not None:
-        result = reports.external_validation(
+        result = calibration.external_validation(
             FLAGS.development, compare, rule, n_boot=FLAGS.bootstrap
         )
         print("\n" + reports.external_table(result))

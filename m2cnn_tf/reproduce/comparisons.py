@@ -12,34 +12,38 @@ TensorFlow.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from m2cnn_tf.common import finite_or_none
-from m2cnn_tf.metrics import mean_ci_across_seeds, paired_kappa_difference
+from m2cnn_tf.metrics import (
+    mean_ci_across_seeds,
+    paired_kappa_difference,
+    probs_to_grades,
+    scores_to_grades,
+)
+from m2cnn_tf.reports import REPORT, load_predictions, load_report
 from m2cnn_tf.reproduce import figures, protocol
 from m2cnn_tf.reproduce.plan import Plan
 
-PREDICTIONS = "predictions.csv"
-GRADED = {"scores": "pred_score", "prob": "pred_prob"}  # predictions.csv's column per way
 BOOTSTRAP = "paired bootstrap over patients"
 ACROSS_SEEDS = "Student's t across seeds"
 
 
 def _graded(plan: Plan, run: str, split: str, seed: int) -> dict[str, tuple] | None:
     """id -> (patient, grade, score-way grade, prob-way grade) of the run's evaluation with the
-    plan's checkpoint, or None before it exists."""
+    plan's checkpoint (predictions.csv, graded with its report's cut points), or None before
+    it exists."""
     e = plan.evaluation(run, split, plan.options.checkpoint, seed)
-    path = Path(e.out) / PREDICTIONS if e else None
-    if path is None or not path.is_file():
+    if e is None or not (Path(e.out) / REPORT).is_file():
         return None
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    score, prob = GRADED["scores"], GRADED["prob"]
-    return {r["id"]: (r["patient"], int(r["grade"]), int(r[score]), int(r[prob])) for r in rows}
+    preds = load_predictions(e.out)
+    by_scores = scores_to_grades(preds.scores, load_report(e.out)["cutpoints"])
+    by_prob = probs_to_grades(preds.probs)
+    rows = zip(preds.ids, preds.patients, preds.grades, by_scores, by_prob, strict=True)
+    return {i: (p, int(g), int(s), int(q)) for i, p, g, s, q in rows}
 
 
 def _paired(a: dict[str, tuple], b: dict[str, tuple], way: str) -> tuple[np.ndarray, ...] | None:
