@@ -28,14 +28,7 @@ import os
 import socket
 import sys
 
-from m2cnn_tf.serve.image_headers import MAX_PIXELS  # pure Python: loads no decoder
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The decoders' own pixel limit: OpenCV reads it once, when cv2 is first imported, so it is set
-# here, before anything imports cv2 (m2cnn_tf.decoding.PIXEL_LIMIT_ENV, which holds Pillow to it
-# too; named here because importing decoding would load cv2 first). This process only: it
-# decodes bytes from the network, whereas predict.py and data_prep decode the user's own files.
-os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_PIXELS)
 
 from absl import flags
 
@@ -200,10 +193,30 @@ def _body(rest: list[str]) -> int | None:
         _serve(sock, token, cutpoints)
 
 
+def limit_decoders() -> None:
+    """The decoders' own pixel limit, the grader's (50 MP), for this process. OpenCV reads
+    OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 is first imported, so this runs before anything
+    imports it; `m2cnn_tf.decoding.pixel_limit` reads the same variable (named here, since
+    importing decoding loads cv2) to hold Pillow to it, and Pillow's own bomb check gets it too.
+    serve.py's process only: it decodes bytes from the network, where predict.py and data_prep
+    decode the user's own files at OpenCV's default. Where cv2 is loaded already (serve run from
+    a test's process) nothing is set, so that the decoders never disagree on the limit."""
+    from m2cnn_tf.serve.image_headers import MAX_PIXELS  # pure Python: loads no decoder
+
+    if "cv2" in sys.modules:
+        print(f"{PROG}: warning: OpenCV was loaded first: the decoders keep their own default "
+              "pixel limit (the header check still applies)", file=sys.stderr)  # fmt: skip
+        return
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_PIXELS)
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
 def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None) -> None:
     """Load the model once, then serve on `sock` until Ctrl-C or SIGTERM."""
+    limit_decoders()
     import uvicorn
-    from PIL import Image
 
     from m2cnn_tf.serve.admission import decode_slot
     from m2cnn_tf.serve.app import ServeSettings, create_app
@@ -212,7 +225,6 @@ def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None
     from m2cnn_tf.serve.guard import MAX_HEAD_BYTES, HostRule
     from m2cnn_tf.serve.uploads import MB, Limits
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check, for any Pillow path
     workers = FLAGS.workers or min(4, os.cpu_count() or 1)
     budget = round(FLAGS["max-inflight-mb"].value * MB)
     limits = Limits(round(FLAGS["max-upload-mb"].value * MB), FLAGS["max-files"].value)

@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect
 from m2cnn_tf import __version__
 from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
+from m2cnn_tf.decoding import pixel_limit
 from m2cnn_tf.metrics import REFERABLE_GRADE
 from m2cnn_tf.prediction import CSV_COLUMNS, CSV_TEXT_COLUMNS, FORMULA_PREFIXES
 from m2cnn_tf.serve import access
@@ -182,6 +183,7 @@ async def model_facts(request: Request) -> dict[str, Any]:
         "max_wait_ms": settings.max_wait_ms,
         "max_upload_mb": settings.limits.max_file_bytes / MB,
         "max_files": settings.limits.max_files,
+        "decoder_max_megapixels": pixel_limit() / 1e6,  # the decoders' own limit (serve.py's)
         "max_inflight_mb": settings.max_inflight_bytes / MB,
         "max_queue": settings.max_queue,
         "inflight_mb": round(admission.used / MB, 3),

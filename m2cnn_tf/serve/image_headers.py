@@ -67,10 +67,9 @@ def decode_bytes(info: ImageInfo) -> int:
     px = info.pixels
     if info.kind == "jpeg":
         return px * 3 + (px * (info.channels or 3) * 2 if info.progressive else 0)
-    stored = max(info.channels or 4, 3)  # grey is counted as 3: its BGR copy is that large
-    sample = max(1, -(-(info.bit_depth or 8) // 8))
-    converted = 0 if (stored == 3 and sample == 1) else px * 3
-    return px * stored * sample + converted + px * 3 // 4
+    channels, sample = info.channels or 4, max(1, -(-(info.bit_depth or 8) // 8))
+    converted = 0 if (channels == 3 and sample == 1) else px * 3
+    return px * channels * sample + converted + px * 3 // 4
 
 
 class RefusedImage(ValueError):
@@ -126,7 +125,7 @@ def _png(data: bytes) -> ImageInfo | None:
     if data[12:16] != b"IHDR":
         return None
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(colour)
+    channels = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}.get(colour)  # a palette decodes to up to RGBA
     return ImageInfo("png", width, height, channels, depth)
 
 

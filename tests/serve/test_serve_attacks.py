@@ -260,3 +260,8 @@ def test_every_request_gives_back_its_share_of_the_budget_and_the_queue(server):
     assert counters["max_inflight_mb"] == 1024 and counters["max_queue"] == 64
     assert counters["inflight_mb"] == 0 and counters["images_admitted"] == 0
     assert counters["images_queued"] == 0
+
+
+def test_serve_py_sets_its_decoders_limit_before_opencv_loads(server):
+    """What `limit_decoders` does (test_serve_decoding.py) is done in the served process."""
+    assert serving(server)["decoder_max_megapixels"] == 50
