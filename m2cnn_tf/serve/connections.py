@@ -9,7 +9,7 @@ connection:
 - the head: it must be complete `header_timeout` seconds after the connection opens, or after
   the first byte of the next request on a kept-alive one (408, or a silent close for a
   connection that sent nothing); it may be at most `guard.MAX_HEAD_BYTES` long (431, also when
-  it arrives in pieces, before h11 would buffer more);
+  it arrives in pieces: h11's buffer for an incomplete head is set to that size);
 - the body: `body_timeout` seconds of grace, extended by one second for every `min_body_rate`
   bytes received (Apache mod_reqtimeout's rule), so a slow network passes and a trickle does
   not (408); while the server itself has paused reading, the client is not judged;
@@ -113,10 +113,7 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         state = self.conn.their_state
-        if state is h11.IDLE:
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(431, HEAD_TOO_LARGE)
-        elif self._awaiting_head:  # the head is complete
+        if state is not h11.IDLE and self._awaiting_head:  # the head is complete
             self._awaiting_head = False
             self._cancel_timer()
             self._head_bytes = 0
@@ -131,7 +128,8 @@ class GuardedH11Protocol(H11Protocol):
             super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
-        """h11 could not parse the request (or its head outgrew h11's buffer): one JSON line."""
+        """h11 could not parse the request, or its head outgrew h11's buffer (serve.py sets that
+        to MAX_HEAD_BYTES): one JSON line."""
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(431, HEAD_TOO_LARGE)
         else:
