@@ -225,8 +225,10 @@ async def grade(request: Request, gradcam: bool = False) -> Response:
             )
             ticket.admit(len(uploads), _input_bytes(state.grader.size, gradcam))
             results = await _grade_while_connected(request, uploads, gradcam)
-    except (RequestRefused, TooLarge) as err:
-        return JSONResponse({"detail": err.reason}, getattr(err, "status", 413))
+    except RequestRefused as err:
+        return JSONResponse({"detail": err.reason}, status_code=err.status)
+    except TooLarge as err:
+        return JSONResponse({"detail": err.reason}, status_code=413)
     except Busy as err:
         state.admission.refused += 1
         retry = {"Retry-After": str(state.batcher.retry_after())}

@@ -27,7 +27,7 @@ from _served import (
 )
 
 BUSY = ("the grading queue is full", "the server's memory budget is in use by other requests")
-BUDGET_MB = 48
+BUDGET_MB = 64
 UPLOADS = 64
 
 
@@ -103,7 +103,7 @@ def test_a_disconnected_clients_queued_images_never_reach_the_model(queue_server
 
 
 def test_64_near_limit_uploads_stay_within_the_memory_budget(model_dir, photos, tmp_path):
-    """--max-upload-mb 1 and --max-inflight-mb 48: 64 clients send a 1 MB photograph at once
+    """--max-upload-mb 1 and --max-inflight-mb 64: 64 clients send a 1 MB photograph at once
     (a JPEG with a camera's trailer of zeros) while the first batch is held open. The server's
     peak resident memory grows by at most the budget over its idle size (the model loaded and
     warm); the excess is answered 503; every accepted request gets its full, correct result."""
