@@ -122,3 +122,10 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     ok, data = cv2.imencode(ext, image)
     assert ok
     return data.tobytes()
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`), every serve test goes to one worker: one server."""
+    for item in items:
+        if "tests/serve/" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.xdist_group("serve"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from _required import skip_or_fail
 from _served import SIZE, TOKEN
 
 from m2cnn_tf.prediction import csv_text
@@ -35,7 +36,7 @@ FINISHED = "#results tbody tr[data-state=done], #results tbody tr[data-state=err
 @pytest.fixture(scope="module")
 def browser_page(server):
     if CHROMIUM is None:
-        pytest.skip(f"no Chromium found: install it with `{INSTALL}` (never `playwright install`)")
+        skip_or_fail(f"no Chromium found: install it with `{INSTALL}` (never `playwright install`)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements.txt")
     outside: list[str] = []
 
