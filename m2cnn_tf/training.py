@@ -92,7 +92,9 @@ class Callbacks:
 
 def run(config: Config, log=print) -> dict[str, Any]:
     """Train one stage as `config` says; returns the final epoch's logs, the best value, the
-    stage folder and the wall time in seconds."""
+    stage folder, the wall time in seconds and `interrupted`: a Ctrl-C that came during the
+    last step, after which nothing was left to stop (the stage is complete), for the caller to
+    honour once it has recorded that."""
     started = time.monotonic()
     check_config(config)
     config = _without_xla_augment(config, log)
@@ -122,6 +124,7 @@ def run(config: Config, log=print) -> dict[str, Any]:
         "best_val_kappa": callbacks.keep_best.best,
         "stage_dir": str(stage.directory),
         "seconds": time.monotonic() - started,
+        "interrupted": callbacks.interrupt.pending,
     }
 
 

@@ -359,6 +359,24 @@ def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_a_ctrl_c_during_the_last_step_is_reported_once_the_stage_is_complete(
+    tmp_path, records_dir, monkeypatch
+):
+    """No batch follows the last one, so the deferred Ctrl-C used to be dropped and the run (or
+    the whole reproduction) went on."""
+
+    class CtrlCInLastStep(callbacks.DeferInterrupt):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:  # the second and last step of the only epoch
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(training, "DeferInterrupt", CtrlCInLastStep)
+    result = training.run(_config(records_dir, tmp_path, steps_per_epoch=2), log=lambda *_: None)
+    assert result["interrupted"]
+    assert (tmp_path / "stage1" / "last.keras").is_file()
+    assert (tmp_path / "stage1" / "best.keras").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings: one declaration per field, flags derived from it, config.json old and new
 

@@ -21,6 +21,7 @@ from absl import flags
 
 from m2cnn_tf import cli, common, config
 from m2cnn_tf.commands import config_flags
+from m2cnn_tf.errors import Interrupted
 
 FLAGS = flags.FlagValues()
 config_flags.define_flags(FLAGS)
@@ -58,6 +59,8 @@ def _body(rest: list[str]) -> None:
         f"({metric_label(result['best_metric'])}) {result['best_val_kappa']:.4f}; "
         f"checkpoint in {result['stage_dir']}"
     )
+    if result["interrupted"]:  # Ctrl-C during the last step: nothing was left to stop
+        raise Interrupted("interrupted as the stage finished; it is complete")
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from m2cnn_tf import checkpoints
 from m2cnn_tf.common import atomic_write_json
-from m2cnn_tf.errors import M2cnnError, RunFailed
+from m2cnn_tf.errors import Interrupted, M2cnnError, RunFailed
 from m2cnn_tf.reports import REPORT
 from m2cnn_tf.reproduce import protocol
 from m2cnn_tf.reproduce.plan import Plan, PlannedEvaluation, PlannedRun, with_settings
@@ -155,9 +155,11 @@ def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") ->
     log(f"{tag}{run.label}: training (by hand: train.py {' '.join(run.train_args)})")
     Path(run.model_dir).mkdir(parents=True, exist_ok=True)
     with EpochClock(run, state):
-        _in(f"run {run.label}", lambda: training.run(config, log=log))
+        result = _in(f"run {run.label}", lambda: training.run(config, log=log))
     state["done"] = True
     save_state(run, state)
+    if result["interrupted"]:  # Ctrl-C during its last step: recorded as done, then honoured
+        raise Interrupted(f"run {run.label}: interrupted as it finished; rerun to carry on")
     return True
 
 
