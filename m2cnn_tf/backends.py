@@ -12,6 +12,8 @@ Choices the paper leaves open (ours):
 - Any batch size: the interpreter's input is resized when the batch size changes.
 - Grad-CAM needs gradients, so only the Keras backend offers `model`; a LiteRT caller loads
   the Keras model only when it is asked for.
+- The Keras backend computes in float32, or in bfloat16 where the CPU has it (`precision`);
+  a LiteRT file's number format is its quantisation.
 - This module does not import TensorFlow unless the Keras backend is asked for, so the LiteRT
   path starts in a fraction of a second instead of ~5 s.
 """
@@ -27,6 +29,7 @@ import numpy as np
 from m2cnn_tf import checkpoints
 from m2cnn_tf.checkpoints import ModelFileError
 from m2cnn_tf.errors import UsageError, one_line
+from m2cnn_tf.precision import PRECISIONS, bfloat16_model, check_precision
 from m2cnn_tf.tta import ModelCall
 
 BACKENDS = ("keras", "litert")
@@ -66,25 +69,34 @@ def _checked(images: np.ndarray, image_size: int) -> np.ndarray:
 
 
 class KerasBackend:
-    """The Keras model, called in inference mode through one compiled function."""
+    """The Keras model, called in inference mode through one compiled function, in float32 or
+    bfloat16 (`precision.bfloat16_model`; `model` stays the float32 one, for Grad-CAM)."""
 
     kind = "keras"
 
-    def __init__(self, model, info: dict[str, Any] | None = None, source: str | None = None):
+    def __init__(
+        self,
+        model,
+        info: dict[str, Any] | None = None,
+        source: str | None = None,
+        precision: str = "float32",
+    ):
         import tensorflow as tf
 
         self.model = model
         self.image_size = int(model.input_shape[1])
         self.info = info or {}
         self.source = source
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.precision = precision
+        runs = bfloat16_model(model) if precision == "bfloat16" else model
+        self._call = tf.function(lambda x: runs(x, training=False), reduce_retracing=True)
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self._call(_checked(images, self.image_size))
         return {k: np.asarray(out[k]) for k in OUTPUTS}
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": self.source}
+        return {"backend": self.kind, "model": self.source, "precision": self.precision}
 
 
 class LiteRTBackend:
@@ -187,15 +199,22 @@ def load_litert(
     return LiteRTBackend(path, sidecar, threads)
 
 
-def load_keras(model_dir: str | Path, stage: int, image_size: int | None = None) -> KerasBackend:
-    from m2cnn_tf import checkpoints
-
+def load_keras(
+    model_dir: str | Path,
+    stage: int,
+    image_size: int | None = None,
+    precision: str = "float32",
+    force_precision: bool = False,
+) -> KerasBackend:
+    """The stage's best checkpoint; bfloat16 is refused before it loads where the CPU lacks it
+    (unless `force_precision`)."""
+    check_precision(precision, force=force_precision)
     try:
         path = checkpoints.best_model_path(model_dir, stage)
         model, meta = checkpoints.load_stage(model_dir, stage)
     except checkpoints.CheckpointMissing as err:
         raise ModelFileError(str(err), setting="model_dir") from None
-    backend = KerasBackend(model, meta, str(path))
+    backend = KerasBackend(model, meta, str(path), precision)
     if image_size is not None and image_size != backend.image_size:
         raise ModelFileError(
             f"the stage-{stage} model takes {backend.image_size} px images, the data is "
@@ -213,10 +232,14 @@ def load_backend(
     litert_model: str | Path | None = None,
     threads: int | None = None,
     image_size: int | None = None,
+    precision: str = "float32",
+    force_precision: bool = False,
 ) -> Backend:
     """The backend `kind` for a stage: its best checkpoint (keras), or `litert_model`, by
     default the stage's exported file (litert). `threads` (LiteRT only): default all cores.
-    `image_size`, when given, must be the model's. Every failure is a one-line UsageError."""
+    `precision` (Keras only): float32 or bfloat16, refused where the CPU lacks it unless
+    `force_precision`. `image_size`, when given, must be the model's. Every failure is a
+    one-line UsageError."""
     if kind not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {kind!r}",
                          setting="backend")  # fmt: skip
@@ -225,7 +248,15 @@ def load_backend(
     if (kind == "keras" or litert_model is None) and (model_dir is None or stage is None):
         raise UsageError("a model directory and a stage are needed", setting="model_dir")
     if kind == "keras":
-        return load_keras(model_dir, stage, image_size)
+        return load_keras(model_dir, stage, image_size, precision, force_precision)
+    if precision not in PRECISIONS:
+        check_precision(precision)  # the one message for an unknown precision
+    if precision != "float32":
+        raise UsageError(
+            f"{precision} is a precision of the Keras backend; a LiteRT file computes in the "
+            "format it was exported in",
+            setting="precision",
+        )
     path = litert_model if litert_model is not None else default_litert_path(model_dir, stage)
     return load_litert(
         path, model_dir=model_dir, stage=stage, threads=threads, image_size=image_size

@@ -160,6 +160,8 @@ def run_evaluation(
     backend: str = "keras",
     litert_model: str | Path | None = None,
     threads: int | None = None,
+    precision: str = "float32",
+    force_precision: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint of a stage (on `backend`: the Keras model, or its LiteRT
@@ -169,8 +171,9 @@ def run_evaluation(
     if batch_size < 1:
         raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
     runtime = backends.load_backend(
-        backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads
-    )
+        backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads,
+        precision=precision, force_precision=force_precision,
+    )  # fmt: skip
     call, image_size, _ = backends.runtime_of(runtime)
     meta = checkpoints.read_meta(model_dir, stage)
     preds, shards = predict_split(call, data_dir, image_size, split, tta=tta, batch_size=batch_size)
