@@ -172,6 +172,23 @@ def test_int8_export_gives_the_keras_grade_on_97_percent_and_its_kappa_within_0_
     assert kappa_gap <= 0.02
 
 
+def test_int8_scores_beyond_the_calibration_images_are_not_clipped(stage):
+    """The heads and outputs stay float: an eye brighter than any calibration image (its score
+    above theirs, as the demo's test scores reached 7.6 where its calibration stopped at 3.6)
+    gets Keras's score, not the top of an int8 range."""
+    images = grade_images([4], SIZE, seed=9).astype("float32")
+    lo, hi = SIZE // 4, 3 * SIZE // 4
+    images[0, lo:hi, lo:hi] = 255.0  # brighter than grade 4's 228
+    scaled = images / 127.5 - 1.0
+    ref = stage["keras"]["score"]
+    keras_out = backends.load_backend("keras", model_dir=stage["model_dir"], stage=1)
+    want = keras_out.predict(scaled)["score"][:, 0]
+    got = _litert(stage, "int8").predict(scaled)["score"][:, 0]
+    print(f"beyond the range ({ref.min():.2f} .. {ref.max():.2f}): keras {want}, int8 {got}")
+    assert want[0] > ref.max() + 0.5  # really beyond it
+    np.testing.assert_allclose(got, want, atol=0.15)
+
+
 def test_every_layer_int8_loses_grades_on_this_model(stage, tmp_path):
     """What the default export fixes, shown on the same model: with the projection in int8
     (`--keep-float none`, the export before issue 21) the grades drift. Without this, the test
