@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test lint demo demo-clean clean serve paper-smoke
+.PHONY: venv test test-quick lint demo demo-clean clean serve paper-smoke
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,17 @@ venv: $(VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
+# Two pytest workers (the tests are mostly single-threaded Python and TF start-up on 2 cores).
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
+
+# The inner loop: everything but the tests marked slow (real multi-run training, the demo and
+# reproduce miniatures, the browser); CI runs them all.
+test-quick: venv
+	$(PY) -m pytest -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
@@ -34,7 +41,7 @@ DEMO_DATA ?= data/demo
 DEMO ?= runs/demo
 DEMO_GEN ?=
 DEMO_SIZES ?= 224,448,720
-DEMO_TRAIN ?= --preset tiny --bn-momentum 0.9 --seed 0
+DEMO_TRAIN ?= --preset tiny --bn-momentum 0.9 --seed 0 --deterministic
 DEMO_STAGE1 ?= --weights none --epochs 8 --batch-size 16
 DEMO_STAGE2 ?= --epochs 1 --batch-size 16
 DEMO_STAGE3 ?= --epochs 2 --batch-size 8 --steps-per-epoch 8 --validation-freq 2

@@ -48,7 +48,7 @@ import tensorflow as tf
 from flops import forward_flops
 
 from m2cnn_tf import backends, checkpoints, export, records
-from m2cnn_tf.checkpoints import save_best, stage_dir
+from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
 from m2cnn_tf.config import STAGE_SIZES
 from m2cnn_tf.model import build_m2cnn
 
@@ -204,12 +204,12 @@ def bench_size(size: int, work: Path, batches: list[int], repeats: int, preset: 
     model = build_m2cnn(size, preset=preset)
     _projections_as_trained(model)
     gflop = forward_flops(model, size) / 1e9
-    save_best(model, stage_dir(model_dir, stage),
+    save_checkpoint(model, stage_dir(model_dir, stage),
               {"stage": stage, "resolution": size, "preset": preset})  # fmt: skip
     del model
     keras.backend.clear_session()
     gc.collect()
-    checkpoint = checkpoints.best_model_path(model_dir, stage)
+    checkpoint = checkpoints.checkpoint_path(model_dir, stage)
     lines.append(f"checkpoint {checkpoint.stat().st_size / 1e6:.0f} MB")
     data = _calibration_data(work / "data", size)
     files = {}

@@ -116,12 +116,12 @@ def bench_predict(model_dir: Path, stage: int, files: list[Path], repeats: int) 
 
 
 def build_model(root: Path, size: int, preset: str) -> Path:
-    from m2cnn_tf.checkpoints import save_best, stage_dir
+    from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
     from m2cnn_tf.model import build_m2cnn
 
     model_dir = root / "models"
     meta = {"stage": 1, "resolution": size, "preset": preset}
-    save_best(build_m2cnn(size, preset=preset), stage_dir(model_dir, 1), meta)
+    save_checkpoint(build_m2cnn(size, preset=preset), stage_dir(model_dir, 1), meta)
     return model_dir
 
 

@@ -99,7 +99,7 @@ def main() -> int:
         trained = train_stage(stage, args.data, args.out, args.batch)
         m = measure("paper", size, True, args.batch)
         found = footprint.Footprint(m["params"], m["per_image"], m["step_fixed"])
-        gpu = footprint.gpu_bytes(found, batch16, mixed_precision=True) / footprint.GB
+        gpu = tuple(b / footprint.GB for b in footprint.gpu_bytes(found, batch16, True))
         print(
             f"{stage:5d}  {size:4d}  {m['seconds_per_step']:21.2f}  "
             f"{trained['peak_rss_mb']:6.0f} MB  {trained['checkpoint_mb']:7.0f} MB  "

@@ -2,6 +2,10 @@
 
     m2cnn-prep kaggle --kaggle-dir DIR --out OUT [flags]   Kaggle EyePACS → TFRecords
     m2cnn-prep folder --images DIR --labels CSV --out OUT  any labelled folder → TFRecords
+    m2cnn-prep aptos --aptos-dir DIR --out OUT             APTOS 2019, as Kaggle ships it
+    m2cnn-prep messidor2 --messidor2-dir DIR --out OUT     Messidor-2 + Krause et al.'s grades
+    m2cnn-prep idrid --idrid-dir DIR --out OUT             IDRiD disease grading
+    m2cnn-prep ddr --ddr-dir DIR --out OUT                 DDR DR grading
     m2cnn-prep demo --out DIR                              write the synthetic demo dataset
     m2cnn-prep COMMAND --help                              that command's flags
 
@@ -16,7 +20,7 @@ import sys
 from m2cnn_tf import cli
 
 PROG = "m2cnn-prep"
-COMMANDS = ("kaggle", "folder", "demo")
+COMMANDS = ("kaggle", "folder", "aptos", "messidor2", "idrid", "ddr", "demo")
 
 
 def _summary(name: str) -> str:
@@ -33,7 +37,7 @@ def run(argv: list[str] | None = None) -> int:
     if name in ("-h", "--help", "-help", "--helpfull", "help"):
         print(__doc__.strip() + "\n\ncommands:")
         for command in COMMANDS:
-            print(f"  {command:7} {_summary(command)}")
+            print(f"  {command:9} {_summary(command)}")
         return cli.EXIT_OK
     if name not in COMMANDS:
         return cli.usage_error(PROG, f"unknown command {name!r}; choose {', '.join(COMMANDS)}")

@@ -1,4 +1,5 @@
-"""The conversion engine shared by data_prep.kaggle and data_prep.folder.
+"""The conversion engine every data_prep conversion command shares (kaggle, folder, and the
+published sets: aptos, messidor2, idrid, ddr).
 
 Listing → preprocessed (m2cnn_tf.preprocessing), encoded images → sharded TFRecords
 (m2cnn_tf.records) + OUT/manifest.json. Streaming, parallel and resumable:
@@ -58,6 +59,7 @@ class Result:
     skipped: int  # inputs left out, each listed with its reason in the manifest
     flagged: int = 0  # val/test images kept although imperfect, each listed in the manifest
     resumed: int = 0  # images an interrupted run had already converted
+    excluded: int = 0  # left out by the dataset's protocol (ungradable), listed in the manifest
     already_complete: bool = False  # the same conversion was found finished; nothing redone
 
 
@@ -143,7 +145,10 @@ def _timings(stats: dict[str, int], seconds: float, workers: int) -> dict[str, A
 def _result(out: Path, manifest: dict[str, Any], **kw: Any) -> Result:
     records = {split: c["records"] for split, c in manifest["counts"].items()}
     flagged = len(manifest.get("flagged", []))
-    return Result(out / MANIFEST, records, len(manifest["skipped"]), flagged, **kw)
+    excluded = len(manifest.get("excluded", []))
+    return Result(
+        out / MANIFEST, records, len(manifest["skipped"]), flagged, excluded=excluded, **kw
+    )
 
 
 def _finished(out: Path, key: str) -> Result | None:
@@ -309,6 +314,11 @@ def _log_summary(
     )
     for note in manifest["notes"]:
         log(f"note: {note}")
+    if result.excluded:
+        log(
+            f"excluded {result.excluded} image(s) by the dataset's protocol: "
+            f"{summarize_skips(manifest['excluded'])}; each is listed in {result.manifest}"
+        )
     if result.flagged:
         log(
             f"kept {result.flagged} imperfect val/test image(s): "

@@ -1,4 +1,4 @@
-"""Any labelled fundus folder (APTOS 2019, Messidor-2, IDRiD, DDR, ...) → sharded TFRecords.
+"""Any labelled fundus folder + CSV → sharded TFRecords.
 
     python -m data_prep.folder --images DIR --labels CSV --out OUT [--id-column image]
         [--grade-column level] [--ext .png] [--split-column COL | --split-ratio 0.8,0.1,0.1]
@@ -6,14 +6,11 @@
 
 Without --ext, each id is looked up among the image files below DIR (any common extension).
 Splits come from a column (train/val/test and common spellings) or a patient-level ratio.
-Bad inputs are skipped and listed in OUT/manifest.json (--strict: refused, nothing written).
-Rerun the same command to resume an interrupted conversion.
-Exit codes: 0 done, 1 failed (or --strict found bad inputs), 2 usage, 130 interrupted.
+APTOS 2019, Messidor-2, IDRiD and DDR have their own commands, which read them as published.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 from absl import flags
@@ -25,32 +22,20 @@ if TYPE_CHECKING:
     from data_prep.sources import Listing  # pandas: imported when the command runs
 
 PROG = "data_prep.folder"
-FLAGS = flags.FlagValues()
-flags.DEFINE_string(
-    "images", None, "folder with the images (searched recursively)", flag_values=FLAGS
+FLAGS = options.conversion_flags(
+    {
+        "images": "folder with the images (searched recursively)",
+        "labels": "CSV with one row per image",
+        "ext": "image file extension, e.g. .png (default: find by name)",
+        "split-column": "CSV column with train/val/test",
+        "split-ratio": "train,val[,test] fractions, split by patient (default 0.8,0.1,0.1)",
+        "patient-column": "CSV column with the patient (default: the id without a _left/_right "
+        "suffix)",
+    },
+    required=["images", "labels"],
 )
-flags.DEFINE_string("labels", None, "CSV with one row per image", flag_values=FLAGS)
-flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
 flags.DEFINE_string("id-column", "image", "CSV column naming the image file", flag_values=FLAGS)
 flags.DEFINE_string("grade-column", "level", "CSV column with the grade 0–4", flag_values=FLAGS)
-flags.DEFINE_string(
-    "ext", None, "image file extension, e.g. .png (default: find by name)", flag_values=FLAGS
-)
-flags.DEFINE_string("split-column", None, "CSV column with train/val/test", flag_values=FLAGS)
-flags.DEFINE_string(
-    "split-ratio",
-    None,
-    "train,val[,test] fractions, split by patient (default 0.8,0.1,0.1)",
-    flag_values=FLAGS,
-)
-flags.DEFINE_string(
-    "patient-column",
-    None,
-    "CSV column with the patient (default: the id without a _left/_right suffix)",
-    flag_values=FLAGS,
-)
-options.define_processing_flags(FLAGS)
-flags.mark_flags_as_required(["images", "labels", "out"], flag_values=FLAGS)
 
 
 def _listing(settings: Settings) -> Listing:
@@ -69,13 +54,7 @@ def _listing(settings: Settings) -> Listing:
     )
 
 
-def run(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    return options.run_conversion(prog, __doc__, FLAGS, _listing, argv, tool=PROG)
-
-
-def main() -> None:
-    sys.exit(run())
-
+run, main = options.conversion_command(PROG, __doc__, FLAGS, _listing)
 
 if __name__ == "__main__":
     main()

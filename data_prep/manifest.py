@@ -1,6 +1,8 @@
-"""What a finished conversion records in OUT/manifest.json: its inputs, settings, counts, shards
-with checksums, every skipped input with its reason, every val/test image kept although
-imperfect (`flagged`), the images each split's source listed (`expected`), timings and versions.
+"""What a finished conversion records in OUT/manifest.json: its inputs (and, for a published
+set, its name, licence note and citation: `dataset`), settings, counts, shards with checksums,
+every skipped input with its reason, every val/test image kept although imperfect (`flagged`),
+every image the dataset's own protocol leaves out (`excluded`, e.g. ungradable), the images
+each split's source listed (`expected`), timings and versions.
 m2cnn_tf.manifest reads it (record counts for training, completeness for evaluation).
 
 The manifest is written last, atomically: it exists only for a complete conversion, and its
@@ -103,11 +105,13 @@ def write_manifest(
     plan = layout.plan
     counts, worker_skips, flagged = _counts(layout, by_split)
     skipped = [s.to_dict() for s in listing.skipped] + worker_skips
+    excluded = [s.to_dict() for s in listing.excluded]
     manifest = {
         "key": plan["key"],
         "tool": tool,
         "command": command,
         "source": listing.source,
+        **({"dataset": listing.dataset} if listing.dataset else {}),
         "params": {
             **settings.output_key(),
             **listing.options,
@@ -122,6 +126,8 @@ def write_manifest(
         "skipped_summary": dict(collections.Counter(s["reason"] for s in skipped)),
         "flagged": flagged,
         "flagged_summary": dict(collections.Counter(s["reason"] for s in flagged)),
+        "excluded": excluded,
+        "excluded_summary": dict(collections.Counter(s["reason"] for s in excluded)),
         "notes": listing.notes,
         "timings": {"first_started_utc": plan["created_utc"], "finished_utc": now(), **timings},
         "versions": versions(),

@@ -1,5 +1,7 @@
-"""What data_prep.kaggle and data_prep.folder share on the command line: the processing flags,
-the Settings they make, and how a conversion's outcome is reported.
+"""What every data_prep conversion command (kaggle, folder, aptos, messidor2, idrid, ddr) shares
+on the command line: its flags (the inputs, --out, the processing flags), the Settings they
+make, the end of its --help, its `run` and `main`, and how a conversion's outcome is reported.
+A command module holds only what is its own: its docstring, its input flags and its listing.
 
 Each flag is derived from a field of `PreprocessParams` (§II-A, Eq. (1)) or `Settings` that
 carries `help` metadata: its name is the field's (or the metadata's `flag`), its default and
@@ -24,6 +26,15 @@ from m2cnn_tf.preprocessing import PreprocessParams
 
 if TYPE_CHECKING:
     from data_prep.sources import Listing  # pandas: imported when a command runs
+
+# The end of every conversion command's --help.
+EPILOG = """
+Bad inputs are skipped and listed in OUT/manifest.json (--strict: refused, nothing written).
+Rerun the same command to resume an interrupted conversion.
+Exit codes: 0 done, 1 failed (or --strict found bad inputs), 2 usage, 130 interrupted.
+"""
+
+MakeListing = Callable[[Settings], "Listing"]
 
 
 def _flag_fields(owner: Any) -> list[dataclasses.Field]:
@@ -93,11 +104,55 @@ def command_line(prog: str, argv: Sequence[str]) -> list[str]:
     return [*head, *argv[1:]]
 
 
+def conversion_flags(inputs: dict[str, str], required: Sequence[str] = ()) -> flags.FlagValues:
+    """A command's own FlagValues: a string flag per input (name → help; `required` ones must
+    be given), --out, and the processing flags."""
+    fv = flags.FlagValues()
+    for name, text in inputs.items():
+        flags.DEFINE_string(name, None, text, flag_values=fv)
+    flags.DEFINE_string("out", None, "output directory", flag_values=fv)
+    define_processing_flags(fv)
+    flags.mark_flags_as_required([*required, "out"], flag_values=fv)
+    return fv
+
+
+def conversion_command(
+    tool: str, doc: str, fv: flags.FlagValues, make_listing: MakeListing
+) -> tuple[Callable[..., int], Callable[[], None]]:
+    """A conversion command's `run(argv=None, *, prog=tool)` and `main()`: `tool` is its
+    module (recorded in the manifest), `prog` what its lines are prefixed with
+    (`m2cnn-prep NAME` through the dispatcher)."""
+
+    def run(argv: list[str] | None = None, *, prog: str = tool) -> int:
+        return run_conversion(prog, doc, fv, make_listing, argv, tool=tool)
+
+    def main() -> None:
+        sys.exit(run())
+
+    return run, main
+
+
+def published_command(
+    name: str, doc: str, inputs: dict[str, str]
+) -> tuple[str, flags.FlagValues, Callable[..., int], Callable[[], None]]:
+    """A published set's command, data_prep.NAME: PROG, FLAGS, run and main. Its `inputs`
+    flags (the first required) are passed, in order, to data_prep.external's listing of it."""
+    tool = f"data_prep.{name}"
+    fv = conversion_flags(inputs, [next(iter(inputs))])
+
+    def make_listing(_settings: Settings) -> Listing:
+        from data_prep.external import LISTINGS  # pandas: imported when the command runs
+
+        return LISTINGS[name](*(fv[flag].value for flag in inputs))
+
+    return tool, fv, *conversion_command(tool, doc, fv, make_listing)
+
+
 def run_conversion(
     prog: str,
     doc: str,
     fv: flags.FlagValues,
-    make_listing: Callable[[Settings], Listing],
+    make_listing: MakeListing,
     argv: Sequence[str] | None,
     *,
     tool: str,
@@ -111,7 +166,7 @@ def run_conversion(
         listing = make_listing(settings)
         return _convert(listing, fv["out"].value, settings, prog, tool, command_line(prog, argv))
 
-    return cli.run(prog, doc, fv, body, argv)
+    return cli.run(prog, doc.rstrip() + "\n" + EPILOG, fv, body, argv)
 
 
 def _convert(

@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +56,14 @@ class Skip:
 
 @dataclasses.dataclass
 class Row:
-    """One label row before validation; `patient` overrides the id-derived patient."""
+    """One label row before validation; `patient` and `eye` override the id-derived ones."""
 
     split: str
     image_id: str
     grade: str
     path: str
     patient: str | None = None
+    eye: str | None = None
 
 
 @dataclasses.dataclass
@@ -72,6 +73,10 @@ class Listing:
     source: dict  # what was read (paths, CSV checksums): goes into the manifest
     options: dict  # listing choices that change the output (split rule, seed)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Left out by the dataset's own protocol (an ungradable image), not because it is bad:
+    # counted in the manifest, and not among the images a split is expected to hold.
+    excluded: list[Skip] = dataclasses.field(default_factory=list)
+    dataset: dict | None = None  # a published set's name, licence note and citation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +164,7 @@ def validate(rows: Iterable[Row]) -> tuple[list[Item], list[Skip]]:
             skipped.append(Skip(row.image_id, row.path, reason, row.split))
             continue
         patient, eye = split_id(row.image_id)
-        if row.patient:
-            patient = row.patient
+        patient, eye = row.patient or patient, eye if row.eye is None else row.eye
         items.append(Item(row.split, row.image_id, row.path, int(grade), patient, eye))
     return items, skipped
 
@@ -264,14 +268,21 @@ def _solution_rows(
 # Any folder + CSV
 
 
+def image_files(images_dir: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """(file name, path) of every image file below images_dir (datasets nest their folders),
+    in a fixed order."""
+    for dirpath, dirs, files in os.walk(images_dir):
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield name, os.path.join(dirpath, name)
+
+
 def _index_images(images_dir: Path) -> dict[str, list[str]]:
-    """Stem → paths of every image file below images_dir (datasets nest their folders)."""
+    """Stem → paths of every image file below images_dir."""
     index: dict[str, list[str]] = defaultdict(list)
-    for dirpath, _dirs, files in os.walk(images_dir):
-        for name in files:
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_EXTENSIONS:
-                index[stem].append(os.path.join(dirpath, name))
+    for name, path in image_files(images_dir):
+        index[os.path.splitext(name)[0]].append(path)
     return index
 
 

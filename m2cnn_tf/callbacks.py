@@ -3,6 +3,7 @@ checkpoint and the epoch log. `training.make_callbacks` puts them in the order t
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
@@ -12,19 +13,44 @@ from typing import Any
 import keras
 
 from m2cnn_tf import checkpoints
+from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.config import OBJECTIVES
 from m2cnn_tf.train_step import TrainingError
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras's BackupAndRestore, knowing the epoch it is in after a resume.
+    """Keras's BackupAndRestore, knowing the epoch it is in and the steps done.
 
     Keras only counts epochs as they end, so a step-level (or Ctrl-C) backup taken in the first
-    epoch after a resume would record epoch 0 and restart the schedule.
+    epoch after a resume would record epoch 0 and restart the schedule. Keras also resumes a
+    backup taken inside an epoch at that epoch's start, which would train its first steps
+    twice; here training_metadata.json also records `steps`, the train steps done, so that
+    `training.fit` resumes at that exact step. Counted from the batches the fit ran (not from
+    an optimizer's counter, which a skipped mixed-precision step does not advance).
     """
+
+    def __init__(self, backup_dir: str, first_step: int = 0, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.steps = first_step
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        """Every epoch ends with a backup that says so, also with step-level backups (whose
+        last one says "inside the epoch"), so that a resumed run starts the next epoch."""
+        super().on_epoch_end(epoch, logs)
+        if self.save_freq != "epoch":
+            self._save_model()
+
+    def _save_model(self):
+        super()._save_model()
+        path = Path(self._training_metadata_path)
+        atomic_write_json(path, {**json.loads(path.read_text()), "steps": self.steps})
 
 
 class DeferInterrupt(keras.callbacks.Callback):
@@ -47,7 +73,8 @@ class DeferInterrupt(keras.callbacks.Callback):
         self.pending = True
 
     def on_train_begin(self, logs=None):
-        if threading.current_thread() is threading.main_thread():
+        main = threading.current_thread() is threading.main_thread()
+        if main and self._previous is None:  # once, over the fits of one run
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def restore(self) -> None:
@@ -60,7 +87,11 @@ class DeferInterrupt(keras.callbacks.Callback):
             self.restore()
             raise KeyboardInterrupt
 
-    on_train_batch_end = on_test_batch_end = on_epoch_begin = _raise_if_pending
+    # Before the next train batch or epoch, not after this one: every callback has then seen
+    # the batch done (the backup counts it), and an epoch's validation and end (its best
+    # checkpoint, its backup) are never cut short, so the state saved is exactly the steps
+    # trained and a resumed run does what an uninterrupted one would.
+    on_train_batch_begin = on_epoch_begin = _raise_if_pending
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -70,6 +101,7 @@ class StopOnNonFinite(keras.callbacks.Callback):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.epoch = 0
+        self.offset = 0  # steps of this epoch done before this fit (a resumed epoch)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -77,7 +109,7 @@ class StopOnNonFinite(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            step = self.epoch * self.steps_per_epoch + batch + 1
+            step = self.epoch * self.steps_per_epoch + self.offset + batch + 1
             raise TrainingError(
                 f"loss became {float(loss)} at step {step} (epoch {self.epoch + 1}, batch "
                 f"{batch + 1}); the last backup is kept. Lower the learning rates or check the data"
@@ -126,19 +158,45 @@ class KeepBest(keras.callbacks.Callback):
             return
         self.best = comparable
         if self.write:
-            meta = {
-                **self.meta,
-                "epoch": epoch + 1,
-                "best_metric": self.metric,
-                "val_kappa_scores": float(logs.get("val_kappa_scores", float("nan"))),
-                "val_kappa_probs": float(logs.get("val_kappa_probs", float("nan"))),
-                "val_loss": float(logs.get("val_loss", float("nan"))),
-            }
-            checkpoints.save_best(self.net, self.directory, meta)
+            meta = epoch_meta(self.meta, epoch, logs, self.metric)
+            checkpoints.save_checkpoint(self.net, self.directory, meta, "best")
             self.log(
                 f"\nepoch {epoch + 1}: val kappa ({metric_label(self.metric)}) {value:.4f}, "
                 f"new best -> {self.directory / checkpoints.BEST_MODEL}"
             )
+
+
+def epoch_meta(meta: dict[str, Any], epoch: int, logs: dict, metric: str) -> dict[str, Any]:
+    """best.json / last.json: the run's facts, the epoch (1-based) and its val figures."""
+    return {
+        **meta,
+        "epoch": epoch + 1,
+        "best_metric": metric,
+        "val_kappa_scores": float(logs.get("val_kappa_scores", float("nan"))),
+        "val_kappa_probs": float(logs.get("val_kappa_probs", float("nan"))),
+        "val_loss": float(logs.get("val_loss", float("nan"))),
+    }
+
+
+class KeepLast(keras.callbacks.Callback):
+    """Keep the functional model after the run's final step (last.keras, last.json).
+
+    The paper's runs are given by their step counts (Fig. 4: 448* is 224@20k + 12k steps), so
+    the model a run of N steps stands for is its last, not the one selected on val. Written at
+    the end of the final epoch (which always validates), so an interrupted run writes it when it
+    resumes and finishes.
+    """
+
+    def __init__(self, net: keras.Model, directory: Path, meta: dict[str, Any], epochs: int,
+                 write: bool, metric: str = "val_kappa_scores"):  # fmt: skip
+        super().__init__()
+        self.net, self.directory, self.meta, self.epochs = net, directory, meta, epochs
+        self.write, self.metric = write, metric
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.write and epoch + 1 == self.epochs:
+            meta = epoch_meta(self.meta, epoch, logs or {}, self.metric)
+            checkpoints.save_checkpoint(self.net, self.directory, meta, "last")
 
 
 class EpochsCsv(keras.callbacks.CSVLogger):

@@ -1,8 +1,9 @@
 """Where a stage's files live, what they are, and the only way to read them back.
 
-Layout of `--model-dir DIR` (one folder per stage, §II-C's 224 -> 448 -> 720 procedure):
+Layout of `--model-dir DIR` (one folder per stage: the slides' 224 -> 448 -> 720 stages):
     DIR/stage{N}/best.keras   the best model so far (by the val kappa its objective is judged by)
     DIR/stage{N}/best.json    what it is: stage, resolution, preset, Multi-Cell path, epoch, metric
+    DIR/stage{N}/last.keras   the weights after the run's final step, and last.json
     DIR/stage{N}/config.json  the resolved `Config` of the run (nested JSON, `Config.load`)
     DIR/stage{N}/export/      its deployable files (export.py), each with a JSON sidecar that
                               says what it is and which checkpoint it came from
@@ -25,6 +26,9 @@ from m2cnn_tf.errors import UsageError
 BEST_MODEL = "best.keras"
 BEST_META = "best.json"
 CONFIG = "config.json"
+# Which of a stage's checkpoints: the best on val (selected on that split), or the last (the
+# weights after the final step, what a run of N steps is); each with its metadata file.
+CHECKPOINTS = {"best": (BEST_MODEL, BEST_META), "last": ("last.keras", "last.json")}
 EXPORT_DIR = "export"
 SIDECAR_IN_DIR = "export.json"  # a SavedModel folder holds its own sidecar
 SIDECAR_SCHEMA = 1
@@ -52,15 +56,24 @@ def stage_dir(model_dir: str | Path, stage: int) -> Path:
     return Path(model_dir) / f"stage{stage}"
 
 
-def best_model_path(model_dir: str | Path, stage: int) -> Path:
-    """DIR/stage{N}/best.keras, or CheckpointMissing naming the stages that have one."""
-    path = stage_dir(model_dir, stage) / BEST_MODEL
+def _names(which: str) -> tuple[str, str]:
+    if which not in CHECKPOINTS:
+        choices = ", ".join(CHECKPOINTS)
+        raise UsageError(f"choose one of {choices}, got {which!r}", setting="checkpoint")
+    return CHECKPOINTS[which]
+
+
+def checkpoint_path(model_dir: str | Path, stage: int, which: str = "best") -> Path:
+    """DIR/stage{N}/best.keras (or last.keras), or CheckpointMissing naming the stages that have
+    one."""
+    name = _names(which)[0]
+    path = stage_dir(model_dir, stage) / name
     if not path.is_file():
-        found = sorted(Path(model_dir).glob(f"stage*/{BEST_MODEL}"))
+        found = sorted(Path(model_dir).glob(f"stage*/{name}"))
         there = ", ".join(p.parent.name for p in found)
         raise CheckpointMissing(
             f"no checkpoint for stage {stage}: {path} does not exist"
-            + (f" (stages with a checkpoint: {there})" if there else "")
+            + (f" (stages with one: {there})" if there else "")
             + f"; train stage {stage} into {model_dir} first",
             setting="model_dir",
         )
@@ -98,9 +111,9 @@ def read_json(path: Path, setting: str | None = None) -> dict[str, Any]:
     return value
 
 
-def read_meta(model_dir: str | Path, stage: int) -> dict[str, Any]:
-    """What the best model of a stage is (best.json; empty when there is none)."""
-    meta_path = best_model_path(model_dir, stage).with_name(BEST_META)
+def read_meta(model_dir: str | Path, stage: int, which: str = "best") -> dict[str, Any]:
+    """What a stage's best (or last) model is (best.json; empty when there is none)."""
+    meta_path = checkpoint_path(model_dir, stage, which).with_name(_names(which)[1])
     return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
 
 
@@ -114,15 +127,18 @@ def training_data(model_dir: str | Path, stage: int) -> str | None:
 # Saving and loading (Keras, imported here only)
 
 
-def save_best(model, directory: str | Path, meta: dict[str, Any]) -> Path:
+def save_checkpoint(
+    model, directory: str | Path, meta: dict[str, Any], which: str = "best"
+) -> Path:
     """Write the model then its metadata, each under a temporary name first: never half a file."""
+    name, meta_name = _names(which)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / BEST_MODEL
-    tmp = directory / f"tmp.{BEST_MODEL}"  # Keras wants the .keras suffix
+    target = directory / name
+    tmp = directory / f"tmp.{name}"  # Keras wants the .keras suffix
     model.save(tmp)
     os.replace(tmp, target)
-    atomic_write_json(directory / BEST_META, meta)
+    atomic_write_json(directory / meta_name, meta)
     return target
 
 
@@ -141,9 +157,12 @@ def load_model(path: str | Path):
         raise CheckpointMissing(f"cannot load checkpoint {path}: {err}") from None
 
 
-def load_stage(model_dir: str | Path, stage: int) -> tuple[Any, dict[str, Any]]:
-    """The best model of a stage and its metadata (best.json)."""
-    return load_model(best_model_path(model_dir, stage)), read_meta(model_dir, stage)
+def load_stage(
+    model_dir: str | Path, stage: int, which: str = "best"
+) -> tuple[Any, dict[str, Any]]:
+    """A stage's best (or last) model and its metadata (best.json, last.json)."""
+    model = load_model(checkpoint_path(model_dir, stage, which))
+    return model, read_meta(model_dir, stage, which)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from m2cnn_tf.errors import UsageError
 
 # §III-A: Kaggle's train set trains, its Public part validates, its Private part tests.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -19,6 +22,14 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 
 _PACKAGES = ("tensorflow", "keras", "numpy", "opencv-python-headless", "pillow")
+
+# Measured here (2 cores, tiny preset, 224 px, batch 16, 12 steps over 3 epochs): with TF's op
+# determinism on, one CPU run in four still ended with other weights, with oneDNN's kernels or
+# without, and also with one intra-op thread; with ops run one at a time (one inter-op thread,
+# each op still using every core), every run was bit-for-bit the same. When two ops run at
+# once, a kernel finds the thread pool busy and splits its sums differently. TensorFlow reads
+# this variable when it starts, so it is set before the first import.
+INTER_OP_THREADS = "TF_NUM_INTEROP_THREADS"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -44,6 +55,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Indented, key-sorted JSON, so that the same object always gives the same bytes."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_determinism() -> None:
+    """What a deterministic run needs from TensorFlow's runtime: one op at a time. Set in the
+    environment before TensorFlow loads (train.py and reproduce.py call this first), or through
+    TensorFlow's API while it has not started; once it has, a UsageError (a fresh process is
+    needed)."""
+    if os.environ.get(INTER_OP_THREADS) == "1":
+        return  # set by this process's launcher, or by an earlier call
+    os.environ[INTER_OP_THREADS] = "1"
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        os.environ.pop(INTER_OP_THREADS)
+        raise UsageError(
+            "a deterministic run needs TensorFlow started with one inter-op thread, and it has "
+            "already started in this process: run it in a fresh process (train.py and "
+            "reproduce.py do)",
+            setting="deterministic",
+        ) from None
 
 
 def versions() -> dict[str, str]:

@@ -267,6 +267,11 @@ class RuntimeConfig:
         "default", "tf.distribute strategy (multiworker reads TF_CONFIG).", choices=STRATEGIES
     )
     seed: int | None = setting(None, "Seed: deterministic input order, augmentation and init.")
+    deterministic: bool = setting(
+        False,
+        "Bit-for-bit reruns: op determinism, Python/NumPy/TF seeded (seed 0 unless given), "
+        "deterministic tf.data.",
+    )
     resume: bool = setting(True, "Resume from DIR/stageN/backup if present.")
     backup_steps: int | None = setting(
         None, "Also back up every N steps (default: each epoch).", check=POSITIVE

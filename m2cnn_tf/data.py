@@ -158,7 +158,7 @@ def make_dataset(
     seed: int | None = None,
     settings: DataConfig | None = None,
     augment: AugmentConfig | None = None,
-    start_epoch: int = 0,
+    start_step: int = 0,
     steps_per_epoch: int | None = None,
 ) -> tf.data.Dataset:
     """(images float32 [B, S, S, 3] in [-1, 1], meta {"grade", "id", "patient", "eye"}).
@@ -166,7 +166,10 @@ def make_dataset(
     training=True: shuffled, repeated forever, remainder dropped; augmented here if `augment`
     is enabled with on="pipeline" (with "step" the trainer augments on the accelerator); with
     `settings.balance`, grades are resampled (weights from `balance_weights`, the epoch counted
-    from `start_epoch` in units of `steps_per_epoch` batches). training=False: the records in
+    in units of `steps_per_epoch` batches). `start_step`: the batches a resumed run has already
+    trained on, skipped (as serialized records, before decoding) so that the stream, its
+    augmentation seeds and its balancing carry on exactly where the run stopped: a resumed run
+    sees the batches an uninterrupted one would. training=False: the records in
     file order, unaugmented, once, remainder kept; `settings` and `augment` are not used.
     """
     files = split_files(data_dir, image_size, split)
@@ -192,7 +195,7 @@ def make_dataset(
         seed=seed,
         settings=settings,
         augment=augment if here else None,
-        start_epoch=start_epoch,
+        start_step=start_step,
         steps_per_epoch=steps_per_epoch,
     )
 
@@ -225,7 +228,7 @@ def _training_dataset(
     seed: int | None,
     settings: DataConfig,
     augment: AugmentConfig | None,
-    start_epoch: int,
+    start_step: int,
     steps_per_epoch: int | None,
 ) -> tf.data.Dataset:
     deterministic = seed is not None
@@ -235,15 +238,16 @@ def _training_dataset(
     raw = _records(files, shuffle=True, seed=seed, deterministic=deterministic)
     if settings.balance:
         per_epoch = (steps_per_epoch or total // batch_size) * batch_size
-        raw = _balanced(raw, counts, settings, seed, start_epoch * per_epoch, per_epoch)
+        raw = _balanced(raw, counts, settings, seed, per_epoch)
     else:
         raw = raw.shuffle(settings.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         raw = raw.repeat()
+    raw = raw.skip(start_step * batch_size)  # a resumed run: what it has trained on already
 
     ds = raw.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     if augment is not None:
-        ds = ds.enumerate().map(
+        ds = ds.enumerate(start=start_step).map(
             lambda i, xm: (
                 augment_batch(xm[0], tf.stack([tf.cast(seed, tf.int64), i]), augment),
                 xm[1],
@@ -261,7 +265,6 @@ def _balanced(
     counts: list[int],
     settings: DataConfig,
     seed: int,
-    first_record: int,
     per_epoch: int,
 ) -> tf.data.Dataset:
     """Records resampled per grade with `balance_weights` of each record's epoch."""
@@ -273,7 +276,7 @@ def _balanced(
         )
         return ds.repeat().shuffle(max(1, settings.shuffle_buffer // NUM_CLASSES), seed=seed + g)
 
-    weights = tf.data.Dataset.range(first_record, 2**62).map(
+    weights = tf.data.Dataset.range(2**62).map(
         lambda i: balance_weights(counts, i // per_epoch, settings.balance_decay)
     )
     present = [g for g in range(NUM_CLASSES) if counts[g] > 0]

@@ -99,12 +99,14 @@ def _calibrate(
     return fit_calibration(val, fit_thresholds=fit_thresholds, per_patient=per_patient)
 
 
-def _checkpoint_record(model_dir, stage: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Which checkpoint was evaluated: report.json's "checkpoint" (with best.json's content)."""
+def _checkpoint_record(model_dir, stage: int, which: str) -> dict[str, Any]:
+    """Which checkpoint was evaluated: report.json's "checkpoint" (best or last, its path, and
+    its best.json / last.json)."""
     return {
         "model_dir": str(Path(model_dir).resolve()),
-        "path": str(checkpoints.best_model_path(model_dir, stage).resolve()),
-        "meta": meta,
+        "which": which,
+        "path": str(checkpoints.checkpoint_path(model_dir, stage, which).resolve()),
+        "meta": checkpoints.read_meta(model_dir, stage, which),
     }
 
 
@@ -125,9 +127,11 @@ def _calibration_record(cal: Calibration, fit_thresholds: bool, split: str) -> d
 def completeness_record(
     data_dir: str | Path, split: str, preds: Predictions, log=print
 ) -> dict[str, Any]:
-    """report.json's `n_images`, `n_expected` (None without a manifest), `missing_ids` and
-    `flagged` (graded, but kept by data_prep although imperfect); a one-line warning through
-    `log` when the split's source lists another number of images than were graded."""
+    """report.json's `n_images`, `n_expected` (None without a manifest), `missing_ids`,
+    `flagged` (graded, but kept by data_prep although imperfect), `n_excluded` (left out by the
+    dataset's protocol, e.g. ungradable) and `dataset` (a published set's name, or None); a
+    one-line warning through `log` when the split's source lists another number of images than
+    were graded."""
     found = manifest.completeness(data_dir, split, (str(i) for i in preds.ids))
     n_images = len(preds)
     if found.n_expected is not None and n_images != found.n_expected:
@@ -141,6 +145,8 @@ def completeness_record(
         "n_expected": found.n_expected,
         "missing_ids": found.missing,
         "flagged": found.flagged,
+        "n_excluded": found.excluded,
+        "dataset": found.dataset,
     }
 
 
@@ -162,20 +168,20 @@ def run_evaluation(
     threads: int | None = None,
     precision: str = "float32",
     force_precision: bool = False,
+    checkpoint: str = "best",
     log=print,
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint of a stage (on `backend`: the Keras model, or its LiteRT
-    export) on a split, write the report files into `out_dir` and return report.json's
+    """Evaluate a stage's best (or last) checkpoint (on `backend`: the Keras model, or its
+    LiteRT export) on a split, write the report files into `out_dir` and return report.json's
     content; warnings go through `log`."""
     check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
     runtime = backends.load_backend(
         backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads,
-        precision=precision, force_precision=force_precision,
+        precision=precision, force_precision=force_precision, checkpoint=checkpoint,
     )  # fmt: skip
     call, image_size, _ = backends.runtime_of(runtime)
-    meta = checkpoints.read_meta(model_dir, stage)
     preds, shards = predict_split(call, data_dir, image_size, split, tta=tta, batch_size=batch_size)
     calibration = _calibrate(
         call, data_dir, image_size, split, preds, fit_thresholds=fit_thresholds,
@@ -187,7 +193,7 @@ def run_evaluation(
         split=split,
         image_size=image_size,
         stage=stage,
-        checkpoint=_checkpoint_record(model_dir, stage, meta),
+        checkpoint=_checkpoint_record(model_dir, stage, checkpoint),
         data={"dir": str(Path(data_dir).resolve()), "shards": shards},
         tta=tta,
         backend=runtime.describe(),

@@ -1,6 +1,6 @@
 """How a trained stage becomes a deployable file: a TF SavedModel, or a LiteRT (.tflite) model
-in float32, float16, dynamic-range or full-integer int8, each with a JSON sidecar that says
-what it is and where it came from (`checkpoints` reads and checks it).
+in float32, float16, dynamic-range or int8 (selective by default), each with a JSON sidecar
+that says what it is and where it came from (`checkpoints` reads and checks it).
 
 The LiteRT model is converted by TF's own `TFLiteConverter.from_saved_model` from the very
 SavedModel `export_saved_model` writes, so both formats serve the same signature: `image`
@@ -216,7 +216,7 @@ def export_stage(
     if out.suffix == ".json":
         raise ExportError(f"{out} would be taken for a sidecar; name the model otherwise",
                           setting="out")  # fmt: skip
-    source = file_identity(checkpoints.best_model_path(model_dir, stage))
+    source = file_identity(checkpoints.checkpoint_path(model_dir, stage))
     model, meta = checkpoints.load_stage(model_dir, stage)
     size = int(model.input_shape[1])
     chosen = calibration_records(calibration, size, calibration_count, log) if calibration else []

@@ -39,6 +39,8 @@ class Completeness:
     n_expected: int | None  # distinct images the source listed; None when no manifest says
     missing: list[str]  # ids the source listed that were not evaluated, as far as known
     flagged: list[dict[str, str]]  # evaluated, but kept although imperfect: {"id", "reason"}
+    excluded: int | None = None  # left out by the dataset's protocol (ungradable)
+    dataset: str | None = None  # a published set's name (data_prep.external), when it is one
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -89,8 +91,9 @@ def completeness(
     """The images of `split` its source listed, against those evaluated.
 
     The missing ids are those the manifest lists as skipped from the split that were not
-    evaluated. `n_expected` is the manifest's `expected` count; for a manifest written before
-    it existed, the split's records plus the missing ids.
+    evaluated; the excluded ones, those the dataset's protocol left out of it (not expected).
+    `n_expected` is the manifest's `expected` count; for a manifest written before it existed,
+    the split's records plus the missing ids.
     """
     manifest = read_manifest(data_dir)
     if manifest is None:
@@ -106,9 +109,12 @@ def completeness(
         expected = manifest.get("expected", {}).get(split)
         if expected is None and split in manifest.get("counts", {}):
             expected = int(manifest["counts"][split]["records"]) + len(missing)
+        excluded = sum(s.get("split") == split for s in manifest.get("excluded", []))
+        dataset = (manifest.get("dataset") or {}).get("name")
     except (KeyError, TypeError, ValueError, AttributeError):
         return Completeness(None, [], [])
-    return Completeness(None if expected is None else int(expected), missing, flagged)
+    n_expected = None if expected is None else int(expected)
+    return Completeness(n_expected, missing, flagged, excluded, dataset)
 
 
 # ---------------------------------------------------------------------------------------------

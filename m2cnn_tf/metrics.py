@@ -92,6 +92,41 @@ def quadratic_weighted_kappa(y_true, y_pred, num_classes: int = NUM_CLASSES) -> 
 # A report's figures (ours, on top of Table II's kappa)
 
 
+def _per_group_cells(y_true, y_pred, group_index, n_groups: int, num_classes: int):
+    """One flattened confusion matrix per group: a resample's matrix is counts @ this."""
+    cells = np.ravel(y_true).astype(int) * num_classes + np.ravel(y_pred).astype(int)
+    per_group = np.zeros((n_groups, num_classes * num_classes), np.float64)
+    np.add.at(per_group, (group_index, cells), 1.0)
+    return per_group
+
+
+def _resamples(n: int, groups, n_boot: int, seed: int):
+    """(each image's group, its number of groups, the replicates): replicate b draws the groups
+    with replacement, `rng.integers(0, G, size=G)` from `np.random.default_rng(seed)`, and
+    yields how often it drew each group. Every bootstrap here uses these draws, so that figures
+    from one seed resample the same patients."""
+    if groups is None:
+        index = np.arange(n)
+    else:
+        _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups = int(index.max()) + 1 if len(index) else 0
+    rng = np.random.default_rng(seed)
+    draws = (
+        np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
+        for _ in range(n_boot)
+    )
+    return index, n_groups, draws
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_kappa_ci(
     y_true,
     y_pred,
@@ -110,29 +145,59 @@ def bootstrap_kappa_ci(
     `np.random.default_rng(seed)`; replicates with an undefined kappa (one class only) are
     dropped. Returns (low, high) at `level`.
     """
-    y_true = np.ravel(np.asarray(y_true)).astype(int)
-    y_pred = np.ravel(np.asarray(y_pred)).astype(int)
-    if groups is None:
-        group_index = np.arange(len(y_true))
-    else:
-        _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    n_groups = int(group_index.max()) + 1 if len(group_index) else 0
-    # One flattened confusion matrix per group; a replicate's matrix is counts @ per_group.
-    cells = y_true * num_classes + y_pred
-    per_group = np.zeros((n_groups, num_classes * num_classes), np.float64)
-    np.add.at(per_group, (group_index, cells), 1.0)
-    rng = np.random.default_rng(seed)
-    kappas = np.empty(n_boot)
-    for b in range(n_boot):
-        counts = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
-        cm = (counts @ per_group).reshape(num_classes, num_classes)
-        kappas[b] = kappa_from_confusion(cm)
-    kappas = kappas[~np.isnan(kappas)]
-    if not len(kappas):
-        return float("nan"), float("nan")
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(kappas, [tail, 100 - tail])
-    return float(low), float(high)
+    index, n_groups, draws = _resamples(len(np.ravel(y_true)), groups, n_boot, seed)
+    per_group = _per_group_cells(y_true, y_pred, index, n_groups, num_classes)
+    shape = (num_classes, num_classes)
+    kappas = np.array([kappa_from_confusion((c @ per_group).reshape(shape)) for c in draws])
+    return _percentiles(kappas, level)
+
+
+def paired_kappa_difference(
+    y_true,
+    pred_a,
+    pred_b,
+    *,
+    groups=None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+) -> tuple[float, float, float]:
+    """kappa(a) − kappa(b) on the same images, and its paired percentile bootstrap CI.
+
+    Both models are graded on the same resample of groups (patients) in every replicate, drawn
+    as in `bootstrap_kappa_ci`, so the CI is that of the difference itself: the images both got
+    right or wrong cancel out, where two independent CIs would count their spread twice.
+    Replicates in which either kappa is undefined are dropped. Returns (difference, low, high).
+    """
+    y_true = np.ravel(y_true)
+    if not len(y_true) == len(np.ravel(pred_a)) == len(np.ravel(pred_b)):
+        raise ValueError("a paired difference needs both models' grades of the same images")
+    index, n_groups, draws = _resamples(len(y_true), groups, n_boot, seed)
+    cells_a = _per_group_cells(y_true, pred_a, index, n_groups, num_classes)
+    cells_b = _per_group_cells(y_true, pred_b, index, n_groups, num_classes)
+    shape = (num_classes, num_classes)
+
+    def difference(counts) -> float:
+        a = kappa_from_confusion((counts @ cells_a).reshape(shape))
+        return a - kappa_from_confusion((counts @ cells_b).reshape(shape))
+
+    observed = difference(np.ones(n_groups))
+    differences = np.array([difference(c) for c in draws])
+    return (float(observed), *_percentiles(differences, level))
+
+
+def mean_ci_across_seeds(values, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of per-seed figures and its Student-t CI (mean ± t·sd/√N): how far another set
+    of seeds could move it. Needs two seeds or more (else the CI is NaN)."""
+    from scipy import stats  # scikit-learn's own dependency
+
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / len(values) ** 0.5
+    return mean, mean - float(half), mean + float(half)
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -257,3 +322,72 @@ def evaluate_predictions(
         "grade_counts": np.bincount(preds.grades, minlength=NUM_CLASSES).tolist(),
         "operating_point": OPERATING_POINT,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# External validation (ours): referable DR at an operating point chosen elsewhere
+# (calibration.choose_threshold), with bootstrap CIs.
+
+
+def referable_output(preds: Predictions, way: str) -> np.ndarray:
+    """The continuous referable-DR output of a way: the score, or P(grade >= 2)."""
+    return preds.scores if way == "scores" else referable_probability(preds.probs)
+
+
+def referable_at(
+    grades, continuous, threshold: float | None, *, groups=None, n_boot: int = 1000,
+    level: float = 0.95, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Referable DR at a given threshold (referable iff output >= it): ROC AUC, sensitivity and
+    specificity, each with its percentile bootstrap CI over `groups` (patients). A replicate
+    without referable (non-referable) images has no AUC and no sensitivity (specificity): it is
+    left out of those figures' CIs."""
+    from sklearn.metrics import roc_auc_score  # slow to import; only needed here
+
+    truth = np.ravel(grades) >= REFERABLE_GRADE
+    continuous = np.ravel(np.asarray(continuous, np.float64))
+    decision = continuous >= (np.inf if threshold is None else threshold)
+
+    def figures(w: np.ndarray) -> tuple[float, float, float]:
+        pos, neg = (w * truth).sum(), (w * ~truth).sum()
+        auc = roc_auc_score(truth, continuous, sample_weight=w) if pos and neg else np.nan
+        sens = (w * (decision & truth)).sum() / pos if pos else np.nan
+        spec = (w * (~decision & ~truth)).sum() / neg if neg else np.nan
+        return auc, sens, spec
+
+    point = figures(np.ones(len(truth)))
+    index, _, draws = _resamples(len(truth), groups, n_boot, seed)
+    replicates = np.array([figures(c[index].astype(np.float64)) for c in draws])
+    names = ("auc", "sensitivity", "specificity")
+    shown = None if threshold is None else finite_or_none(threshold)  # +inf: nobody referred
+    result: dict[str, Any] = {"threshold": shown, "prevalence": float(truth.mean())}
+    for k, name in enumerate(names):
+        result[name] = finite_or_none(point[k])
+        ci = _percentiles(replicates[:, k] if len(replicates) else np.array([]), level)
+        result[f"{name}_ci95"] = [finite_or_none(v) for v in ci]
+    return result
+
+
+def figures_at(
+    preds: Predictions, cutpoints: Sequence[float], thresholds: dict[str, float], **boot
+) -> dict[str, dict[str, Any]]:
+    """Both ways' kappa (the scores cut by `cutpoints`) and referable-DR figures at their
+    `thresholds`, with bootstrap CIs over patients when every image has one (`boot`: n_boot,
+    seed)."""
+    groups = preds.patients if all(preds.patients) else None
+    figures = {}
+    for way in WAYS:
+        graded = (
+            scores_to_grades(preds.scores, cutpoints)
+            if way == "scores"
+            else probs_to_grades(preds.probs)
+        )
+        ci = bootstrap_kappa_ci(preds.grades, graded, groups=groups, **boot)
+        figures[way] = {
+            "kappa": finite_or_none(quadratic_weighted_kappa(preds.grades, graded)),
+            "kappa_ci95": [finite_or_none(v) for v in ci],
+            **referable_at(
+                preds.grades, referable_output(preds, way), thresholds[way], groups=groups, **boot
+            ),
+        }
+    return figures

@@ -35,6 +35,17 @@ from m2cnn_tf.tta import make_predict_fn, model_range
 CSV_COLUMNS = (
     "path", "grade", "grade_prob", "score", *(f"p{k}" for k in range(NUM_CLASSES)), "error",
 )  # fmt: skip
+# CSV formula injection (OWASP's rule): a spreadsheet runs a cell that starts with one of these
+# as a formula (a file named "=cmd|' /C calc'!A0.jpg"), so such a text cell gets a leading "'".
+# Text cells only: the numbers (a negative score) are written as numbers. The grader's page
+# applies the same rule to its CSV (static/grader.js, given these two lists).
+CSV_TEXT_COLUMNS = ("path", "error")
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A text cell, neutralised if a spreadsheet would read it as a formula."""
+    return f"'{value}" if value.startswith(FORMULA_PREFIXES) else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,12 +219,14 @@ class Predictor:
 
 
 def write_rows(rows: Iterable[dict[str, Any]], out) -> tuple[int, int]:
-    """Stream rows as CSV to a file object, flushing per row; returns (written, failed)."""
+    """Stream rows as CSV to a file object, flushing per row; returns (written, failed).
+    Text cells are neutralised against formula injection (`csv_text`)."""
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     written = failed = 0
     for row in rows:
         formatted = {k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
+        formatted.update({k: csv_text(str(row[k])) for k in CSV_TEXT_COLUMNS if k in row})
         writer.writerow(formatted)
         out.flush()
         written += 1

@@ -1,5 +1,6 @@
 """What an evaluation leaves behind and how it reads: report.json, predictions.csv, the two
-plots, the Table II layout across runs (`evaluate.py --compare`), and the `--min-kappa` gate.
+plots, the Table II layout across runs (`evaluate.py --compare`), the `--min-kappa` gate, and
+the one table across datasets of external validation (`--compare --operating-point`).
 
 Table II of the paper: one column per training objective, split into its "scores" and "prob."
 test methods, one row per test split and resolution. Each report is one cell pair; a run
@@ -18,10 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from m2cnn_tf.common import atomic_write_bytes, atomic_write_json, atomic_write_text
+from m2cnn_tf.common import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 from m2cnn_tf.config import NUM_CLASSES
 from m2cnn_tf.errors import UsageError
-from m2cnn_tf.metrics import WAYS, Predictions, probs_to_grades, scores_to_grades
+from m2cnn_tf.metrics import (
+    WAYS,
+    Predictions,
+    probs_to_grades,
+    scores_to_grades,
+)
 
 REPORT = "report.json"
 CSV_COLUMNS = (
@@ -273,3 +283,73 @@ def kappa_gate(report: dict[str, Any], min_kappa: float) -> tuple[bool, str]:
     shown = "undefined" if kappa is None else f"{kappa:.3f}"
     verdict = f">= {min_kappa} (pass)" if passed else f"< {min_kappa} (FAIL)"
     return passed, f"check: kappa from scores {shown} {verdict}"
+
+
+# ---------------------------------------------------------------------------------------------
+# External validation: one table across datasets, at the development set's operating point
+
+
+def load_predictions(report_dir: str | Path) -> Predictions:
+    """A report's predictions.csv back as Predictions (the final scores and probabilities:
+    after TTA and any blending), or a UsageError saying why not."""
+    path = Path(report_dir) / "predictions.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return Predictions(
+            ids=np.array([r["id"] for r in rows]),
+            patients=np.array([r["patient"] for r in rows]),
+            eyes=np.array([r["eye"] for r in rows]),
+            grades=np.array([int(r["grade"]) for r in rows], np.int64),
+            scores=np.array([float(r["score"]) for r in rows]),
+            probs=np.array([[float(r[f"p{k}"]) for k in range(NUM_CLASSES)] for r in rows]),
+        )
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise UsageError(f"cannot read {path}: {err}") from None
+
+
+# The external table's figures: (column, key in a way's figures), each with its 95% CI.
+_FIGURES = (("kappa", "kappa"), ("refAUC", "auc"), ("sens", "sensitivity"), ("spec", "specificity"))
+
+
+def _ci(values: Sequence[float | None]) -> str:
+    return f"[{_fmt(values[0])}, {_fmt(values[1])}]"
+
+
+def external_table(result: dict[str, Any]) -> str:
+    """external_validation's result as text: where the operating point and the cut points came
+    from, then one line per (dataset, way)."""
+    op, cuts = result["operating_point"], result["cutpoints"]
+    dev = op["chosen_on"]
+    thresholds = ", ".join(  # None: +inf, chosen when no threshold meets the rule otherwise
+        f"{way} {'+inf (refers nobody)' if t is None else _fmt(t)}"
+        for way, t in op["thresholds"].items()
+    )
+    lines = [
+        "External validation: referable DR (grade >= 2) at one operating point, chosen on the "
+        "development set's val split and applied unchanged to every set",
+        f"  operating point: {op['rule']}, chosen on {dev['dataset']} "
+        f"{dev['split']}@{dev['image_size']} ({dev['report']}); thresholds: {thresholds} "
+        "(scores: the score; prob: P(grade >= 2))",
+        f"  cut points: {', '.join(f'{c:g}' for c in cuts['values'])}, from the same report "
+        f"({cuts['how']}); every report's predictions.csv is re-graded with them",
+        "",
+    ]
+    header = f"{'dataset':<28} {'split':<9} {'images':>6} {'excl.':>5} {'way':<6}"
+    header += "".join(f" {label:>6} {'95% CI':>14} " for label, _ in _FIGURES)
+    lines += [header.rstrip(), "-" * len(header.rstrip())]
+    for row in result["rows"]:
+        name = row["dataset"][:26] + (" *" if row.get("development") else "")
+        split = f"{row['split']}@{row['image_size']}"
+        excluded = "-" if row["n_excluded"] is None else str(row["n_excluded"])
+        for way in WAYS:
+            m = row[way]
+            cells = "".join(f" {_fmt(m[k]):>6} {_ci(m[k + '_ci95']):>14} " for _, k in _FIGURES)
+            lines.append(
+                f"{name:<28} {split:<9} {row['n_images']:>6} {excluded:>5} {way:<6}{cells}".rstrip()
+            )
+    lines.append(
+        "* the development set: its operating point was chosen on these images, so its "
+        "sensitivity and specificity are optimistic"
+    )
+    return "\n".join(lines)

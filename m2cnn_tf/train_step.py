@@ -61,12 +61,12 @@ class QuadraticKappa(keras.metrics.Metric):
             pred = ops.sum(ops.cast(score >= cuts[None, :], "int32"), axis=1)
         else:
             pred = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
-        cells = y_true * self.num_classes + pred
-        counts = ops.bincount(cells, minlength=self.num_classes**2)
-        counts = ops.reshape(
-            ops.cast(counts[: self.num_classes**2], "float32"), (self.num_classes, self.num_classes)
-        )
-        self.confusion.assign_add(counts)
+        # The batch's confusion matrix as one-hot(true)ᵀ · one-hot(predicted): sums of exact
+        # small integers, so the same on every device and in any order (TF's bincount has no
+        # deterministic GPU kernel: it would stop a --deterministic run on a GPU).
+        true_1h = ops.one_hot(y_true, self.num_classes, dtype="float32")
+        pred_1h = ops.one_hot(pred, self.num_classes, dtype="float32")
+        self.confusion.assign_add(ops.matmul(ops.transpose(true_1h), pred_1h))
 
     def result(self):
         cm = self.confusion
@@ -177,15 +177,6 @@ class TwoRateTrainer(keras.Model):
         Keras's version all-reduces a data batch to trace a symbolic step, which fails on
         MultiWorkerMirroredStrategy's PerReplica batches (Keras 3.15); skipping it is safe here.
         """
-
-    def make_test_function(self, force=False):
-        """XLA compiles the train step only: the kappa metric's bincount has no XLA kernel,
-        and validation runs once an epoch."""
-        jit, self._jit_compile = self._jit_compile, False
-        try:
-            return super().make_test_function(force)
-        finally:
-            self._jit_compile = jit
 
     @property
     def metrics(self):

@@ -16,7 +16,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ from m2cnn_tf.callbacks import (
     DeferInterrupt,
     EpochsCsv,
     KeepBest,
+    KeepLast,
     StopOnNonFinite,
     best_metric,
 )
-from m2cnn_tf.common import versions
+from m2cnn_tf.common import prepare_determinism, versions
 from m2cnn_tf.config import Config, OptimConfig, RuntimeConfig, check_config
 from m2cnn_tf.errors import Interrupted
 from m2cnn_tf.model import (
@@ -48,20 +49,28 @@ BACKUP = "backup"
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """Where this process writes a stage's results, and the epoch it resumes at."""
+    """Where this process writes a stage's results, and where a backup resumes it: the epoch
+    (0-based) and the train steps done (None: at that epoch's start)."""
 
     directory: Path  # DIR/stageN
     backup_dir: Path  # DIR/stageN/backup, or backup/workerN for a non-chief worker
     chief: bool  # writes the checkpoint, config.json and the logs
     start_epoch: int
+    start_step: int | None = None
+
+    @property
+    def resumed(self) -> bool:
+        return self.start_epoch > 0 or bool(self.start_step)
 
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-    train: tf.data.Dataset
+    train: tf.data.Dataset  # the train stream, after the steps done before (`first_step`)
+    train_from: Callable[[int], tf.data.Dataset]  # the same after N steps done
     val: tf.data.Dataset
     steps: int  # train steps per epoch
     val_steps: int
+    first_step: int  # the steps the run has done when it starts (a resumed run's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,15 @@ class Callbacks:
     keep_best: KeepBest
     backup: Backup
     interrupt: DeferInterrupt
+    non_finite: StopOnNonFinite
+
+    def continue_after_first_fit(self) -> None:
+        """Between the fit that finishes an interrupted epoch and the next: the epoch log
+        appends, and step numbers count whole epochs again."""
+        self.non_finite.offset = 0
+        for callback in self.ordered:
+            if isinstance(callback, EpochsCsv):
+                callback.append = True
 
 
 def run(config: Config, log=print) -> dict[str, Any]:
@@ -78,12 +96,15 @@ def run(config: Config, log=print) -> dict[str, Any]:
     started = time.monotonic()
     check_config(config)
     config = _without_xla_augment(config, log)
+    config = _seeded_if_deterministic(config, log)
+    if config.runtime.deterministic:
+        prepare_determinism()  # a UsageError if TensorFlow started without it
     if config.stage > 1 and not config.model.init:  # fail before any work if the start is missing
-        checkpoints.best_model_path(config.model_dir, config.stage - 1)
+        checkpoints.checkpoint_path(config.model_dir, config.stage - 1)
     strategy = distribution.make_strategy(config.runtime.strategy)  # the first TF work
     _set_runtime(config.runtime)
     stage = prepare_stage(config, strategy)
-    datasets = make_datasets(config, strategy, stage.start_epoch)
+    datasets = make_datasets(config, strategy, stage)
     trainer, origin = make_trainer(config, strategy, log)
     old, new = trainer.groups()
     replicas = strategy.num_replicas_in_sync
@@ -93,8 +114,8 @@ def run(config: Config, log=print) -> dict[str, Any]:
         f"{len(new)} at LR2={config.optim.lr_new:g}; {datasets.steps} steps/epoch, "
         f"{replicas} replica(s){sync}"
     )
-    callbacks = make_callbacks(config, trainer, stage, datasets.steps, origin, log)
-    history = fit(trainer, datasets, callbacks, config.optim, stage)
+    callbacks = make_callbacks(config, trainer, stage, datasets, origin, log)
+    history = fit(trainer, datasets, callbacks, config.optim, stage, log)
     return {
         "final": {k: float(v[-1]) for k, v in history.history.items() if v},
         "best_metric": callbacks.keep_best.metric,
@@ -114,9 +135,20 @@ def _without_xla_augment(config: Config, log) -> Config:
     return config
 
 
+def _seeded_if_deterministic(config: Config, log) -> Config:
+    """A deterministic run needs a seed: 0 unless one was given (saved in config.json)."""
+    if not config.runtime.deterministic or config.runtime.seed is not None:
+        return config
+    log("deterministic: seed 0 (none given)")
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, seed=0))
+
+
 def _set_runtime(runtime: RuntimeConfig) -> None:
+    """Seeds, op determinism and the dtype policy, before anything is built."""
     if runtime.seed is not None:
-        keras.utils.set_random_seed(runtime.seed)
+        keras.utils.set_random_seed(runtime.seed)  # Python, NumPy and TF
+    if runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
     if runtime.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
@@ -129,45 +161,47 @@ def prepare_stage(config: Config, strategy: tf.distribute.Strategy) -> Stage:
     backup_dir = directory / BACKUP / worker if worker else directory / BACKUP
     if not config.runtime.resume and chief and (directory / BACKUP).exists():
         shutil.rmtree(directory / BACKUP)
-    start_epoch = _backup_epoch(backup_dir) if config.runtime.resume else 0
+    start_epoch, start_step = _backup_point(backup_dir) if config.runtime.resume else (0, None)
     if chief:
         directory.mkdir(parents=True, exist_ok=True)
         config.save(directory / checkpoints.CONFIG)
-    return Stage(directory, backup_dir, chief, start_epoch)
+    return Stage(directory, backup_dir, chief, start_epoch, start_step)
 
 
-def _backup_epoch(backup_dir: Path) -> int:
+def _backup_point(backup_dir: Path) -> tuple[int, int | None]:
+    """(epoch, steps done) of the backup, ((0, None) without one); see `callbacks.Backup`."""
     meta = backup_dir / "training_metadata.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text()).get("epoch", 0))
-    return 0
+    if not meta.is_file():
+        return 0, None
+    values = json.loads(meta.read_text())
+    steps = values.get("steps")
+    return int(values.get("epoch", 0)), None if steps is None else int(steps)
 
 
-def make_datasets(config: Config, strategy: tf.distribute.Strategy, start_epoch: int) -> Datasets:
-    """The train stream (from the resume epoch on) and the val split, ready for `strategy`."""
+def make_datasets(config: Config, strategy: tf.distribute.Strategy, stage: Stage) -> Datasets:
+    """The train stream (after the steps a resumed run has done) and the val split, ready for
+    `strategy`."""
     size, batch = config.resolved_image_size(), config.optim.batch_size
     n_train = data.split_size(config.data, size, "train")
     n_val = data.split_size(config.data, size, "val")
     steps = config.optim.steps_per_epoch or n_train // batch
-    train = data.make_dataset(
-        config.data,
-        size,
-        "train",
-        batch_size=batch,
-        training=True,
-        seed=config.runtime.seed,
-        settings=config.input,
-        augment=config.augment,
-        start_epoch=start_epoch,
-        steps_per_epoch=steps,
-    )
-    val = data.make_dataset(config.data, size, "val", batch_size=batch, training=False)
-    # The step needs only the grade; string ids cannot be reduced across replicas.
-    train, val = (
-        distribution.for_replicas(ds, strategy).map(lambda x, m: (x, {"grade": m["grade"]}))
-        for ds in (train, val)
-    )
-    return Datasets(train, val, steps, math.ceil(n_val / batch))
+    first = stage.start_step if stage.start_step is not None else stage.start_epoch * steps
+
+    def only_grades(ds: tf.data.Dataset) -> tf.data.Dataset:
+        # The step needs only the grade; string ids cannot be reduced across replicas.
+        return distribution.for_replicas(ds, strategy).map(lambda x, m: (x, {"grade": m["grade"]}))
+
+    def train_from(done: int) -> tf.data.Dataset:
+        return only_grades(
+            data.make_dataset(
+                config.data, size, "train", batch_size=batch, training=True,
+                seed=config.runtime.seed, settings=config.input, augment=config.augment,
+                start_step=done, steps_per_epoch=steps,
+            )
+        )  # fmt: skip
+
+    val = only_grades(data.make_dataset(config.data, size, "val", batch_size=batch, training=False))
+    return Datasets(train_from(first), train_from, val, steps, math.ceil(n_val / batch), first)
 
 
 def count_variables(net: keras.Model, layer_names: Sequence[str]) -> tuple[int, int]:
@@ -186,7 +220,7 @@ def initialise(config: Config, log=print, replicas: int = 1) -> tuple[keras.Mode
     settings = config.model
     net = build_from_settings(config.resolved_image_size(), settings, replicas)
     if settings.init or config.stage > 1:
-        path = settings.init or checkpoints.best_model_path(config.model_dir, config.stage - 1)
+        path = settings.init or checkpoints.checkpoint_path(config.model_dir, config.stage - 1)
         source = checkpoints.load_model(path)
         loaded = copy_weights_by_name(source, net)
         origin = str(path)
@@ -226,10 +260,15 @@ def make_trainer(
 
 
 def make_callbacks(
-    config: Config, trainer: TwoRateTrainer, stage: Stage, steps: int, origin: str, log=print
+    config: Config,
+    trainer: TwoRateTrainer,
+    stage: Stage,
+    datasets: Datasets,
+    origin: str,
+    log=print,
 ) -> Callbacks:
     """Order matters: the NaN check runs before anything is saved, and the epoch is logged and
-    the best model kept before the backup marks the epoch as done."""
+    the best and the last model kept before the backup marks the epoch as done."""
     meta = {
         "stage": config.stage,
         "resolution": config.resolved_image_size(),
@@ -243,26 +282,30 @@ def make_callbacks(
         "versions": versions(),
     }
     metric = best_metric(config.optim.loss)
-    best = _previous_best(stage.directory, metric) if stage.start_epoch > 0 else None
+    best = _previous_best(stage.directory, metric) if stage.resumed else None
     keep_best = KeepBest(trainer.net, stage.directory, meta, best, stage.chief, log, metric)
+    epochs = config.optim.epochs
+    keep_last = KeepLast(trainer.net, stage.directory, meta, epochs, stage.chief, metric)
     backup = Backup(
         str(stage.backup_dir),
+        datasets.first_step,
         save_freq=config.runtime.backup_steps or "epoch",
         double_checkpoint=True,
         delete_checkpoint=False,
     )
     interrupt = DeferInterrupt()
-    ordered: list[keras.callbacks.Callback] = [interrupt, StopOnNonFinite(steps), keep_best]
+    non_finite = StopOnNonFinite(datasets.steps)
+    ordered: list[keras.callbacks.Callback] = [interrupt, non_finite, keep_best, keep_last]
     if stage.chief:
         names = [m.name for m in trainer.metrics]
         ordered += [
-            EpochsCsv(str(stage.directory / "epochs.csv"), names, append=stage.start_epoch > 0),
+            EpochsCsv(str(stage.directory / "epochs.csv"), names, append=stage.resumed),
             keras.callbacks.TensorBoard(
                 str(stage.directory / "tensorboard"), update_freq=config.runtime.log_steps
             ),
         ]
     ordered.append(backup)
-    return Callbacks(ordered, keep_best, backup, interrupt)
+    return Callbacks(ordered, keep_best, backup, interrupt, non_finite)
 
 
 def _previous_best(directory: Path, metric: str) -> float | None:
@@ -284,22 +327,43 @@ def fit(
     callbacks: Callbacks,
     optim: OptimConfig,
     stage: Stage,
+    log=print,
 ) -> keras.callbacks.History:
-    """Keras's fit, from the backup's epoch on; Ctrl-C saves the state and ends as Interrupted."""
+    """Keras's fit, from the backup on; Ctrl-C saves the state and ends as Interrupted.
+
+    A backup taken inside an epoch (Ctrl-C, or `--backup-steps`) resumes at its exact step:
+    first the rest of that epoch (a fit of the steps it lacks), then the remaining epochs, on
+    the stream after the steps done, so that a resumed run trains the same batches, with the
+    same augmentation, as an uninterrupted one (bit for bit with `--deterministic`).
+    """
+    common = {
+        "validation_data": datasets.val,
+        "callbacks": callbacks.ordered,
+        "shuffle": False,
+        "validation_steps": datasets.val_steps,
+        "validation_freq": validation_epochs(optim.epochs, optim.validation_freq),
+        "verbose": 1 if stage.chief else 2,
+    }
+    done = datasets.first_step - stage.start_epoch * datasets.steps
     try:
-        return trainer.fit(
-            datasets.train,
-            validation_data=datasets.val,
-            epochs=optim.epochs,
-            steps_per_epoch=datasets.steps,
-            callbacks=callbacks.ordered,
-            shuffle=False,
-            validation_steps=datasets.val_steps,
-            validation_freq=validation_epochs(optim.epochs, optim.validation_freq),
-            verbose=1 if stage.chief else 2,
-        )
+        if 0 < done < datasets.steps:  # finish the interrupted epoch first
+            log(f"resuming epoch {stage.start_epoch + 1} after its step {done}: its "
+                f"{datasets.steps - done} remaining steps first")  # fmt: skip
+            callbacks.non_finite.offset = done
+            history = trainer.fit(datasets.train, initial_epoch=stage.start_epoch,
+                                  epochs=stage.start_epoch + 1,
+                                  steps_per_epoch=datasets.steps - done, **common)  # fmt: skip
+            if stage.start_epoch + 1 == optim.epochs:
+                return history
+            callbacks.continue_after_first_fit()
+            first = stage.start_epoch + 1
+            train = datasets.train_from(first * datasets.steps)
+        else:
+            first, train = stage.start_epoch, datasets.train
+        return trainer.fit(train, initial_epoch=first, epochs=optim.epochs,
+                           steps_per_epoch=datasets.steps, **common)  # fmt: skip
     except KeyboardInterrupt:
-        callbacks.backup._save_model()  # weights and optimizer state now; resume redoes this epoch
+        callbacks.backup._save_model()  # weights, optimizer state and the exact step, now
         raise Interrupted(
             f"interrupted; state saved in {stage.backup_dir}; rerun the same command to resume"
         ) from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +15,26 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 
 
+def run_group(args: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` in a process group of its own, the whole group killed afterwards (on a
+    timeout too): nothing it started outlives the test."""
+    process = subprocess.Popen(args, start_new_session=True, **kwargs)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
 def run_json_script(script: str, timeout: float) -> dict[str, Any]:
     """Run `script` with `python -c` from the repository root; the JSON object it prints last.
 
     A failed run fails the test with the end of its stderr."""
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
-        timeout=timeout, cwd=ROOT,
+    done = run_group(
+        [sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, timeout=timeout, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

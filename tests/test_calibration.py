@@ -121,3 +121,66 @@ def test_calibration_fits_the_blend_first_then_cut_points_on_the_blended_scores(
     # Nothing asked, nothing changed.
     plain = calibration.fit_calibration(val, fit_thresholds=False, per_patient=False)
     assert plain == calibration.Calibration() and plain.apply(val) is val
+
+
+# ---------------------------------------------------------------------------------------------
+# The external-validation operating point
+
+# A development val split: 6 non-referable images (grades 0-1) and 4 referable ones.
+DEV_GRADES = np.array([0, 0, 0, 0, 0, 2, 2, 3, 4, 1])
+DEV_SCORES = np.array([0.1, 0.4, 0.9, 1.2, 2.1, 1.8, 2.6, 3.1, 3.9, 1.5])
+
+
+@pytest.mark.parametrize(
+    ("text", "threshold"),
+    [
+        # spec >= 0.8 needs 5 of the 6 negatives (0.1 0.4 0.9 1.2 1.5 | 2.1) below the
+        # threshold: 1.8 is the lowest such value; it refers all 4 positives.
+        ("spec=0.8", 1.8),
+        # spec >= 0.9 needs all 6 below: above 2.1, so 2.6; sensitivity 3/4.
+        ("specificity=90%", 2.6),
+        # sens >= 0.75: at most 2.6 (2.6, 3.1, 3.9 referred); the best specificity there, 6/6.
+        ("sens=0.75", 2.6),
+        # Youden: 1.8 gives 1 + 5/6 - 1; 2.6 gives 3/4 + 1 - 1; every other value less.
+        ("youden", 1.8),
+    ],
+)
+def test_the_operating_point_is_chosen_by_its_rule_as_a_hand_calculation(text, threshold):
+    rule = calibration.parse_operating_point(text)
+    assert calibration.choose_threshold(DEV_GRADES, DEV_SCORES, rule) == threshold
+
+
+def test_the_operating_point_equals_the_best_roc_point_of_sklearn():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(3)
+    grades = rng.integers(0, 5, 300)
+    scores = np.round(grades + rng.normal(0, 1.2, 300), 1)  # ties included
+    fpr, tpr, thr = roc_curve(grades >= 2, scores, drop_intermediate=False)
+    for floor in (0.8, 0.9, 0.95):
+        ok = 1 - fpr >= floor
+        best = thr[ok][np.argmax(tpr[ok])]  # ties: roc_curve lists the higher threshold first
+        rule = calibration.OperatingRule("specificity", floor)
+        assert calibration.choose_threshold(grades, scores, rule) == best
+    youden = thr[np.argmax(np.round(tpr - fpr, 12))]
+    assert calibration.choose_threshold(grades, scores, calibration.OperatingRule("youden")) == (
+        youden
+    )
+
+
+def test_without_both_classes_there_is_no_operating_point():
+    rule = calibration.OperatingRule("youden")
+    assert calibration.choose_threshold([0, 1, 1], [0.2, 0.5, 0.9], rule) is None
+    preds = Predictions(
+        ids=np.array(["a", "b"]), patients=np.array(["a", "b"]), eyes=np.array(["", ""]),
+        grades=np.array([2, 3]), scores=np.array([2.0, 3.0]), probs=np.full((2, 5), 0.2),
+    )  # fmt: skip
+    with pytest.raises(calibration.UsageError, match="referable and non-referable"):
+        calibration.operating_thresholds(preds, rule)
+
+
+@pytest.mark.parametrize("text", ["spec", "spec=1.5", "spec=0", "sens=x", "youden=1", "auc=0.9"])
+def test_a_bad_operating_point_is_a_usage_error_naming_its_setting(text):
+    with pytest.raises(calibration.UsageError) as e:
+        calibration.parse_operating_point(text)
+    assert e.value.setting == "operating_point" and "youden, spec=F or sens=F" in str(e.value)

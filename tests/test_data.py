@@ -220,7 +220,7 @@ def test_balance_resamples_a_skewed_split_toward_uniform(dataset):
         training=True,
         seed=0,
         settings=cfg,
-        start_epoch=30,
+        start_step=3000,  # 30 epochs of 100 steps done: the weights have decayed to natural
         steps_per_epoch=100,
     )
     grades = np.concatenate([m["grade"].numpy() for _, m in later.take(60)])
@@ -325,7 +325,8 @@ def test_counts_come_from_the_manifest_without_reading_a_record(dataset, tmp_pat
         data=str(copy), model_dir=str(tmp_path / "m"), image_size=SIZE,
         optim=OptimConfig(batch_size=4), input=DataConfig(balance=True),
     )  # fmt: skip
-    datasets = training.make_datasets(config, tf.distribute.get_strategy(), 0)
+    stage = training.Stage(tmp_path / "m", tmp_path / "b", chief=True, start_epoch=0)
+    datasets = training.make_datasets(config, tf.distribute.get_strategy(), stage)
     assert (datasets.steps, datasets.val_steps) == (10, 3)  # 40 // 4 and ceil(11 / 4)
 
 

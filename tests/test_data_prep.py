@@ -1,4 +1,5 @@
-"""data_prep.kaggle / data_prep.folder: splits, bad inputs, strictness, usage errors, resume."""
+"""data_prep.kaggle / data_prep.folder (and what every conversion command shares): splits, bad
+inputs, strictness, usage errors, resume. The published sets' own layouts: test_external_sets.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 import tensorflow as tf
 from synthetic_fundus import fundus, kaggle_dir, write_fundus
 
-from data_prep import cli, folder, kaggle, options
+from data_prep import aptos, cli, ddr, folder, idrid, kaggle, messidor2, options
 from data_prep import convert as engine
 from data_prep.worker import Settings
 from m2cnn_tf import errors, records
@@ -370,11 +371,12 @@ def test_missing_kaggle_dir_and_missing_flag_exit_2(tmp_path, capsys):
     assert "--out" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("command", [kaggle, folder])
+@pytest.mark.parametrize("command", [kaggle, folder, aptos, messidor2, idrid, ddr])
 def test_help_exits_0_and_lists_the_processing_flags(command, capsys):
     assert run(command, ["--help"]) == 0
     shown = capsys.readouterr().out
     assert shown.startswith(command.__doc__.strip().splitlines()[0])
+    assert options.EPILOG.strip() in shown  # the shared end: bad inputs, resuming, exit codes
     names = ("out", "sizes", "base-size", "alpha", "no-mask", "workers", "strict")
     for name in names:
         assert f"--{name}:" in shown or f"--[no]{name}:" in shown, name
@@ -434,10 +436,10 @@ def test_m2cnn_prep_runs_the_same_commands(kaggle_src, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("m2cnn-prep folder: error: ")
 
 
-def test_m2cnn_prep_help_lists_the_three_commands_and_refuses_others(capsys):
+def test_m2cnn_prep_help_lists_every_command_and_refuses_others(capsys):
     assert cli.run(["m2cnn-prep", "--help"]) == 0
     shown = capsys.readouterr().out
-    for name in ("kaggle", "folder", "demo"):
+    for name in ("kaggle", "folder", "aptos", "messidor2", "idrid", "ddr", "demo"):
         assert f"  {name} " in shown
     for argv, word in ((["reshape"], "'reshape'"), ([], "missing command")):
         assert cli.run(["m2cnn-prep", *argv]) == 2

@@ -25,7 +25,7 @@ from _tfrecords import write_split
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from m2cnn_tf import backends, evaluation, metrics, reports, tta
-from m2cnn_tf.checkpoints import save_best, stage_dir
+from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.metrics import scores_to_grades
@@ -75,7 +75,9 @@ def workspace(tmp_path_factory):
         splits[split] = (images, grades)
     _spread_heads(model, splits["val"][0])
     model_dir = root / "model"
-    save_best(model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"})
+    save_checkpoint(
+        model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"}
+    )
     data = root / "data"
     (data / str(SIZE)).mkdir(parents=True)
     for split, (images, grades) in splits.items():
@@ -201,7 +203,7 @@ def _uniform(values) -> np.ndarray:
 @pytest.fixture(scope="module")
 def blend_workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("blend")
-    save_best(_mean_model(), stage_dir(root / "model", 1), {"stage": 1})
+    save_checkpoint(_mean_model(), stage_dir(root / "model", 1), {"stage": 1})
     val_values = [v for _, left, right in VAL_EYES for v in (left, right)]
     val_grades = [g for g, _, _ in VAL_EYES for _ in range(2)]
     write_split(root / "data", BLEND_SIZE, "val", _uniform(val_values), val_grades)
@@ -459,3 +461,38 @@ def test_a_complete_split_gives_no_warning_and_an_older_manifest_still_counts(tm
     )
     assert (record["n_expected"], record["missing_ids"]) == (4, ["d"])
     assert len(lines) == 1 and lines[0].startswith("warning: evaluated 3 test images")
+
+
+def test_checkpoint_last_evaluates_the_weights_after_the_final_step(workspace, tmp_path):
+    """A stage whose last checkpoint is another model than its best: `checkpoint="last"`
+    grades with last.keras (kappa from its own predictions, by sklearn) and says so."""
+    model_dir = tmp_path / "m"
+    for which, seed in (("best", 0), ("last", 5)):
+        model = build_m2cnn(SIZE, preset="tiny")
+        _spread_heads(model, workspace["val"][0], seed=seed)
+        meta = {
+            "stage": 1,
+            "resolution": SIZE,
+            "preset": "tiny",
+            "epoch": 3 if which == "best" else 6,
+        }
+        save_checkpoint(model, stage_dir(model_dir, 1), meta, which)
+    reports = {
+        which: evaluation.run_evaluation(
+            model_dir, 1, workspace["data"], "test", tmp_path / which, n_boot=10, checkpoint=which
+        )
+        for which in ("best", "last")
+    }
+    assert reports["last"]["checkpoint"]["which"] == "last"
+    assert reports["last"]["checkpoint"]["path"].endswith("stage1/last.keras")
+    assert reports["last"]["checkpoint"]["meta"]["epoch"] == 6
+    rows = list(csv.DictReader((tmp_path / "last" / "predictions.csv").open()))
+    expected = qwk([int(r["grade"]) for r in rows], [int(r["pred_score"]) for r in rows])
+    assert reports["last"]["scores"]["kappa"] == pytest.approx(expected)
+    assert reports["last"]["scores"]["kappa"] != reports["best"]["scores"]["kappa"]
+    with pytest.raises(UsageError, match="LiteRT export is made from the best") as err:
+        evaluation.run_evaluation(
+            model_dir, 1, workspace["data"], "test", tmp_path / "x", backend="litert",
+            checkpoint="last",
+        )  # fmt: skip
+    assert err.value.setting == "checkpoint"

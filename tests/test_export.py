@@ -33,7 +33,7 @@ from synthetic_fundus import fundus
 
 from m2cnn_tf import backends, checkpoints, cli, export, quantization
 from m2cnn_tf import model as model_module
-from m2cnn_tf.checkpoints import save_best, stage_dir
+from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.commands import export as command
 from m2cnn_tf.commands import predict as predict_cmd
@@ -90,7 +90,9 @@ def stage(tmp_path_factory):
     model(scaled[:N_TRAIN], training=True)  # BN moving statistics := the training images'
     _fit_heads(model, scaled[:N_TRAIN], grades[:N_TRAIN])
     model_dir = root / "model"
-    save_best(model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"})
+    save_checkpoint(
+        model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"}
+    )
     (stage_dir(model_dir, 1) / "config.json").write_text(json.dumps({"data": str(data)}))
     keras_backend = backends.load_backend("keras", model_dir=model_dir, stage=1)
     return {
@@ -462,7 +464,7 @@ def test_sidecar_that_does_not_match_the_claimed_checkpoint_is_refused(stage, tm
     assert backends.load_backend("litert", model_dir=model_dir, stage=1).image_size == SIZE
     _refused("exported from stage 1, not 2", model_dir=model_dir, stage=2, litert_model=copy)
     other = build_m2cnn(SIZE, preset="tiny")
-    save_best(other, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE})
+    save_checkpoint(other, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE})
     _refused("does not match the checkpoint it claims", model_dir=model_dir, stage=1)
 
 

@@ -8,6 +8,8 @@ from sklearn.metrics import cohen_kappa_score
 
 from m2cnn_tf.metrics import (
     bootstrap_kappa_ci,
+    mean_ci_across_seeds,
+    paired_kappa_difference,
     per_grade_rates,
     probs_to_grades,
     quadratic_weighted_kappa,
@@ -147,6 +149,44 @@ def test_bootstrap_ci_hand_cases():
     assert bootstrap_kappa_ci([0, 4], [2, 2], n_boot=200) == (0.0, 0.0)
 
 
+def test_paired_difference_ci_is_a_hand_written_paired_bootstrap_over_patients():
+    """Both models graded on the SAME resample in every replicate (the images both got right
+    cancel): the reference draws the same patients with a plain loop and sklearn's kappa."""
+    rng = np.random.default_rng(21)
+    y = rng.integers(0, 5, 80)
+    a = np.clip(y + rng.integers(-1, 2, 80), 0, 4)  # the better model
+    b = np.where(rng.random(80) < 0.3, rng.integers(0, 5, 80), a)  # a, with 30 % replaced
+    groups = [str(i // 2) for i in range(80)]  # two eyes per patient
+    got = paired_kappa_difference(y, a, b, groups=groups, n_boot=300, seed=4)
+
+    names = sorted(set(groups))
+    members = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
+    draws = np.random.default_rng(4)
+    differences = []
+    for _ in range(300):
+        idx = [i for k in draws.integers(0, len(names), len(names)) for i in members[names[k]]]
+        differences.append(sklearn_kappa(y[idx], a[idx]) - sklearn_kappa(y[idx], b[idx]))
+    low, high = np.percentile(differences, [2.5, 97.5])
+    assert got[0] == pytest.approx(sklearn_kappa(y, a) - sklearn_kappa(y, b), abs=1e-12)
+    np.testing.assert_allclose(got[1:], (low, high), atol=1e-9)
+    # Paired: a model against itself differs by exactly 0 in every resample, although its own
+    # kappa spreads over the resamples (unpaired intervals would not cancel that).
+    assert paired_kappa_difference(y, a, a, groups=groups, n_boot=300) == (0.0, 0.0, 0.0)
+    own = bootstrap_kappa_ci(y, a, groups=groups, n_boot=300)
+    assert own[1] - own[0] > 0.05
+
+
+def test_the_mean_over_seeds_has_students_t_interval_by_hand():
+    values = [0.012, 0.030, -0.004]
+    mean, low, high = mean_ci_across_seeds(values)
+    sd = np.sqrt(sum((v - 0.012666667) ** 2 for v in values) / 2)
+    half = 4.302653 * sd / np.sqrt(3)  # t(0.975, 2 degrees of freedom), from a table
+    assert mean == pytest.approx(0.038 / 3) and (low, high) == pytest.approx(
+        (mean - half, mean + half), rel=1e-5
+    )
+    assert np.isnan(mean_ci_across_seeds([0.01])[1])  # one seed: no spread to measure
+
+
 def test_per_grade_and_referable_rates_equal_hand_counts():
     y_true = np.array([0, 0, 0, 1, 2, 2, 3, 4])
     y_pred = np.array([0, 1, 0, 1, 1, 2, 4, 4])
@@ -163,3 +203,36 @@ def test_per_grade_and_referable_rates_equal_hand_counts():
     ref = referable_metrics(y_true, y_pred.astype(float), y_pred, threshold=1.5)
     assert (ref["sensitivity"], ref["specificity"], ref["prevalence"]) == (0.75, 1.0, 0.5)
     assert ref["threshold"] == 1.5
+
+
+def test_referable_figures_and_their_bootstrap_cis_equal_a_plain_resampling_loop():
+    from sklearn.metrics import roc_auc_score
+
+    from m2cnn_tf.metrics import referable_at
+
+    rng = np.random.default_rng(4)
+    grades = rng.integers(0, 5, 40)
+    scores = grades + rng.normal(0, 1.5, 40)
+    groups = [str(i // 2) for i in range(40)]  # two eyes per patient
+    got = referable_at(grades, scores, 1.7, groups=groups, n_boot=200, seed=3)
+    truth, refer = grades >= 2, scores >= 1.7
+    assert got["auc"] == pytest.approx(roc_auc_score(truth, scores))
+    assert got["sensitivity"] == (refer & truth).sum() / truth.sum()
+    assert got["specificity"] == (~refer & ~truth).sum() / (~truth).sum()
+    # The reference: resample patients as bootstrap_kappa_ci does, concatenate their images.
+    names = sorted(set(groups))
+    members = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
+    draw = np.random.default_rng(3)
+    values: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    for _ in range(200):
+        idx = [i for k in draw.integers(0, len(names), len(names)) for i in members[names[k]]]
+        t, s, r = truth[idx], scores[idx], refer[idx]
+        if t.any() and (~t).any():
+            values["auc"].append(roc_auc_score(t, s))
+        if t.any():
+            values["sensitivity"].append((r & t).sum() / t.sum())
+        if (~t).any():
+            values["specificity"].append((~r & ~t).sum() / (~t).sum())
+    for name, reference in values.items():
+        np.testing.assert_allclose(got[f"{name}_ci95"], np.percentile(reference, [2.5, 97.5]))
+        assert got[f"{name}_ci95"][0] <= got[name] <= got[f"{name}_ci95"][1]

@@ -9,7 +9,7 @@ import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
 from m2cnn_tf import model as m2
-from m2cnn_tf.checkpoints import load_stage, save_best, stage_dir
+from m2cnn_tf.checkpoints import load_stage, save_checkpoint, stage_dir
 from m2cnn_tf.config import ModelConfig
 from m2cnn_tf.model import (
     WeightsUnavailable,
@@ -180,7 +180,7 @@ def test_missing_or_foreign_weights_file_is_a_one_line_error(tmp_path):
 
 def test_checkpoint_round_trips_in_safe_mode(tmp_path):
     model = build_m2cnn(96, preset="tiny")
-    save_best(model, stage_dir(tmp_path, 1), {"stage": 1})
+    save_checkpoint(model, stage_dir(tmp_path, 1), {"stage": 1})
     loaded, meta = load_stage(tmp_path, 1)
     x = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype("float32")
     for key in ("logits", "score"):
@@ -231,7 +231,7 @@ def test_bn_momentum_is_set_on_every_batchnorm_and_survives_saving(tmp_path):
     model = build_m2cnn(96, preset="tiny", bn_momentum=0.9)
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(layer.momentum == 0.9 for layer in norms)
-    save_best(model, stage_dir(tmp_path, 1), {})
+    save_checkpoint(model, stage_dir(tmp_path, 1), {})
     loaded, _ = load_stage(tmp_path, 1)
     assert loaded.get_layer("conv_7b_bn").momentum == 0.9
     assert build_m2cnn(96, preset="tiny").get_layer("conv_7b_bn").momentum == 0.99
@@ -265,7 +265,7 @@ def test_a_checkpoint_with_synchronised_bn_loads_in_safe_mode_and_transfers_by_n
         mean, var = layer.moving_mean, layer.moving_variance
         mean.assign(rng.normal(0, 0.1, mean.shape).astype("float32"))
         var.assign(rng.uniform(0.5, 2.0, var.shape).astype("float32"))
-    save_best(model, stage_dir(tmp_path, 1), {"stage": 1})
+    save_checkpoint(model, stage_dir(tmp_path, 1), {"stage": 1})
     loaded, _ = load_stage(tmp_path, 1)  # safe mode, outside any tf.distribute strategy
     assert all(layer.synchronized for layer in _norms(loaded))
     x = rng.uniform(-1, 1, (2, 96, 96, 3)).astype("float32")

@@ -1,5 +1,5 @@
-"""--precision float32|bfloat16: m2cnn_tf.precision, the Keras backend, and the commands that
-take it (predict.py, evaluate.py, serve.py).
+"""--precision float32|bfloat16: the Keras backend's precision (m2cnn_tf.backends), and the
+commands that take it (predict.py, evaluate.py, serve.py).
 
 Reference: the float32 Keras model itself. The CPU's flags are read from a /proc/cpuinfo written
 here, so the refusal is tested on any machine, with or without bfloat16.
@@ -16,8 +16,8 @@ import pytest
 from _subprocess import run_json_script
 from synthetic_fundus import fundus
 
-from m2cnn_tf import backends, cli, precision
-from m2cnn_tf.checkpoints import save_best, stage_dir
+from m2cnn_tf import backends, cli
+from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.commands import predict as predict_cmd
 from m2cnn_tf.errors import UsageError
@@ -42,36 +42,36 @@ def model_dir(tmp_path_factory):
     model = build_m2cnn(SIZE, preset="tiny", bn_momentum=0.0)
     images = np.random.default_rng(0).uniform(-1, 1, (8, SIZE, SIZE, 3)).astype("float32")
     model(images, training=True)
-    save_best(model, stage_dir(root, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"})
+    save_checkpoint(model, stage_dir(root, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"})
     return root
 
 
 def test_bfloat16_flags_are_read_from_cpuinfo(tmp_path):
-    assert precision.cpu_bfloat16_flags(_cpuinfo(tmp_path)) == []
-    assert precision.cpu_bfloat16_flags(_cpuinfo(tmp_path, "avx512_bf16")) == ["avx512_bf16"]
-    assert precision.cpu_bfloat16_flags(_cpuinfo(tmp_path, "amx_bf16")) == ["amx_bf16"]
-    assert precision.cpu_bfloat16_flags(tmp_path / "absent") is None
+    assert backends.cpu_bfloat16_flags(_cpuinfo(tmp_path)) == []
+    assert backends.cpu_bfloat16_flags(_cpuinfo(tmp_path, "avx512_bf16")) == ["avx512_bf16"]
+    assert backends.cpu_bfloat16_flags(_cpuinfo(tmp_path, "amx_bf16")) == ["amx_bf16"]
+    assert backends.cpu_bfloat16_flags(tmp_path / "absent") is None
 
 
 def test_bfloat16_is_refused_where_the_cpu_lacks_it_unless_forced(tmp_path):
     plain = _cpuinfo(tmp_path)
     with pytest.raises(UsageError, match="lists neither avx512_bf16 nor amx_bf16") as info:
-        precision.check_precision("bfloat16", cpuinfo=plain)
+        backends.check_precision("bfloat16", cpuinfo=plain)
     assert info.value.setting == "precision"
     line = cli.error_line("predict.py", info.value)
     assert line.startswith("predict.py: error: --precision: bfloat16 needs") and "\n" not in line
     with pytest.raises(UsageError, match="cannot be read"):
-        precision.check_precision("bfloat16", cpuinfo=tmp_path / "absent")
-    precision.check_precision("bfloat16", cpuinfo=plain, force=True)
-    precision.check_precision("bfloat16", cpuinfo=_cpuinfo(tmp_path, "avx512_bf16"))
-    precision.check_precision("float32", cpuinfo=plain)
+        backends.check_precision("bfloat16", cpuinfo=tmp_path / "absent")
+    backends.check_precision("bfloat16", cpuinfo=plain, force=True)
+    backends.check_precision("bfloat16", cpuinfo=_cpuinfo(tmp_path, "avx512_bf16"))
+    backends.check_precision("float32", cpuinfo=plain)
     with pytest.raises(UsageError, match="must be one of float32, bfloat16, got 'float16'"):
-        precision.check_precision("float16")
+        backends.check_precision("float16")
 
 
 def test_bfloat16_model_computes_in_bfloat16_but_the_pooling_and_heads(model_dir):
     model = backends.load_keras(model_dir, 1).model
-    clone = precision.bfloat16_model(model)
+    clone = backends.bfloat16_model(model)
     policies = {layer.name: layer.dtype_policy.name for layer in clone.layers}
     assert {policies[name] for name in (POOL, *HEAD_LAYERS)} == {"float32"}
     assert policies["conv2d_1a"] == policies["block8_1_conv"] == "mixed_bfloat16"
@@ -114,7 +114,7 @@ def _one_line(capsys, code: int, prog: str) -> str:
 def test_predict_and_evaluate_refuse_bfloat16_in_one_line_where_the_cpu_lacks_it(
     model_dir, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(precision, "CPUINFO", _cpuinfo(tmp_path))
+    monkeypatch.setattr(backends, "CPUINFO", _cpuinfo(tmp_path))
     photo = tmp_path / "eye.png"
     cv2.imwrite(str(photo), fundus(180, 240, seed=0))
     base = [f"--model-dir={model_dir}", "--stage=1"]
@@ -147,9 +147,9 @@ def test_serve_passes_the_precision_to_the_grader(model_dir, tmp_path):
     ran = run_json_script(
         "import contextlib, io, json\n"
         "from pathlib import Path\n"
-        "from m2cnn_tf import precision\n"
+        "from m2cnn_tf import backends\n"
         "from m2cnn_tf.commands import serve\n"
-        f"precision.CPUINFO = Path({str(fake)!r})\n"
+        f"backends.CPUINFO = Path({str(fake)!r})\n"
         "err = io.StringIO()\n"
         "with contextlib.redirect_stderr(err):\n"
         f"    code = serve.run({argv!r})\n"

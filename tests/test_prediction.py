@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from data_prep import worker
 from m2cnn_tf import checkpoints, gradcam, prediction
-from m2cnn_tf.checkpoints import CheckpointMissing, save_best, stage_dir
+from m2cnn_tf.checkpoints import CheckpointMissing, save_checkpoint, stage_dir
 from m2cnn_tf.commands import predict as predict_cmd
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.export import export_saved_model
@@ -52,7 +52,9 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     model = build_m2cnn(SIZE, preset="tiny")
     model_dir = root / "model"
-    save_best(model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"})
+    save_checkpoint(
+        model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"}
+    )
     images = root / "images"
     images.mkdir()
     for i in range(3):
@@ -218,7 +220,7 @@ def test_checkpoint_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path, monkey
     model = keras.Model(
         inputs, {"logits": keras.layers.Dense(5)(x), "score": keras.layers.Dense(1)(x)}
     )
-    save_best(model, stage_dir(tmp_path / "m", 1), {"stage": 1})
+    save_checkpoint(model, stage_dir(tmp_path / "m", 1), {"stage": 1})
     marker.unlink()
     with pytest.raises(CheckpointMissing, match="Lambda"):
         checkpoints.load_stage(tmp_path / "m", 1)

@@ -1,16 +1,19 @@
-"""m2cnn_tf.reports: the Table II layout across runs, reading report.json back, the kappa gate.
+"""m2cnn_tf.reports: the Table II layout across runs, reading report.json back, the kappa gate,
+and the external-validation table across datasets.
 
-References: the numbers written into hand-made reports.
+References: the numbers written into hand-made reports, hand calculations, sklearn.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from _reports import fake_report
 
-from m2cnn_tf import reports
+from m2cnn_tf import calibration, reports
+from m2cnn_tf.calibration import OperatingRule
 from m2cnn_tf.errors import UsageError
 
 
@@ -79,3 +82,86 @@ def test_kappa_gate_passes_from_the_bar_up(kappa, bar, passed):
     ok, line = reports.kappa_gate({"scores": {"kappa": kappa}}, bar)
     assert ok is passed
     assert line.endswith("(pass)" if passed else "(FAIL)")
+
+
+# ---------------------------------------------------------------------------------------------
+# External validation: one table across datasets at the development set's operating point
+
+
+def _with_predictions(path, grades, scores, *, dataset, cutpoints, excluded=0, probs=None):
+    """A fake report (see _reports.fake_report) with its predictions.csv: p0-p4 put all the
+    mass on grade 0 or 4 (`probs`: True refers), so P(grade >= 2) is 0 or 1."""
+    report = json.loads((path / "report.json").read_text())
+    report |= {"dataset": dataset, "cutpoints": cutpoints, "n_excluded": excluded}
+    (path / "report.json").write_text(json.dumps(report))
+    probs = [s >= 2 for s in scores] if probs is None else probs
+    lines = [",".join(reports.CSV_COLUMNS)]
+    for i, (g, s, p) in enumerate(zip(grades, scores, probs, strict=True)):
+        mass = "0,0,0,0,1" if p else "1,0,0,0,0"
+        lines.append(f"{i}_left,{i},left,{g},{s},{mass},0,0")
+    (path / "predictions.csv").write_text("\n".join(lines) + "\n")
+
+
+# The development val split of test_calibration's hand calculation: spec >= 0.9 picks 2.6.
+DEV = ([0, 0, 0, 0, 0, 2, 2, 3, 4, 1], [0.1, 0.4, 0.9, 1.2, 2.1, 1.8, 2.6, 3.1, 3.9, 1.5])
+# An external test split: at 2.6 it refers 2.7, 2.65 and 3.0, so of the referable (grades 2, 3,
+# 4: scores 2.7, 2.2, 3.0) 2 of 3, and of the others (2.5, 0.3, 2.65) 2 of 3 are right.
+EXT = ([0, 0, 2, 3, 1, 4], [2.5, 0.3, 2.7, 2.2, 2.65, 3.0])
+
+
+def test_external_validation_applies_the_development_operating_point_unchanged(tmp_path):
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    dev = fake_report(tmp_path / "dev", "/runs/m", "val", 224, 0.8, 0.7)
+    _with_predictions(dev, *DEV, dataset="EyePACS", cutpoints=[0.5, 1.5, 2.5, 3.5])
+    ext = fake_report(tmp_path / "ext", "/runs/m", "test", 224, 0.5, 0.4)
+    _with_predictions(ext, *EXT, dataset="Messidor-2", cutpoints=[1, 2, 3, 3.9], excluded=4)
+    rule = OperatingRule("specificity", 0.9)
+    result = calibration.external_validation(dev, [ext, dev], rule, n_boot=100)
+    assert result["operating_point"]["thresholds"]["scores"] == 2.6
+    assert result["operating_point"]["chosen_on"]["dataset"] == "EyePACS"
+    assert result["cutpoints"] == {
+        "values": [0.5, 1.5, 2.5, 3.5], "from": str(dev), "how": "rounding",
+    }  # fmt: skip
+    dev_row, ext_row = result["rows"]  # the development report once, first
+    assert dev_row["development"] and "development" not in ext_row
+    assert (ext_row["dataset"], ext_row["n_images"], ext_row["n_excluded"]) == ("Messidor-2", 6, 4)
+    m = ext_row["scores"]
+    assert (m["threshold"], m["sensitivity"], m["specificity"]) == (2.6, 2 / 3, 2 / 3)
+    assert m["auc"] == pytest.approx(roc_auc_score(np.array(EXT[0]) >= 2, EXT[1]))
+    # The scores are re-graded with the development cut points, not the report's own.
+    rounded = np.digitize(EXT[1], [0.5, 1.5, 2.5, 3.5])
+    kappa = cohen_kappa_score(EXT[0], rounded, weights="quadratic", labels=list(range(5)))
+    assert m["kappa"] == pytest.approx(kappa)
+    table = reports.external_table(result)
+    assert "specificity >= 0.90 (max sensitivity), chosen on EyePACS val@224" in table
+    assert "thresholds: scores 2.600" in table and "cut points: 0.5, 1.5, 2.5, 3.5" in table
+    row = next(line for line in table.splitlines() if line.startswith("Messidor-2 "))
+    assert row.split()[:5] == ["Messidor-2", "test@224", "6", "4", "scores"]
+    assert next(line for line in table.splitlines() if line.startswith("EyePACS *"))
+
+
+def test_the_operating_point_is_only_chosen_on_a_val_report(tmp_path):
+    ext = fake_report(tmp_path / "ext", "/runs/m", "test", 224, 0.5, 0.4)
+    _with_predictions(ext, *EXT, dataset="Messidor-2", cutpoints=[0.5, 1.5, 2.5, 3.5])
+    with pytest.raises(UsageError, match="is a test report") as e:
+        calibration.external_validation(ext, [ext], OperatingRule("youden"))
+    assert e.value.setting == "development"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--operating-point", "youden"], "--operating-point and --development go together"),
+        (["--operating-point", "spec=2", "--development", "d"], "--operating-point: must be"),
+    ],
+)
+def test_evaluate_refuses_an_incomplete_operating_point_in_one_line(
+    tmp_path, capsys, extra, message
+):
+    from m2cnn_tf.commands import evaluate
+
+    dev = fake_report(tmp_path / "dev", "/runs/m", "val", 224, 0.8, 0.7)
+    assert evaluate.run(["evaluate.py", "--compare", str(dev), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate.py: error: ") and message in err and "\n" not in err

@@ -1,24 +1,32 @@
 """reproduce.py: the plan against the paper, the GPU check, and a miniature of every experiment.
 
 The expected inits and step counts are written out by hand from §III-A, Table II/III and Fig. 4,
-not derived from m2cnn_tf/protocol.py. The miniature trains every run of Table II, Table III and
-Fig. 4 with the tiny preset at 80/352/704 px (one per Multi-Cell path) for a step or three each,
-is interrupted once, resumed, and then rerun to rebuild only the report.
+not derived from m2cnn_tf/reproduce/protocol.py. The miniature trains every run of Table II,
+Table III and Fig. 4 with the tiny preset at 80/352/704 px (one per Multi-Cell path) for a step
+or three each, twice, in two processes at once and two fresh folders: one straight through, the
+other stopped by a real Ctrl-C inside a run and resumed. Their tables.json must be the same
+bytes (deterministic runs, exact resume); a rerun then only rebuilds the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from _subprocess import ENV
 from _tfrecords import grade_images, write_split
 
-from m2cnn_tf import evaluation, training
 from m2cnn_tf.commands import reproduce
+from m2cnn_tf.reproduce import figures, protocol
 from m2cnn_tf.reproduce import plan as reproduction
-from m2cnn_tf.reproduce import protocol
 from m2cnn_tf.reproduce import report as reproduction_report
 from m2cnn_tf.reproduce import runs as reproduction_runs
 from m2cnn_tf.reproduce.options import Options
@@ -77,13 +85,20 @@ def test_the_dry_run_plans_every_run_with_the_papers_inits_and_steps(tmp_path, c
     assert runs["m2cnn720"]["stage"] == 3 and runs["mse720"]["stage"] == 1
     assert any(a.startswith("--init=") for a in runs["m2cnn448"]["train_args"])
     assert "--nomulti-cell" in runs["mt448"]["train_args"]
-    assert runs["m2cnn448"]["config"]["model"]["init"].endswith("runs/mt224/stage1/best.keras")
+    assert runs["m2cnn448"]["config"]["model"]["init"].endswith("runs/mt224/stage1/last.keras")
+    assert runs["m2cnn448"]["init_checkpoint"] == "last"
+    assert runs["mt224"]["init_checkpoint"] is None  # from ImageNet
     for name in PAPER_PLAN:  # the printed table: one line per run with its estimates
         line = next(x for x in printed.splitlines() if x.startswith(name + " "))
         assert re.search(r"\d+(\.\d)? GB .*\d+\.\d h", line), line
-    evaluated = {(e["run"], e["split"]) for e in _plan(tmp_path / "o")["evaluations"]}
-    assert ("m2cnn720", "test") in evaluated and ("mt224", "val") in evaluated
-    assert ("mt224_60k", "val") not in evaluated  # Fig. 4 reads the runs' own validations
+    evaluated = {
+        (e["run"], e["split"], e["checkpoint"]) for e in _plan(tmp_path / "o")["evaluations"]
+    }
+    # Every cell with the last checkpoint and best-on-val beside it; Fig. 4's runs on val with
+    # the last only, for the paired comparisons (the curves read each run's own validations).
+    assert {("m2cnn720", "test", "last"), ("m2cnn720", "test", "best")} <= evaluated
+    assert ("mt224_60k", "val", "last") in evaluated
+    assert ("mt224_60k", "val", "best") not in evaluated
 
 
 def test_steps_scale_multiplies_every_step_count_and_keeps_the_plan_shape(tmp_path, capsys):
@@ -170,74 +185,117 @@ def mini_data(tmp_path_factory):
     return data
 
 
-def test_a_miniature_of_every_experiment_resumes_and_a_rerun_only_rebuilds_the_report(
-    tmp_path, capsys, monkeypatch, mini_data
+def _start(flags: list[str], log: Path) -> subprocess.Popen:
+    """`python reproduce.py FLAGS` in its own process group (a fresh TensorFlow each)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "reproduce.py"), *flags], stdout=out,
+            stderr=subprocess.STDOUT, env=ENV, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _wait(process: subprocess.Popen, log: Path, timeout: float = 540) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reproduce.py did not finish:\n{log.read_text()[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _steps_done(run_dir: Path) -> int:
+    meta = run_dir / "stage1" / "backup" / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text()).get("steps") or 0)
+    except (OSError, ValueError):
+        return 0  # not there yet, or being replaced
+
+
+def test_a_miniature_of_every_experiment_is_bit_for_bit_repeatable_and_resumes_exactly(
+    tmp_path, mini_data
 ):
-    out = tmp_path / "out"
-    flags = [
-        *("--data", str(mini_data), "--out", str(out), "--preset", "tiny", "--weights", "none"),
-        *("--sizes", ",".join(map(str, MINI_SIZES)), "--steps-scale", "0.00005"),
-        *("--batch-size", "2", "--allow-cpu"),
-    ]
-    # 1. Interrupted (Ctrl-C) as the third run starts: exit 130, two runs finished.
-    real_train, calls = training.run, []
+    def flags(out: Path) -> list[str]:
+        return [
+            *("--data", str(mini_data), "--out", str(out), "--preset", "tiny"),
+            *("--weights", "none", "--sizes", ",".join(map(str, MINI_SIZES))),
+            *("--steps-scale", "0.00005", "--batch-size", "2", "--allow-cpu"),
+        ]
 
-    def interrupt_third(config, log=print):
-        calls.append(config.model_dir)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_train(config, log=log)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    b = _start(flags(straight), tmp_path / "straight.log")
+    a = _start(flags(stopped), tmp_path / "stopped.log")
+    # 1. Ctrl-C inside 224@60k (3 epochs of one step; it starts as a copy of 224@20k's folder,
+    # which has done 1): once its second step is backed up, the third is under way or next.
+    try:
+        while _steps_done(stopped / "runs" / "mt224_60k") < 2 and a.poll() is None:
+            time.sleep(0.05)
+        os.kill(a.pid, signal.SIGINT)
+    finally:
+        code = _wait(a, tmp_path / "stopped.log")
+    log = (tmp_path / "stopped.log").read_text()
+    assert code == 130 and "interrupted" in log, log[-3000:]
+    # 2. The same command resumes: the finished runs are skipped, the stopped one carries on.
+    a = _start(flags(stopped), tmp_path / "resumed.log")
+    assert _wait(a, tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    resumed = (tmp_path / "resumed.log").read_text()
+    assert "mse224: done, skipped" in resumed and "m2cnn720: done, skipped" in resumed
+    assert _wait(b, tmp_path / "straight.log") == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    # 3. Bit for bit: the same tables, although one run was stopped and resumed.
+    assert (stopped / "tables.json").read_bytes() == (straight / "tables.json").read_bytes()
 
-    monkeypatch.setattr(training, "run", interrupt_third)
-    assert _reproduce(capsys, *flags)[0] == 130
-    done = [d.name for d in (out / "runs").iterdir() if (d / "reproduce.json").is_file()]
-    assert sorted(done) == ["mse224", "mse448"]
-
-    # 2. The rerun skips those two and does the rest.
-    monkeypatch.setattr(training, "run", real_train)
-    code, printed, _ = _reproduce(capsys, *flags)
-    assert code == 0
-    assert "mse224: done, skipped" in printed and "mse448: done, skipped" in printed
-    assert "m2cnn448_40k: starts from a copy of m2cnn448" in printed
-    plan = _plan(out)
+    plan = _plan(stopped)
     runs = {r["name"]: r for r in plan["runs"]}
     assert runs["m2cnn448"]["init"] == "run:mt224" and runs["m2cnn720"]["image_size"] == 704
-    assert runs["mse720"]["init"] == "none" and runs["mt224_60k"]["steps"] == 3
+    assert runs["m2cnn720"]["init_checkpoint"] == "last" and runs["mse720"]["init"] == "none"
+    assert (
+        runs["mt224_60k"]["steps"] == 3 and runs["m2cnn720"]["config"]["runtime"]["deterministic"]
+    )
+    assert {e["checkpoint"] for e in plan["evaluations"]} == {"last", "best"}
     for name, r in runs.items():
         assert json.loads((Path(r["model_dir"]) / "reproduce.json").read_text())["done"], name
-    best = json.loads((out / "runs/m2cnn720/stage3/best.json").read_text())
+        stage = Path(r["model_dir"]) / f"stage{r['stage']}"
+        assert (stage / "last.keras").is_file() and (stage / "best.keras").is_file(), name
+    best = json.loads((stopped / "runs/m2cnn720/stage3/last.json").read_text())
     assert best["multi_cell_path"] == "large" and best["resolution"] == 704
-    assert not json.loads((out / "runs/mt448/stage1/best.json").read_text())["multi_cell"]
+    assert not json.loads((stopped / "runs/mt448/stage1/best.json").read_text())["multi_cell"]
     # 224@60k carries on 224@20k: its first epoch is 224@20k's, then two more.
-    rows = reproduction_runs.epoch_rows(out / "runs/mt224_60k/stage1/epochs.csv")
+    rows = reproduction_runs.epoch_rows(stopped / "runs/mt224_60k/stage1/epochs.csv")
     assert sorted(rows) == [1, 2, 3]
 
-    tables = json.loads((out / "tables.json").read_text())
+    tables = json.loads((stopped / "tables.json").read_text())
     cell = next(c for c in tables["table2"] if (c["size"], c["column"]) == (448, "M²CNN scores"))
     assert cell["paper"] == 0.830 and cell["run"] == "m2cnn448" and cell["kappa"] is not None
     assert cell["difference"] == round(cell["kappa"] - 0.830, 4) and len(cell["ci95"]) == 2
-    row = next(c for c in tables["table3"] if (c["row"], c["split"]) == ("M²CNN", "test"))
-    assert row["paper"] == 0.841 and row["kappa"] is not None and row["n_images"] == 4
+    assert cell["source"]["tag"] == "ours" and cell["selected"]["kappa"] is not None
+    cell = next(c for c in tables["table2"] if (c["size"], c["column"]) == (224, "MSE scores"))
+    assert cell["source"]["tag"] == "paper" and cell["checkpoint"] == "last"
+    row = next(c for c in tables["table3"] if (c["row"], c["split"]) == ("BaseNet", "test"))
+    assert row["paper"] == 0.828 and row["run"] == "mse720" and row["source"]["tag"] == "ours"
+    assert row["kappa"] is not None and row["n_images"] == 4
+    compared = {(c["a"], c["b"], c["split"], c["size"], c["way"]) for c in tables["comparisons"]}
+    assert ("M²CNN scores", "Multi-Task scores", "val", 720, "scores") in compared
+    assert ("M²CNN", "BaseNet+MT", "test", 720, "scores") in compared
+    assert ("448*@40k", "448@26k", "val", 448, "scores") in compared
+    keys = {"a", "b", "split", "size", "ours", "ci_low", "ci_high", "paper", "paper_inside_ci"}
+    assert all(keys <= set(c) for c in tables["comparisons"]) and len(compared) == 17
     fig = {p["label"]: p for p in tables["fig4"]}
     assert fig["448*@32k"]["paper_hours"] == 4.0 and fig["448*@32k"]["steps"] == 2  # 1 + 1
-    assert fig["224@60k"]["steps"] == 3 and fig["224@60k"]["hours"] > fig["224@20k"]["hours"]
+    assert fig["224@60k"]["steps"] == 3 and "hours" not in fig["224@60k"]
+    hours = json.loads((stopped / "timings.json").read_text())["fig4_hours"]
+    assert hours["224@60k"][-1] > hours["224@20k"][-1]
     assert len(tables["fig4_claims"]) == 3 and any("miniature" in n for n in tables["notes"])
-    assert "| 448 | M²CNN scores |" in (out / "tables.md").read_text()
-    assert (out / "fig4.png").stat().st_size > 10_000
+    assert "| 448 | M²CNN scores |" in (stopped / "tables.md").read_text()
+    assert (stopped / "fig4.png").stat().st_size > 10_000
 
-    # 3. Everything done: the rerun trains and evaluates nothing, it only rebuilds the report.
-    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
-    (out / "tables.md").unlink()
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("a run or an evaluation ran on a finished reproduction")
-
-    monkeypatch.setattr(training, "run", no_work)
-    monkeypatch.setattr(evaluation, "run_evaluation", no_work)
-    code, printed, _ = _reproduce(capsys, *flags)
-    assert code == 0 and "trained 0 of 14 runs and evaluated 0 of 14" in printed
-    assert (out / "tables.md").is_file()
-    assert before == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    # 4. Everything done: the rerun trains and evaluates nothing, it only rebuilds the report.
+    before = {p: p.stat().st_mtime_ns for p in (stopped / "runs").rglob("*") if p.is_file()}
+    (stopped / "tables.md").unlink()
+    a = _start(flags(stopped), tmp_path / "rerun.log")
+    assert _wait(a, tmp_path / "rerun.log") == 0
+    assert "trained 0 of 14 runs and evaluated 0 of 31" in (tmp_path / "rerun.log").read_text()
+    assert (stopped / "tables.md").is_file()
+    assert before == {p: p.stat().st_mtime_ns for p in (stopped / "runs").rglob("*") if p.is_file()}
 
 
 def test_the_protocol_is_consistent_with_itself():
@@ -247,9 +305,9 @@ def test_the_protocol_is_consistent_with_itself():
             same = (base.loss, base.multi_cell, base.size, base.init)
             assert same == (run.loss, run.multi_cell, run.size, run.init), run.name
             assert base.steps.value < run.steps.value
-    for fig in protocol.FIG4:
+    for fig in figures.FIG4:
         assert fig.run in protocol.RUNS
-    for value in protocol.tagged_values().values():
+    for value in figures.tagged_values().values():
         assert value.source in (protocol.PAPER, protocol.OURS) and value.note
         assert value.source == protocol.PAPER or (value.topic and value.rendered())
 
@@ -270,7 +328,33 @@ def _readme_deviations() -> dict[str, str]:
 
 def test_the_readme_deviations_table_states_every_value_the_protocol_tags_ours():
     table = _readme_deviations()
-    for topic, texts in protocol.deviation_rows().items():
+    for topic, texts in figures.deviation_rows().items():
         assert topic in table, f"README deviations table lacks the row {topic!r}"
         for text in texts:
             assert text in table[topic], f"README row {topic!r} does not say {text!r}"
+
+
+def test_seeds_repeat_every_run_in_their_own_folders_and_the_hours_scale(tmp_path, capsys):
+    one, three = tmp_path / "one", tmp_path / "three"
+    for out, seeds in ((one, "1"), (three, "3")):
+        code, printed, _ = _reproduce(
+            capsys, "--data", str(tmp_path), "--out", str(out), "--dry-run", "--seeds", seeds
+        )
+        assert code == 0
+    plan = _plan(three)
+    runs = [(r["name"], r["seed"]) for r in plan["runs"]]
+    assert len(runs) == 3 * len(PAPER_PLAN) and {s for _, s in runs} == {0, 1, 2}
+    for r in plan["runs"]:
+        assert r["config"]["runtime"]["seed"] == r["seed"]  # the protocol's seed 0, plus s
+        expected = three / "runs" if r["seed"] == 0 else three / "seeds" / str(r["seed"]) / "runs"
+        assert Path(r["model_dir"]) == (expected / r["name"]).resolve()
+        if r["init"].startswith("run:"):  # a chain stays within its seed
+            assert f"/{r['seed']}/runs/" in r["config"]["model"]["init"] or r["seed"] == 0
+    assert {e["seed"] for e in plan["evaluations"]} == {0, 1, 2}
+    assert len(plan["evaluations"]) == 3 * len(_plan(one)["evaluations"])
+
+    def total(out):
+        return sum(r["est_hours"] for r in _plan(out)["runs"])
+
+    assert total(three) == pytest.approx(3 * total(one))
+    assert "(3 seeds)" in printed

@@ -179,7 +179,7 @@ def test_keep_best_judges_a_ce_run_by_probabilities_and_others_by_scores(tmp_pat
 
 def test_stage_two_without_multi_cell_loads_all_of_stage_one_and_builds_no_cells(tmp_path):
     stage1 = build_m2cnn(SIZE, preset="tiny")
-    checkpoints.save_best(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
+    checkpoints.save_checkpoint(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
     config = Config(
         stage=2,
         image_size=352,
@@ -200,7 +200,7 @@ def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path
     rng = np.random.default_rng(3)
     for v in stage1.weights:  # distinctive values, not an initialiser's
         v.assign(rng.normal(size=v.shape).astype("float32"))
-    checkpoints.save_best(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
+    checkpoints.save_checkpoint(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
 
     config = Config(
         stage=2, image_size=448, model_dir=str(tmp_path), model=ModelConfig(preset="tiny")
@@ -348,7 +348,7 @@ def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
         os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised: the step goes on
         assert callback.pending
         with pytest.raises(KeyboardInterrupt):
-            callback.on_train_batch_end(0)
+            callback.on_train_batch_begin(1)
         assert signal.getsignal(signal.SIGINT) is previous
         callback.on_train_begin()
         with pytest.raises(KeyboardInterrupt):  # the impatient second Ctrl-C
@@ -571,3 +571,19 @@ def test_wall_time_is_written_for_people():
     assert train_cmd.duration(48.4) == "48 s"
     assert train_cmd.duration(312) == "5 min 12 s"
     assert train_cmd.duration(7380) == "2 h 03 min"
+
+
+def test_a_deterministic_run_is_refused_where_tensorflow_started_with_parallel_ops(
+    tmp_path, records_dir, monkeypatch
+):
+    """This test's process started TensorFlow long ago, without one inter-op thread: the run
+    cannot be bit-for-bit, so it is refused in one line naming the setting, before any work."""
+    monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
+    config = _config(records_dir, tmp_path / "m")
+    config = dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, deterministic=True)
+    )
+    with pytest.raises(UsageError, match="fresh process") as err:
+        training.run(config)
+    assert err.value.setting == "deterministic" and not (tmp_path / "m").exists()
+    assert "TF_NUM_INTEROP_THREADS" not in os.environ

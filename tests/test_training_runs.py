@@ -71,98 +71,116 @@ def _iterations(backup: Path) -> int:
         return int(f["optimizer_new/vars/0"][()])  # the LR2 optimizer's step counter
 
 
-def _complete_backup(backup: Path, steps: int) -> bool:
+def _complete_backup(backup: Path) -> bool:
     """Keras writes the weights, then the metadata, each in place: a backup is complete when
-    the weights file reads and its step counter is the one the metadata's epoch implies."""
+    the weights file reads and its step counter is the steps the metadata records."""
     meta = _metadata(backup)
-    if not meta or meta["epoch"] < 1:
+    if not meta or not meta.get("steps"):
         return False
     try:
-        return _iterations(backup) == meta["epoch"] * steps
+        return _iterations(backup) == meta["steps"]
     except (OSError, KeyError):  # being written (HDF5 refuses to open it), or not yet whole
         return False
 
 
-def _kill_after_a_complete_backup(proc: subprocess.Popen, backup: Path, steps: int) -> None:
-    """kill -9, but only while a complete backup exists. The run is frozen (SIGSTOP) while it
-    is checked, so no write can start between the check and the kill."""
-    deadline = time.monotonic() + 120
+def _stop_once(proc: subprocess.Popen, backup: Path, steps: int, how: signal.Signals) -> None:
+    """Send `how` once `steps` steps are backed up, completely: while the run is frozen
+    (SIGSTOP) after the check, so no write starts between the check and the signal; SIGINT is
+    then handled at the run's next batch. Polls the files, never the clock."""
+    deadline = time.monotonic() + 240  # a hang, not a slow machine
     while time.monotonic() < deadline and proc.poll() is None:
-        if (_metadata(backup) or {}).get("epoch", 0) >= 1:
+        if ((_metadata(backup) or {}).get("steps") or 0) >= steps:
             proc.send_signal(signal.SIGSTOP)
-            if _complete_backup(backup, steps):
-                proc.kill()
+            if _complete_backup(backup):
+                proc.send_signal(how)
+                proc.send_signal(signal.SIGCONT)
                 break
             proc.send_signal(signal.SIGCONT)
-        time.sleep(0.05)
-    proc.wait(timeout=30)
+        time.sleep(0.02)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
-def test_a_killed_run_and_an_interrupted_run_both_resume_where_they_stopped(tmp_path, records_dir):
-    # Enough epochs that the resumed run is still training when Ctrl-C arrives, however fast
-    # the machine (an idle 2-core machine runs one of these epochs in about half a second).
-    # Validation every 3rd epoch: the schedule must survive both resumes.
-    steps, epochs, every = 8, 20, 3
-    cmd = _train_cmd(
-        records_dir,
-        tmp_path,
-        "--epochs",
-        str(epochs),
-        "--steps-per-epoch",
-        str(steps),
-        "--validation-freq",
-        str(every),
-    )
+def _weights(path: Path) -> list[np.ndarray]:
+    """Every weight array of a .keras checkpoint (its zip also holds a timestamp)."""
+    from m2cnn_tf.checkpoints import load_model
+
+    return [np.asarray(w) for w in load_model(path).weights]
+
+
+# The same deterministic command: 3 epochs of 4 steps at 80 px, validating every 2nd and the
+# last; stage 2 starts from stage 1's best checkpoint (train.py's default chain).
+DETERMINISTIC = ["--deterministic", "--epochs", "3", "--steps-per-epoch", "4",
+                 "--validation-freq", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def twice(records_dir, tmp_path_factory) -> list[Path]:
+    """Two model folders, each from fresh processes: stage 1, then a chained stage 2."""
+    folders = []
+    for name in ("first", "second"):
+        folder = tmp_path_factory.mktemp(name)
+        for stage in ("1", "2"):
+            cmd = _train_cmd(records_dir, folder, *DETERMINISTIC)
+            cmd[cmd.index("--stage") + 1] = stage
+            done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+        folders.append(folder)
+    return folders
+
+
+def test_two_deterministic_runs_give_byte_identical_weights_and_kappas(twice):
+    second = twice[1]
+    for stage in ("stage1", "stage2"):
+        for checkpoint in ("best.keras", "last.keras"):
+            a, b = (_weights(f / stage / checkpoint) for f in twice)
+            assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), (stage, checkpoint)
+        # Every logged figure, the val kappas included, to the last digit.
+        logs = [(f / stage / "epochs.csv").read_bytes() for f in twice]
+        assert logs[0] == logs[1]
+    init = json.loads((second / "stage2" / "best.json").read_text())["init"]
+    assert init.endswith("stage1/best.keras")
+
+
+def test_killed_and_interrupted_runs_resume_to_the_weights_of_an_uninterrupted_one(
+    tmp_path, records_dir, twice
+):
+    """kill -9 after step 2 (backed up every step), resume (inside the first epoch); Ctrl-C
+    after step 7, resume to the end: the same weights, bit for bit, as the run that was never
+    stopped, and the same validation schedule."""
+    cmd = _train_cmd(records_dir, tmp_path, *DETERMINISTIC, "--backup-steps", "1")
     backup = tmp_path / "stage1" / "backup"
-
-    # 1. kill -9 once an epoch is completely backed up.
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _kill_after_a_complete_backup(proc, backup, steps)
-    killed_epoch = _metadata(backup)["epoch"]
-    assert 1 <= killed_epoch < epochs, "the run was not killed mid-training"
-    assert _iterations(backup) == killed_epoch * steps
+    _stop_once(proc, backup, 2, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL and _metadata(backup)["steps"] >= 2
 
-    # 2. resume; Ctrl-C in the middle of its first epoch.
     log = tmp_path / "resume.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        marker = f"Epoch {killed_epoch + 1}/"
-        while time.monotonic() < deadline and proc.poll() is None:
-            if marker in log.read_text():
-                break  # the resumed run has started its first epoch
-            time.sleep(0.02)
-        time.sleep(0.3)  # into that epoch's tracing or first steps; many epochs remain
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
+        _stop_once(proc, backup, 7, signal.SIGINT)
     text = log.read_text()
-    assert "Epoch 1/" not in text  # resumed, not restarted
-    assert code == 130, text[-2000:]
-    assert "interrupted; state saved" in text
-    interrupted = _metadata(backup)
-    saved_steps = _iterations(backup)
-    assert interrupted["epoch"] >= killed_epoch
-    # Saved at the moment of Ctrl-C: the steps already done in this epoch are kept.
-    assert killed_epoch * steps <= saved_steps < (interrupted["epoch"] + 1) * steps
+    assert proc.returncode == 130 and "interrupted; state saved" in text, text[-2000:]
+    assert "resuming epoch 1 after its step 2: its 2 remaining steps first" in text
+    assert "Epoch 1/3" not in text  # resumed, not restarted
+    stopped = _metadata(backup)
+    assert 7 <= stopped["steps"] < 12  # stopped before the last steps
 
-    # 3. finish; the schedule picks up at the interrupted epoch with the saved optimizer state.
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"Epoch {interrupted['epoch'] + 1}/{epochs}" in done.stdout
-    assert _iterations(backup) == saved_steps + (epochs - interrupted["epoch"]) * steps
-
-    # Validated: every 3rd epoch and the last, in every session; the others have NA in the log
-    # (a redone epoch may appear twice), and only a validated epoch can be the best.
-    validated = {e for e in range(1, epochs + 1) if e % every == 0 or e == epochs}
+    assert _iterations(backup) == 3 * 4  # every step once: none redone, none lost
+    reference = _weights(twice[0] / "stage1" / "last.keras")
+    got = _weights(tmp_path / "stage1" / "last.keras")
+    assert all(np.array_equal(x, y) for x, y in zip(got, reference, strict=True))
+    # Validated: every 2nd epoch and the last; the others have NA in the log.
     with (tmp_path / "stage1" / "epochs.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert int(rows[-1]["epoch"]) == epochs - 1
+    assert int(rows[-1]["epoch"]) == 2
     for row in rows:
-        epoch = int(row["epoch"]) + 1
-        assert (row["val_kappa_scores"] != "NA") == (epoch in validated), row
-    best = json.loads((tmp_path / "stage1" / "best.json").read_text())
-    assert best["epoch"] in validated
-    assert (tmp_path / "stage1" / "best.keras").is_file()
+        assert (row["val_kappa_scores"] != "NA") == (int(row["epoch"]) + 1 in (2, 3)), row
+    assert json.loads((tmp_path / "stage1" / "best.json").read_text())["epoch"] in (2, 3)
 
 
 MIRRORED_SCRIPT = textwrap.dedent(

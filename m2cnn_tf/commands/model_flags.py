@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from m2cnn_tf.backends import BACKENDS
+from m2cnn_tf.backends import BACKENDS, BFLOAT16_CPU_FLAGS, PRECISIONS
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS
-from m2cnn_tf.precision import BFLOAT16_CPU_FLAGS, PRECISIONS
 from m2cnn_tf.tta import TTA_CHOICES
 
 

@@ -2,7 +2,8 @@
 
     python reproduce.py --data DATA --out OUT [--experiments table2,table3,fig4]
         [--preset paper|tiny] [--batch-size N] [--steps-scale F] [--weights imagenet|none|PATH]
-        [--sizes 224,448,720] [--ablation-init imagenet|stage] [--allow-cpu] [--dry-run]
+        [--sizes 224,448,720] [--ablation-init imagenet|stage] [--checkpoint last|best]
+        [--seeds N] [--allow-cpu] [--dry-run]
 
 DATA is data_prep's output (DATA/224, DATA/448, DATA/720). The runs, their initialisation and
 their steps are the protocol's (m2cnn_tf/reproduce/protocol.py; the paper's values and ours, each
@@ -24,7 +25,7 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import cli
+from m2cnn_tf import cli, common
 from m2cnn_tf.config import PRESETS
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.reproduce import plan as planning
@@ -73,6 +74,18 @@ flags.DEFINE_enum(
     "previous size (ours, labelled so in the report).",
     **_F,
 )
+flags.DEFINE_enum(
+    "checkpoint",
+    Options.checkpoint,
+    list(protocol.CHECKPOINTS),
+    "What a chained run starts from and a cell reports: the weights after the last step (the "
+    "paper's step counts) or the best on val (shown beside the cells in any case).",
+    **_F,
+)
+flags.DEFINE_integer(
+    "seeds", Options.seeds, "Repeat every run with seeds 0..N-1 (tables: mean ± sd).",
+    lower_bound=1, **_F,
+)  # fmt: skip
 flags.DEFINE_bool("allow-cpu", False, "Train even where TensorFlow sees no GPU.", **_F)
 flags.DEFINE_bool("dry-run", False, "Write OUT/plan.json and print the plan; train nothing.", **_F)
 
@@ -95,6 +108,8 @@ def _options() -> Options:
         weights=FLAGS.weights,
         sizes=sizes,
         ablation_init=FLAGS["ablation-init"].value,
+        checkpoint=FLAGS.checkpoint,
+        seeds=FLAGS.seeds,
     )
 
 
@@ -118,19 +133,23 @@ def _body(rest: list[str]) -> int:
     missing = planning.missing_records(plan)
     if FLAGS["dry-run"].value:
         path = planning.save_plan(plan)
-        print(planning.plan_table(plan))
+        from m2cnn_tf.reproduce.report import plan_table
+
+        print(plan_table(plan))
         if missing:
             print(f"not there yet: {', '.join(missing)}")
         print(f"plan written to {path}")
         return cli.EXIT_OK
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    gpus = _devices()
+    gpus = _devices()  # imports TensorFlow, but starts nothing yet
     if missing:
         raise UsageError(
             f"no records {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else "")
             + "; convert those sizes with data_prep",
             setting="data",
         )  # fmt: skip
+    if protocol.TRAIN_SETTINGS["deterministic"].value:
+        common.prepare_determinism()  # before TensorFlow starts its first op
     from m2cnn_tf.reproduce import report, runs
 
     settings = runs.runtime_settings(len(gpus))

@@ -2,15 +2,20 @@
 
     python serve.py --model-dir DIR --stage N [--host 127.0.0.1] [--port 8000] [--max-batch 8]
         [--max-wait-ms 20] [--max-upload-mb 30] [--max-files 200] [--token TOKEN]
+        [--max-inflight-mb 1024] [--max-queue 64] [--header-timeout 10] [--body-timeout 30]
+        [--idle-timeout 5] [--allowed-hosts NAME,...]
 
 Open http://127.0.0.1:8000/ for the page; the API is POST /v1/grade (multipart parts named
 `files`, ?gradcam=1 for Grad-CAM), GET /v1/model, GET /healthz, docs at /docs. Grades equal
 predict.py's for the same files. The model loads once; requests that arrive together are
 graded in one model call of --max-batch images (padded, so a result never depends on the
 load). Binds 127.0.0.1 unless told otherwise; elsewhere, pass --token (or set
-M2CNN_SERVE_TOKEN): the page then opens once as /?token=TOKEN (kept in a cookie), API clients
-send `Authorization: Bearer TOKEN`. --port 0 picks a free port; the line "serving on URL" says
-which. Research use only, not a medical device.
+M2CNN_SERVE_TOKEN; 16 characters at least): the page then asks for it once (kept in a cookie),
+API clients send `Authorization: Bearer TOKEN`. Without a token, only requests for a loopback
+name or the bound address are answered (--allowed-hosts adds names). Requests share a memory
+budget (--max-inflight-mb) and a queue (--max-queue); past either they get 503 with Retry-After.
+--port 0 picks a free port; the line "serving on URL" says which. Plain HTTP: put a TLS proxy in
+front beyond a trusted network. Research use only, not a medical device.
 Exit codes: 0 stopped, 1 failed to start, 2 usage (bad flag, no checkpoint, port taken),
 130 interrupted (Ctrl-C).
 """
@@ -33,6 +38,8 @@ from m2cnn_tf.errors import RunFailed, UsageError
 
 TOKEN_ENV = "M2CNN_SERVE_TOKEN"
 PROG = "serve.py"
+_GRACEFUL_SECONDS = 30  # Ctrl-C: requests in progress get this long to finish
+MIN_TOKEN_CHARS = 16  # ours: with 64 URL-safe characters, 96 bits
 
 FLAGS = flags.FlagValues()
 model_flags.define_stage(FLAGS, "Stage whose best checkpoint to serve (1, 2 or 3).")
@@ -83,7 +90,55 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "token",
     None,
-    f"Require this bearer token for the page and the API (default: ${TOKEN_ENV}).",
+    f"Require this bearer token for the page and the API (default: ${TOKEN_ENV}); at least "
+    f"{MIN_TOKEN_CHARS} characters, e.g. from `python -c 'import secrets; "
+    "print(secrets.token_urlsafe())'`.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_float(
+    "max-inflight-mb",
+    1024.0,
+    "Memory budget (MB) for the requests in progress, on top of the model: their bodies, "
+    "images and decoding; past it, HTTP 503 with Retry-After.",
+    lower_bound=1.0,
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "max-queue",
+    64,
+    "Most images admitted and not yet answered (a request bigger than this is taken when "
+    "nothing waits); past it, HTTP 503 with Retry-After.",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
+flags.DEFINE_float(
+    "header-timeout",
+    10.0,
+    "Seconds a client has to send a request's headers (HTTP 408, then the connection closes).",
+    lower_bound=0.001,
+    flag_values=FLAGS,
+)
+flags.DEFINE_float(
+    "body-timeout",
+    30.0,
+    "Seconds of grace for a request's body, plus one for every 32 KB received (HTTP 408 for "
+    "a slower one).",
+    lower_bound=0.001,
+    flag_values=FLAGS,
+)
+flags.DEFINE_float(
+    "idle-timeout",
+    5.0,
+    "Seconds an idle keep-alive connection stays open.",
+    lower_bound=0.001,
+    flag_values=FLAGS,
+)
+flags.DEFINE_list(
+    "allowed-hosts",
+    [],
+    "Host names (or addresses) the server answers for besides loopback and --host, e.g. the "
+    "public name behind a reverse proxy; their pages may also post. Without a token only these "
+    "are answered (anything else: HTTP 400); '*' answers any Host.",
     flag_values=FLAGS,
 )
 model_flags.define_grading(FLAGS)
@@ -119,6 +174,12 @@ def _body(rest: list[str]) -> int | None:
         raise UsageError("pass the stage to serve (1, 2 or 3)", setting="stage")
     cutpoints = model_flags.cutpoints(FLAGS)
     token = FLAGS.token or os.environ.get(TOKEN_ENV) or None
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise UsageError(
+            f"must be at least {MIN_TOKEN_CHARS} characters (got {len(token)}; ${TOKEN_ENV} "
+            "too), e.g. from python -c 'import secrets; print(secrets.token_urlsafe())'",
+            setting="token",
+        )
     if not _is_loopback(FLAGS.host):
         print(
             f"{PROG}: warning: listening on {FLAGS.host}, reachable from the network over plain "
@@ -132,42 +193,103 @@ def _body(rest: list[str]) -> int | None:
         _serve(sock, token, cutpoints)
 
 
+def limit_decoders() -> None:
+    """The decoders' own pixel limit, the grader's (50 MP), for this process. OpenCV reads
+    OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 is first imported, so this runs before anything
+    imports it; `m2cnn_tf.decoding.pixel_limit` reads the same variable (named here, since
+    importing decoding loads cv2) to hold Pillow to it, and Pillow's own bomb check gets it too.
+    serve.py's process only: it decodes bytes from the network, where predict.py and data_prep
+    decode the user's own files at OpenCV's default. Where cv2 is loaded already (serve run from
+    a test's process) nothing is set, so that the decoders never disagree on the limit."""
+    from m2cnn_tf.serve.image_headers import MAX_PIXELS  # pure Python: loads no decoder
+
+    if "cv2" in sys.modules:
+        print(f"{PROG}: warning: OpenCV was loaded first: the decoders keep their own default "
+              "pixel limit (the header check still applies)", file=sys.stderr)  # fmt: skip
+        return
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_PIXELS)
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
 def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None) -> None:
     """Load the model once, then serve on `sock` until Ctrl-C or SIGTERM."""
+    limit_decoders()
     import uvicorn
-    from uvicorn.config import LOGGING_CONFIG
 
+    from m2cnn_tf.serve.admission import decode_slot
     from m2cnn_tf.serve.app import ServeSettings, create_app
+    from m2cnn_tf.serve.connections import ConnectionLimits, GuardedH11Protocol
     from m2cnn_tf.serve.grader import Grader
+    from m2cnn_tf.serve.guard import MAX_HEAD_BYTES, HostRule
     from m2cnn_tf.serve.uploads import MB, Limits
 
+    workers = FLAGS.workers or min(4, os.cpu_count() or 1)
+    budget = round(FLAGS["max-inflight-mb"].value * MB)
+    limits = Limits(round(FLAGS["max-upload-mb"].value * MB), FLAGS["max-files"].value)
+    slot = decode_slot(budget, workers)
+    if budget - workers * slot < limits.max_file_bytes + 4 * MB:
+        raise UsageError(
+            f"leaves no room for one upload of the largest size: needs at least "
+            f"{2 * (limits.max_file_bytes / MB + 4):g} MB",
+            setting="max_inflight_mb",
+        )
     max_batch = FLAGS["max-batch"].value
     grader = Grader.load(
         FLAGS["model-dir"].value, FLAGS.stage, backend=FLAGS.backend, data_dir=FLAGS.data,
-        cutpoints=cutpoints, max_batch=max_batch, **model_flags.backend_options(FLAGS),
+        cutpoints=cutpoints, max_batch=max_batch, max_decode_bytes=slot,
+        **model_flags.backend_options(FLAGS),
     )  # fmt: skip
     print(f"{PROG}: preprocessing parameters from {grader.params_source}", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
     settings = ServeSettings(
-        limits=Limits(round(FLAGS["max-upload-mb"].value * MB), FLAGS["max-files"].value),
+        limits=limits,
         max_wait_ms=FLAGS["max-wait-ms"].value,
         token=token,
-        workers=FLAGS.workers or min(4, os.cpu_count() or 1),
+        workers=workers,
+        max_inflight_bytes=budget,
+        max_queue=FLAGS["max-queue"].value,
+        hosts=HostRule.for_server(host, FLAGS["allowed-hosts"].value, token=bool(token)),
     )
-    host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def ready() -> None:
         print(f"{PROG}: serving stage {FLAGS.stage} on {url}/ (Ctrl-C stops)", flush=True)
 
-    log_config = copy.deepcopy(LOGGING_CONFIG)  # our access log: no query strings (tokens)
-    log_config["loggers"]["m2cnn_tf.serve"] = {
-        "handlers": ["default"], "level": "INFO", "propagate": False,
-    }  # fmt: skip
+    connection = ConnectionLimits(
+        header_timeout=FLAGS["header-timeout"].value, body_timeout=FLAGS["body-timeout"].value
+    )
     app = create_app(grader, settings, on_ready=ready)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=log_config, access_log=False))
+    config = uvicorn.Config(
+        app,
+        http=GuardedH11Protocol.with_limits(connection),
+        timeout_keep_alive=FLAGS["idle-timeout"].value,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        timeout_graceful_shutdown=_GRACEFUL_SECONDS,
+        log_config=_log_config(),
+        access_log=False,  # ours, guard.Guard: no query strings (tokens), control chars escaped
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
     server.run(sockets=[sock])
     if not server.started:
         raise RunFailed("the server did not start (see the log above)")
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, our logger added, and every line through guard's filter, which
+    escapes control characters."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"escape": {"()": "m2cnn_tf.serve.guard.EscapeControlCharacters"}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["escape"]
+    config["loggers"]["m2cnn_tf.serve"] = {
+        "handlers": ["default"], "level": "INFO", "propagate": False,
+    }  # fmt: skip
+    return config
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import cli, config
+from m2cnn_tf import cli, common, config
 from m2cnn_tf.commands import config_flags
 
 FLAGS = flags.FlagValues()
@@ -43,6 +43,8 @@ def _body(rest: list[str]) -> None:
     settings = config_flags.from_flags(FLAGS)
     config.check_config(settings)  # before TensorFlow loads
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if settings.runtime.deterministic:
+        common.prepare_determinism()
     from m2cnn_tf import distribution, training
     from m2cnn_tf.callbacks import metric_label
 

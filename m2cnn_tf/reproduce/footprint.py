@@ -8,9 +8,15 @@ buffers that do not grow with the batch). `MEASURED` holds those figures, measur
 `benchmarks/paper_smoke.py` in float32 on the CPU. A GPU estimate is derived from them:
 
     weights (4 B/param) + Adam's two slots (8 B/param) + step_fixed
-        + per_image × images per GPU × (0.5 with mixed precision: float16 activations)
+        + per_image × images per GPU × (with mixed precision: 0.5 to 0.83)
 
-The GPU figure is derived, not measured (no GPU was available): cuDNN's workspaces come on top.
+Mixed precision gives a range, not a halving: float16 halves what a convolution keeps for the
+backward pass, but Keras's BatchNormalization computes in float32 and keeps the float32 copy of
+its input. Per conv-BN-ReLU block (every cell of Fig. 2 is made of them) float32 training keeps
+three tensors of 4 bytes (the block's input, BN's input, the activation); mixed precision keeps
+2 + 4 + 2 bytes of them when BN's float32 input is kept (10/12 = 0.83), 2 + 2 + 2 when it is not
+(0.5). The GPU figure is derived, not measured (no GPU was available): cuDNN's workspaces come
+on top.
 
 Time. Fig. 4 gives the paper's hours: 224@20k 1.4 h (0.25 s/step), 448@20k 4.2 h (0.76 s/step).
 720 px is not in Fig. 4; its rate is 448's times the ratio of forward FLOPs
@@ -31,7 +37,8 @@ from m2cnn_tf.config import multi_cell_path
 MB = 1e6
 GB = 1e9
 BYTES_WEIGHTS_AND_ADAM = 12  # float32 weights 4 B + Adam's m and v 8 B, per parameter
-MIXED_PRECISION_ACTIVATIONS = 0.5  # float16 activations (derived: BN and the heads stay float32)
+# Per-image activations under mixed precision, relative to float32 (the module docstring).
+MIXED_PRECISION_ACTIVATIONS = (0.5, 10 / 12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,20 +120,27 @@ def _nearest(preset: str, size: int, path: str) -> tuple[Footprint, float] | Non
 
 def gpu_memory_gb(
     preset: str, size: int, multi_cell: bool, batch_per_gpu: int, mixed_precision: bool
-) -> float | None:
-    """The derived GPU memory of a run's train step, or None when nothing was measured."""
+) -> tuple[float, float] | None:
+    """The derived GPU memory of a run's train step, (low, high) in GB, or None when nothing
+    was measured (the same twice without mixed precision)."""
     path = multi_cell_path(size) if multi_cell else "small"
     near = _nearest(preset, size, path)
     if near is None:
         return None
     found, scale = near
-    return gpu_bytes(found, batch_per_gpu, mixed_precision, scale) / GB
+    low, high = gpu_bytes(found, batch_per_gpu, mixed_precision, scale)
+    return low / GB, high / GB
 
 
-def gpu_bytes(found: Footprint, batch: int, mixed_precision: bool, scale: float = 1.0) -> float:
-    """The module docstring's formula; `scale` multiplies the activations (another size)."""
-    act = found.per_image * scale * (MIXED_PRECISION_ACTIVATIONS if mixed_precision else 1.0)
-    return found.params * BYTES_WEIGHTS_AND_ADAM + found.step_fixed + act * batch
+def gpu_bytes(
+    found: Footprint, batch: int, mixed_precision: bool, scale: float = 1.0
+) -> tuple[float, float]:
+    """The module docstring's formula, (low, high); `scale` multiplies the activations (another
+    size)."""
+    fixed = found.params * BYTES_WEIGHTS_AND_ADAM + found.step_fixed
+    factors = MIXED_PRECISION_ACTIVATIONS if mixed_precision else (1.0, 1.0)
+    low, high = (fixed + found.per_image * scale * f * batch for f in factors)
+    return low, high
 
 
 # Fig. 4: the paper's seconds per training step (224@20k/1.4h, 448@20k/4.2h).
@@ -156,5 +170,9 @@ def paper_hours(size: int, multi_cell: bool, steps: int, nominal: int) -> float:
     return steps * rate * (size / nominal) ** 2 / 3600
 
 
-def describe_gb(value: float | None) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.1f} GB"
+def describe_gb(value: tuple[float, float] | None) -> str:
+    """ "4.2–6.0 GB", or "–" when not estimated."""
+    if value is None or not all(math.isfinite(v) for v in value):
+        return "–"
+    low, high = value
+    return f"{low:.1f} GB" if round(low, 1) == round(high, 1) else f"{low:.1f}–{high:.1f} GB"

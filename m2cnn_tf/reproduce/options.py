@@ -31,6 +31,8 @@ class Options:
     weights: str = "imagenet"
     sizes: tuple[int, ...] = protocol.SIZES.value
     ablation_init: str = "imagenet"
+    checkpoint: str = protocol.CHECKPOINT.value  # what a chained run starts from, a cell shows
+    seeds: int = protocol.SEEDS.value
 
     def check(self) -> None:
         """A UsageError naming the setting, before any work."""
@@ -46,6 +48,12 @@ class Options:
             raise UsageError(f"must be positive, got {self.batch_size}", setting="batch_size")
         if not (self.steps_scale > 0 and math.isfinite(self.steps_scale)):
             raise UsageError(f"must be positive, got {self.steps_scale}", setting="steps_scale")
+        if self.checkpoint not in protocol.CHECKPOINTS:
+            raise UsageError(
+                f"choose one of {', '.join(protocol.CHECKPOINTS)}", setting="checkpoint"
+            )
+        if self.seeds < 1:
+            raise UsageError(f"must be at least 1, got {self.seeds}", setting="seeds")
         if self.ablation_init not in protocol.ABLATION_INITS:
             raise UsageError(
                 f"choose one of {', '.join(protocol.ABLATION_INITS)}", setting="ablation_init"

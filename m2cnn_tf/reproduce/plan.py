@@ -8,9 +8,10 @@ by several cells (Table II's Multi-Task 224 is also Fig. 4's 224@20k and the sta
 chain) is planned once. Runs are in an order where each comes after the runs it starts from.
 
 Layout of OUT: `runs/<name>/` is each run's model directory (train.py --model-dir, with its one
-stage folder), `reports/<name>-<split>/` each evaluation (evaluate.py --out), `plan.json`,
-then the report (`report.py`). plan.json also gives each run and evaluation as the train.py /
-evaluate.py command line that repeats it by hand. Kept free of TensorFlow.
+stage folder), `reports/<name>-<split>-<checkpoint>/` each evaluation (evaluate.py --out),
+`plan.json`, then the report (`report.py`). With `--seeds N`, seed s > 0 has the same layout
+under `seeds/<s>/`. plan.json also gives each run and evaluation as the train.py / evaluate.py
+command line that repeats it by hand. Kept free of TensorFlow.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from m2cnn_tf.config import (
     leaf_fields,
 )
 from m2cnn_tf.errors import UsageError
-from m2cnn_tf.reproduce import footprint, protocol
+from m2cnn_tf.reproduce import figures, footprint, protocol
 from m2cnn_tf.reproduce.options import WEIGHTS_CHOICES, Options
 
 PLAN = "plan.json"
@@ -42,27 +43,35 @@ class PlannedRun:
     """One run of the plan; plan.json's `runs` hold these fields."""
 
     name: str
+    seed: int
     uses: tuple[str, ...]  # "table2: MSE scores 448", "fig4: 224@20k", "init of m2cnn448"
     loss: str
     multi_cell: bool
     nominal_size: int
     image_size: int
     init: str  # imagenet | none | PATH | run:<name>
+    init_checkpoint: str | None  # which checkpoint of run:<name> it starts from: last | best
     steps: int  # from its init
-    total_steps: int  # from the backbone weights, through the runs it starts from (Fig. 4)
+    total_steps: int  # from the backbone weights, through the last checkpoints it starts from
     continues: str  # the finished run whose training this one carries on, or ""
     stage: int  # train.py --stage: 1 from the backbone, one more per run it starts from
     epochs: int
     steps_per_epoch: int
     batch_size: int
     model_dir: str
-    est_gpu_memory_gb: float | None
+    est_gpu_memory_gb: tuple[float, float] | None  # (low, high): footprint.gpu_bytes
     est_hours: float | None  # of its own steps, at the paper's speed (footprint.paper_hours)
     config: Config  # what training.run trains (runs.runtime_settings added for this machine)
     train_args: tuple[str, ...]  # the same as train.py's flags, to repeat the run by hand
 
-    def checkpoint(self) -> str:
-        return str(checkpoints.stage_dir(self.model_dir, self.stage) / checkpoints.BEST_MODEL)
+    @property
+    def label(self) -> str:
+        """How logs name the run: its protocol name, and its seed when it is not seed 0."""
+        return self.name if self.seed == 0 else f"{self.name} (seed {self.seed})"
+
+    def checkpoint(self, which: str) -> str:
+        name = checkpoints.CHECKPOINTS[which][0]
+        return str(checkpoints.stage_dir(self.model_dir, self.stage) / name)
 
     def epochs_csv(self) -> Path:
         return checkpoints.stage_dir(self.model_dir, self.stage) / "epochs.csv"
@@ -73,7 +82,9 @@ class PlannedEvaluation:
     """One evaluation: `evaluation.run_evaluation`'s arguments, and its report folder `out`."""
 
     run: str
+    seed: int
     split: str
+    checkpoint: str  # last | best
     out: str  # the report folder (evaluate.py --out)
     model_dir: str
     stage: int
@@ -90,15 +101,24 @@ class Plan:
     runs: tuple[PlannedRun, ...]
     evaluations: tuple[PlannedEvaluation, ...]
 
-    def run(self, name: str) -> PlannedRun:
-        return next(r for r in self.runs if r.name == name)
+    def run(self, name: str, seed: int = 0) -> PlannedRun:
+        return next(r for r in self.runs if r.name == name and r.seed == seed)
+
+    def evaluation(
+        self, run: str, split: str, checkpoint: str, seed: int = 0
+    ) -> PlannedEvaluation | None:
+        for e in self.evaluations:
+            if (e.run, e.split, e.checkpoint, e.seed) == (run, split, checkpoint, seed):
+                return e
+        return None
 
     def to_json(self) -> dict[str, Any]:
+        values = figures.tagged_values()
         return {
             "options": dataclasses.asdict(self.options),
             "runs": [dataclasses.asdict(r) for r in self.runs],
             "evaluations": [dataclasses.asdict(e) for e in self.evaluations],
-            "protocol": {k: dataclasses.asdict(v) for k, v in protocol.tagged_values().items()},
+            "protocol": {k: dataclasses.asdict(v) for k, v in values.items()},
             "estimates": ESTIMATES_NOTE,
         }
 
@@ -116,17 +136,17 @@ def _needed(options: Options) -> dict[str, list[str]]:
     uses: dict[str, list[str]] = {}
     if "table2" in options.experiments:
         for size in protocol.SIZES.value:
-            for column in protocol.TABLE2_COLUMNS:
-                name = protocol.table2_run(column, size, options.ablation_init)
+            for column in figures.TABLE2_COLUMNS:
+                name = figures.table2_run(column, size, options.ablation_init)
                 if name:
                     uses.setdefault(name, []).append(f"table2: {column} {size}")
     if "table3" in options.experiments:
-        for row in protocol.TABLE3_ROWS:
-            uses.setdefault(protocol.table3_run(row, options.ablation_init), []).append(
+        for row in figures.TABLE3_ROWS:
+            uses.setdefault(figures.table3_run(row, options.ablation_init), []).append(
                 f"table3: {row}"
             )
     if "fig4" in options.experiments:
-        for fig in protocol.FIG4:
+        for fig in figures.FIG4:
             uses.setdefault(fig.run, []).append(f"fig4: {fig.label}")
     needed = set(uses)
     for name in reversed(protocol.RUNS):  # later runs start from earlier ones
@@ -159,11 +179,27 @@ def steps_per_epoch(options: Options) -> int:
 
 
 def make_plan(options: Options) -> Plan:
-    """The runs and evaluations of the chosen experiments (see the module docstring)."""
+    """The runs and evaluations of the chosen experiments (see the module docstring), for
+    every seed: seed 0's runs first, then seed 1's, ..."""
     options.check()
     if options.weights not in WEIGHTS_CHOICES:  # a file: the same run from any folder
         options = dataclasses.replace(options, weights=str(Path(options.weights).resolve()))
     out, data = Path(options.out).resolve(), str(Path(options.data).resolve())
+    runs: list[PlannedRun] = []
+    evaluations: list[PlannedEvaluation] = []
+    for seed in range(options.seeds):
+        planned = _seed_runs(options, seed, seed_dir(out, seed), data)
+        runs += planned.values()
+        evaluations += _evaluations(options, planned, data, seed_dir(out, seed))
+    return Plan(options, tuple(runs), tuple(evaluations))
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    """Where seed `seed`'s runs and reports go: OUT itself for seed 0, else OUT/seeds/<seed>."""
+    return out if seed == 0 else out / "seeds" / str(seed)
+
+
+def _seed_runs(options: Options, seed: int, out: Path, data: str) -> dict[str, PlannedRun]:
     every = steps_per_epoch(options)
     planned: dict[str, PlannedRun] = {}
     for name, uses in _needed(options).items():
@@ -174,12 +210,14 @@ def make_plan(options: Options) -> Plan:
         before = planned[spec.continues].steps if spec.continues else 0
         run = PlannedRun(
             name=name,
+            seed=seed,
             uses=tuple(uses),
             loss=spec.loss,
             multi_cell=spec.multi_cell,
             nominal_size=spec.size,
             image_size=size,
             init=f"{protocol.RUN_PREFIX}{parent}" if start else options.weights,
+            init_checkpoint=options.checkpoint if start else None,
             steps=steps,
             total_steps=steps + (start.total_steps if start else 0),
             continues=spec.continues,
@@ -201,7 +239,7 @@ def make_plan(options: Options) -> Plan:
         )
         config = _run_config(options, run, data, start)
         planned[name] = dataclasses.replace(run, config=config, train_args=command_line(config))
-    return Plan(options, tuple(planned.values()), _evaluations(options, planned, data, out))
+    return planned
 
 
 def _run_config(options: Options, run: PlannedRun, data: str, start: PlannedRun | None) -> Config:
@@ -209,7 +247,11 @@ def _run_config(options: Options, run: PlannedRun, data: str, start: PlannedRun 
     model = ModelConfig(
         preset=options.preset,
         multi_cell=run.multi_cell,
-        **({"init": start.checkpoint()} if start else {"weights": options.weights}),
+        **(
+            {"init": start.checkpoint(options.checkpoint)}
+            if start
+            else {"weights": options.weights}
+        ),
     )
     optim = OptimConfig(
         loss=run.loss,
@@ -223,6 +265,7 @@ def _run_config(options: Options, run: PlannedRun, data: str, start: PlannedRun 
     )  # fmt: skip
     shared = {k: v.value for k, v in protocol.TRAIN_SETTINGS.items()}
     shared.pop("preset"), shared.pop("batch_size")  # the options' own
+    shared["seed"] += run.seed  # seed s of --seeds N: the protocol's seed + s
     return with_settings(config, shared)
 
 
@@ -263,49 +306,45 @@ def _hours(options: Options, spec: protocol.Run, trained: int) -> float | None:
 
 def _evaluations(
     options: Options, runs: dict[str, PlannedRun], data: str, out: Path
-) -> tuple[PlannedEvaluation, ...]:
-    """Table II's runs on val, Table III's on val and test (Fig. 4 reads each run's own
-    validations). Each (run, split) once."""
-    wanted: dict[tuple[str, str], None] = {}
+) -> list[PlannedEvaluation]:
+    """Each cell's run on its split with the chosen checkpoint, and with best-on-val beside it
+    when that is another; Table II's on val, Table III's on val and test; Fig. 4's runs on val
+    for its paired comparisons (its curves read each run's own validations). Each once."""
+    cells: list[tuple[str, str]] = []
     if "table2" in options.experiments:
         for size in protocol.SIZES.value:
-            for column in protocol.TABLE2_COLUMNS:
-                name = protocol.table2_run(column, size, options.ablation_init)
-                for split in protocol.EVAL_SPLITS["table2"].value:
-                    if name:
-                        wanted[(name, split)] = None
+            for column in figures.TABLE2_COLUMNS:
+                name = figures.table2_run(column, size, options.ablation_init)
+                cells += [(name, split) for split in protocol.EVAL_SPLITS["table2"].value if name]
     if "table3" in options.experiments:
-        for row in protocol.TABLE3_ROWS:
-            for split in protocol.EVAL_SPLITS["table3"].value:
-                wanted[(protocol.table3_run(row, options.ablation_init), split)] = None
-    found = []
+        for row in figures.TABLE3_ROWS:
+            name = figures.table3_run(row, options.ablation_init)
+            cells += [(name, split) for split in protocol.EVAL_SPLITS["table3"].value]
+    shown = dict.fromkeys([options.checkpoint, "best"])  # the cells', and best-on-val beside
+    wanted = {(n, s, c): None for n, s in cells for c in shown}
+    if "fig4" in options.experiments:
+        wanted |= {(f.run, "val", options.checkpoint): None for f in figures.FIG4}
     settings = {key: value.value for key, value in protocol.EVALUATION.items()}
-    for name, split in wanted:
-        run, report = runs[name], out / "reports" / f"{name}-{split}"
+    found = []
+    for name, split, which in wanted:
+        run, report = runs[name], out / "reports" / f"{name}-{split}-{which}"
         args = [
             *("--model-dir", run.model_dir, "--stage", str(run.stage), "--data", data),
-            *("--split", split, "--out", str(report)),
+            *("--split", split, "--checkpoint", which, "--out", str(report)),
         ]
         args += [f"--{key}={value}" for key, value in settings.items()]
-        found.append(
-            PlannedEvaluation(
-                name,
-                split,
-                str(report),
-                run.model_dir,
-                run.stage,
-                data,
-                **settings,
-                args=tuple(args),
-            )
-        )
-    return tuple(found)
+        evaluation = PlannedEvaluation(
+            name, run.seed, split, which, str(report), run.model_dir, run.stage, data,
+            **settings, args=tuple(args),
+        )  # fmt: skip
+        found.append(evaluation)
+    return found
 
 
 def missing_records(plan: Plan) -> list[str]:
     """The record shards the plan reads that OUT/<size>/ lacks (data_prep's layout)."""
     needed = {(r.image_size, split) for r in plan.runs for split in ("train", "val")}
-    needed |= {(plan.run(e.run).image_size, e.split) for e in plan.evaluations}
+    needed |= {(plan.run(e.run, e.seed).image_size, e.split) for e in plan.evaluations}
     data = Path(plan.options.data)
     return [
         str(data / str(size) / f"{split}-*.tfrecord")
@@ -321,13 +360,14 @@ def save_plan(plan: Plan) -> Path:
     path = out / PLAN
     if path.is_file():
         old = json.loads(path.read_text())
-        before = {r["name"]: r.get("config") for r in old.get("runs", [])}
+        before = {(r["name"], r.get("seed")): r.get("config") for r in old.get("runs", [])}
         for run in plan.runs:
             now = dataclasses.asdict(run.config)
-            if run.name in before and before[run.name] != now:
+            key = (run.name, run.seed)
+            if key in before and before[key] != now:
                 raise UsageError(
-                    f"{out} holds a plan whose run {run.name} was trained differently "
-                    f"({_difference(before[run.name], now)}); give the same options as before, "
+                    f"{out} holds a plan whose run {run.label} was trained differently "
+                    f"({_difference(before[key], now)}); give the same options as before, "
                     "or another output folder",
                     setting="out",
                 )
@@ -346,44 +386,3 @@ def _difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
         if was != now:
             return f"--{flat_key(f).replace('_', '-')} {was} -> {now}"
     return "the settings differ"
-
-
-def plan_table(plan: Plan) -> str:
-    """The plan as a table: one line per run, then the totals."""
-    head = (
-        "run",
-        "loss",
-        "multi-cell",
-        "size",
-        "init",
-        "steps",
-        "batch",
-        "est. GPU mem",
-        "est. time",
-    )
-    rows = [head]
-    for r in plan.runs:
-        hours = "–" if r.est_hours is None else f"{r.est_hours:.1f} h"
-        rows.append(
-            (
-                r.name,
-                r.loss,
-                "on" if r.multi_cell else "off",
-                str(r.image_size),
-                r.init if len(r.init) <= 24 else "…" + r.init[-23:],
-                f"{r.steps:,}",
-                str(r.batch_size),
-                footprint.describe_gb(r.est_gpu_memory_gb),
-                hours,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += ["", "what each run is for:"]
-    lines += [f"  {r.name}: {'; '.join(r.uses)}" for r in plan.runs]
-    hours = [r.est_hours for r in plan.runs if r.est_hours is not None]
-    if hours:
-        lines.append(f"total at the paper's speed: {sum(hours):.0f} h of training")
-    lines += [f"evaluations: {len(plan.evaluations)}", f"estimates: {ESTIMATES_NOTE}"]
-    return "\n".join(lines)

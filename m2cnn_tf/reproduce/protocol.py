@@ -1,19 +1,20 @@
-"""The paper's experiments as data: every run that Table II, Table III and Fig. 4 need.
+"""The paper's experiments as data: every run that Table II, Table III and Fig. 4 need, and how
+each is trained and evaluated (`figures` says which run stands for which figure).
 
-This is the one declaration of the reproduction protocol. `reproduction.py` plans the runs from
-it, `reproduction_report.py` sets our figures beside the paper's from it, and the README's
-deviations table states its `ours` values (tests/test_reproduce.py keeps the two in step).
+This is the one declaration of the reproduction protocol. `plan.py` plans the runs from it,
+`report.py` sets our figures beside the paper's, and the README's deviations table states its
+`ours` values (tests/test_reproduce.py keeps the two in step).
 
 Every value is `Tagged`: `paper` with where the paper says it (§, table, figure), or `ours`
 with the reason, the README row that states it (`topic`) and the text that row shows.
 
 A run is named after what it trains: `mse`, `ce`, `mt` (Multi-Task, Eq. (4)) are BaseNet runs
 without the Multi-Cell (Table II's ablation columns, "BaseNet" and "BaseNet+MT" of Table III);
-`m2cnn` runs carry the Multi-Cell and start from the run before them in §II-C's chain
-224 -> 448 -> 720. A suffix `_ft` marks an ablation run fine-tuned from the previous size
-(`--ablation-init stage`, ours); `_60k`, `_26k`, `_40k` mark Fig. 4's longer runs.
-Sizes are the paper's nominal ones; `--sizes` maps them to others for miniatures.
-Kept free of TensorFlow.
+`m2cnn` runs carry the Multi-Cell (§II-C) and start from the run before them in the chain
+224 -> 448 -> 720 (the slides' three stages, Table II's rows). A suffix `_ft` marks an ablation
+run fine-tuned from the previous size (`--ablation-init stage`, ours); `_60k`, `_26k`, `_40k`
+mark Fig. 4's longer runs. Sizes are the paper's nominal ones; `--sizes` maps them to others
+for miniatures. Kept free of TensorFlow.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _plain(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # Sizes, and the settings every run shares
 
-SIZES = paper((224, 448, 720), "Table II's rows; §II-C's stages 224 -> 448 -> 720 px")
+SIZES = paper((224, 448, 720), "Table II's rows; the slides' training stages 224 -> 448 -> 720")
 
 # Passed to train.py as --<name with dashes> for every run, so that no run depends on a default.
 TRAIN_SETTINGS: dict[str, Tagged] = {
@@ -88,8 +89,8 @@ TRAIN_SETTINGS: dict[str, Tagged] = {
     "batch_size": ours(
         16,
         "the paper gives none; one batch at every size keeps a step of Fig. 4 the same number of "
-        "images at 224, 448 and 720 px, and 16 at 720 px takes about half of a 24 GB GPU with "
-        "mixed precision by the dry run's estimate, leaving room for what it leaves out",
+        "images at 224, 448 and 720 px, and 16 at 720 px takes 11-17 GB with mixed precision by "
+        "the dry run's estimate: it fits a 24 GB GPU with room for what the estimate leaves out",
         topic="optimizer, schedule, batch",
         shown="batch {value} at every size",
     ),
@@ -105,6 +106,14 @@ TRAIN_SETTINGS: dict[str, Tagged] = {
         "repeatable",
         topic="optimizer, schedule, batch",
         shown="seed {value}",
+    ),
+    "deterministic": ours(
+        True,
+        "the paper gives none; with op determinism, one op at a time and a deterministic input "
+        "pipeline, the same command gives the same weights bit for bit, so a difference between "
+        "two runs is the models' own and not the summation order of the hardware",
+        topic="optimizer, schedule, batch",
+        shown="bit-for-bit reruns (`--deterministic`)",
     ),
 }
 
@@ -185,7 +194,7 @@ class Run:
     """One training run: one model directory, trained once, used by every cell that needs it.
 
     init: IMAGENET (the backbone weights the user picks: imagenet, none or a path) or
-    RUN_PREFIX + name (that run's best checkpoint; stage N+1 of §II-C's chain).
+    RUN_PREFIX + name (that run's checkpoint; stage N+1 of the slides' chain).
     steps: the run's own steps, from its init. continues: a run with the same settings and
     fewer steps whose training this one carries on (possible because the rate is constant).
     """
@@ -218,7 +227,8 @@ RUNS: dict[str, Run] = {
         *_ablation("mse", "mse"),
         *_ablation("ce", "ce"),
         *_ablation("multitask", "mt"),
-        # §III-A: "For M²CNN, it is trained based on the weights of BaseNet+MT"; §II-C's chain.
+        # §III-A: "For M²CNN, it is trained based on the weights of BaseNet+MT"; the slides'
+        # chain 224 -> 448 -> 720.
         Run("m2cnn448", "multitask", True, 448, f"{RUN_PREFIX}mt224", STEPS["448_ft"]),
         Run("m2cnn720", "multitask", True, 720, f"{RUN_PREFIX}m2cnn448", STEPS["720_ft"]),
         # Fig. 4's longer runs carry on the shorter ones (LR_SCHEDULE).
@@ -237,109 +247,23 @@ RUNS: dict[str, Run] = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Which runs fill which cell
+# Which checkpoint stands for a run, and how a run is repeated
 
 ABLATION_INITS = ("imagenet", "stage")  # --ablation-init: §III-A, or ours (no paper reports it)
-ABLATION_INIT_STAGE = ours(
-    "stage",
-    "an addition no paper reports: the ablation columns start from the previous size like "
-    "M²CNN, so that Table II isolates what the Multi-Cell adds beyond fine-tuning",
-    topic="which runs fill Table II and Fig. 4",
-    shown="--ablation-init stage",
+CHECKPOINTS = ("last", "best")  # --checkpoint
+CHECKPOINT = paper(
+    "last",
+    "Fig. 4 counts a run by its steps (448*@32k is 224@20k + 12k steps), so a run hands on, "
+    "and is reported by, the weights after its last step; best-on-val is shown beside it, "
+    "labelled as selected on the split it was selected on",
 )
-TABLE2_AT_448 = ours(
-    ("mt448", "m2cnn448"),
-    "Table II does not say which of Fig. 4's runs it reports; 448@20k and 448*@32k are the pair "
-    "of equal time (4.2 h, 4.0 h) that §III-B compares",
-    topic="which runs fill Table II and Fig. 4",
-    shown="Table II at 448: 448@20k and 448*@32k",
+SEEDS = ours(
+    1,
+    "the paper reports one run per cell; --seeds N repeats every run with seeds 0..N-1, so that "
+    "the tables give the spread a seed alone makes",
+    topic="optimizer, schedule, batch",
+    shown="--seeds N",
 )
-FIG4_WITHOUT_MULTI_CELL = ours(
-    False,
-    "Fig. 4 says only 'without fine-tuning'; §III-B finds 'similar results' comparing M²CNN with "
-    "BaseNet+MT, and Table II's Multi-Task 448 is then the 448@20k run itself",
-    topic="which runs fill Table II and Fig. 4",
-    shown="Fig. 4's 448@20k and 448@26k without the Multi-Cell",
-)
-
-# Table II (val, §III-B "All of these results in Table II and Fig. 4 are evaluated on validation
-# set"): column -> (the column's run per size, the test method, the paper's figure per size).
-TABLE2_COLUMNS: dict[str, tuple[str, str]] = {
-    # column: (run name prefix, test method: "scores" or "prob")
-    "MSE scores": ("mse", "scores"),
-    "CE prob.": ("ce", "prob"),
-    "Multi-Task scores": ("mt", "scores"),
-    "Multi-Task prob.": ("mt", "prob"),
-    "M²CNN scores": ("m2cnn", "scores"),
-    "M²CNN prob.": ("m2cnn", "prob"),
-}
-TABLE2_PAPER: dict[int, dict[str, float | None]] = {  # Table II; None: the paper's "-"
-    224: dict(zip(TABLE2_COLUMNS, (0.720, 0.725, 0.742, 0.718, None, None), strict=True)),
-    448: dict(zip(TABLE2_COLUMNS, (0.790, 0.772, 0.812, 0.782, 0.830, 0.812), strict=True)),
-    720: dict(zip(TABLE2_COLUMNS, (0.835, 0.751, 0.841, 0.826, 0.844, 0.842), strict=True)),
-}
-
-# Table III: our three rows are Table II's runs at 720 (MSE = "BaseNet", Multi-Task =
-# "BaseNet+MT", M²CNN), read from scores (§III-B: "we use scores based evaluation").
-TABLE3_ROWS: dict[str, str] = {"BaseNet": "mse", "BaseNet+MT": "mt", "M²CNN": "m2cnn"}
-TABLE3_PAPER: dict[str, dict[str, float]] = {  # Table III, (val, test)
-    "BaseNet": {"val": 0.835, "test": 0.828},
-    "BaseNet+MT": {"val": 0.841, "test": 0.838},
-    "M²CNN": {"val": 0.844, "test": 0.841},
-}
-TABLE3_OTHERS: dict[str, dict[str, float]] = {  # Table III's other algorithms, for reference
-    "Min-pooling": {"val": 0.860, "test": 0.849},
-    "Zoom-in-Net [11]": {"val": 0.857, "test": 0.849},
-    "o_O": {"val": 0.854, "test": 0.844},
-    "Reformed Gamblers": {"val": 0.851, "test": 0.839},
-    "M-Net+A-Net [11]": {"val": 0.837, "test": 0.832},
-}
-
-
-def table2_run(column: str, size: int, ablation_init: str = "imagenet") -> str | None:
-    """The run behind a Table II cell (None for M²CNN at 224, the paper's "-")."""
-    prefix = TABLE2_COLUMNS[column][0]
-    if prefix == "m2cnn":
-        return None if size == 224 else f"m2cnn{size}"
-    return f"{prefix}{size}_ft" if size != 224 and ablation_init == "stage" else f"{prefix}{size}"
-
-
-def table3_run(row: str, ablation_init: str = "imagenet") -> str:
-    """The run behind a Table III row: Table II's run of the same column at 720."""
-    prefix = TABLE3_ROWS[row]
-    column = next(c for c, (p, _) in TABLE2_COLUMNS.items() if p == prefix)
-    return table2_run(column, 720, ablation_init) or ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Fig4Run:
-    """One of Fig. 4's runs: its label, the run that trains it, the paper's steps and hours.
-
-    steps and hours count from ImageNet: a 448* run includes 224@20k's steps and time.
-    """
-
-    label: str
-    run: str
-    steps: int
-    hours: float
-
-
-FIG4: tuple[Fig4Run, ...] = (  # Fig. 4's legend
-    Fig4Run("224@20k", "mt224", 20000, 1.4),
-    Fig4Run("224@60k", "mt224_60k", 60000, 4.2),
-    Fig4Run("448@20k", "mt448", 20000, 4.2),
-    Fig4Run("448@26k", "mt448_26k", 26000, 5.5),
-    Fig4Run("448*@32k", "m2cnn448", 32000, 4.0),
-    Fig4Run("448*@40k", "m2cnn448_40k", 40000, 5.5),
-)
-# §III-B: "448*@32k/4.0h is better than 224@60k/4.2h and 448@20k/4.2h, while 448*@40k/5.5h is
-# better than 448@26k/5.5h": (better, worse) by val kappa.
-FIG4_CLAIMS: tuple[tuple[str, str], ...] = (
-    ("448*@32k", "224@60k"),
-    ("448*@32k", "448@20k"),
-    ("448*@40k", "448@26k"),
-)
-FIG4_SOURCE = paper("multitask", "§III-B: 'All of these results are based on multi-task'")
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
@@ -371,7 +295,7 @@ EVALUATION: dict[str, Tagged] = {
 
 
 def tagged_values() -> dict[str, Tagged]:
-    """Every tagged value of the protocol by a dotted name (plan.json, the README check)."""
+    """The protocol's tagged values by a dotted name (`figures.tagged_values` adds the cells')."""
     values = {
         "sizes": SIZES,
         "augmentation": AUGMENTATION,
@@ -379,24 +303,12 @@ def tagged_values() -> dict[str, Tagged]:
         "mixed_precision": MIXED_PRECISION,
         "multi_gpu": MULTI_GPU,
         "validate_every": VALIDATE_EVERY,
-        "ablation_init_stage": ABLATION_INIT_STAGE,
-        "table2_at_448": TABLE2_AT_448,
-        "fig4_without_multi_cell": FIG4_WITHOUT_MULTI_CELL,
-        "fig4_loss": FIG4_SOURCE,
         "ablation_steps": ABLATION_STEPS,
+        "checkpoint": CHECKPOINT,
+        "seeds": SEEDS,
     }
     values.update({f"train.{k}": v for k, v in TRAIN_SETTINGS.items()})
     values.update({f"steps.{k}": v for k, v in STEPS.items()})
     values.update({f"eval_splits.{k}": v for k, v in EVAL_SPLITS.items()})
     values.update({f"evaluation.{k}": v for k, v in EVALUATION.items()})
     return values
-
-
-def deviation_rows() -> dict[str, list[str]]:
-    """The README deviations table's rows this protocol needs: topic -> the texts its "here"
-    cell must hold, one per `ours` value."""
-    rows: dict[str, list[str]] = {}
-    for value in tagged_values().values():
-        if value.source == OURS:
-            rows.setdefault(value.topic, []).append(value.rendered())
-    return rows

@@ -1,76 +1,98 @@
-"""Our figures beside the paper's: OUT/tables.json, OUT/tables.md and OUT/fig4.png.
+"""Our figures beside the paper's: OUT/tables.json, OUT/tables.md, OUT/timings.json, fig4.png.
 
-Every cell of Table II (val) and Table III (val, test) with our kappa, its 95% bootstrap CI
-(evaluate.py's report.json), the paper's figure and the difference (ours − paper); Fig. 4's
-runs with the paper's steps and hours beside ours, val kappa from scores at the run's last
-validation, and §III-B's three claims checked on our runs. fig4.png plots val kappa against
-steps and against hours, one line per Fig. 4 run: each run's validations (epochs.csv) at its
-step counted from the backbone weights (a 448* run starts at 224@20k's steps and hours).
-It reads only files, so a rerun rebuilds it without training anything. Kept free of TensorFlow.
+Every cell of Table II (val) and Table III (val, test): the run it comes from (tagged `paper` or
+`ours`, with the reason), our kappa with the plan's checkpoint (last by default) and its 95%
+bootstrap CI (evaluate.py's report.json), best-on-val beside it (labelled as selected on the
+split it was selected on), the mean ± sd over seeds (`--seeds N`), the paper's figure and the
+difference. Then the paper's comparisons as paired differences (`comparisons`), Fig. 4's runs
+with the paper's steps beside ours, val kappa from scores at the run's last validation, and
+§III-B's claims checked on our runs. Wall-clock hours go to timings.json only, so that two
+deterministic runs of the same command give a byte-identical tables.json. fig4.png plots val
+kappa against steps and against hours, one line per Fig. 4 run, counted from the backbone
+weights (a 448* run starts where the checkpoint it starts from was written). It reads only
+files, so a rerun rebuilds it without training anything. Kept free of TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 from m2cnn_tf.common import atomic_write_json, atomic_write_text, finite_or_none
 from m2cnn_tf.reports import REPORT
-from m2cnn_tf.reproduce import protocol
-from m2cnn_tf.reproduce.plan import Plan, PlannedRun
+from m2cnn_tf.reproduce import comparisons, figures, footprint, protocol
+from m2cnn_tf.reproduce.plan import ESTIMATES_NOTE, Plan, PlannedRun
+from m2cnn_tf.reproduce.protocol import Tagged
 from m2cnn_tf.reproduce.runs import epoch_rows, load_state
 
 
-def _report(plan: Plan, run: str, split: str) -> dict[str, Any] | None:
-    """The report of the plan's evaluation of `run` on `split`, if there is one yet."""
-    for e in plan.evaluations:
-        if e.run == run and e.split == split:
-            path = Path(e.out) / REPORT
-            return json.loads(path.read_text()) if path.is_file() else None
-    return None
+def _kappa(plan: Plan, run: str, split: str, which: str, way: str, seed: int = 0) -> dict:
+    """Kappa, its CI and the image count of a run's evaluation (None before it exists)."""
+    e = plan.evaluation(run, split, which, seed)
+    path = Path(e.out) / REPORT if e else None
+    report = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    found = report.get(way, {})
+    ci = [finite_or_none(v) for v in found.get("kappa_ci95", [None, None])]
+    return {"kappa": finite_or_none(found.get("kappa")), "ci95": ci, "n": report.get("n_images")}
 
 
-def _cell(plan: Plan, run: str | None, split: str, way: str, paper: float | None) -> dict:
-    """One cell: our kappa and CI from the run's report, the paper's figure, the difference."""
-    report = _report(plan, run, split) if run else None
-    figures = (report or {}).get(way, {})
-    kappa = finite_or_none(figures.get("kappa"))
-    ci = [finite_or_none(v) for v in figures.get("kappa_ci95", [None, None])]
-    return {
+def _cell(plan: Plan, source: Tagged | None, split: str, way: str, paper: float | None) -> dict:
+    """One cell: the run and its tag, our kappa and CI, best-on-val, seeds, the paper's."""
+    o = plan.options
+    run = source.value if source is not None else None
+    run = run if run in {r.name for r in plan.runs} else None
+    main = _kappa(plan, run or "", split, o.checkpoint, way)
+    cell = {
         "run": run,
+        "source": None if run is None else {"tag": source.source, "why": source.note},
         "split": split,
         "way": way,
-        "kappa": kappa,
-        "ci95": ci,
+        "checkpoint": o.checkpoint,
+        "kappa": main["kappa"],
+        "ci95": main["ci95"],
         "paper": paper,
-        "difference": None if kappa is None or paper is None else round(kappa - paper, 4),
-        "n_images": (report or {}).get("n_images"),
+        "difference": None if None in (main["kappa"], paper) else round(main["kappa"] - paper, 4),
+        "n_images": main["n"],
+        "selected_on": "val" if run and o.checkpoint != "best" else None,
+        "selected": None,
+        "seeds": None,
     }
+    if cell["selected_on"]:
+        best = _kappa(plan, run, split, "best", way)
+        cell["selected"] = {"kappa": best["kappa"], "ci95": best["ci95"]}
+    if run and o.seeds > 1:
+        kappas = [_kappa(plan, run, split, o.checkpoint, way, s)["kappa"] for s in range(o.seeds)]
+        known = [k for k in kappas if k is not None]
+        spread = len(known) == len(kappas)
+        cell["seeds"] = {
+            "kappas": kappas,
+            "mean": statistics.fmean(known) if spread else None,
+            "sd": statistics.stdev(known) if spread else None,
+        }
+    return cell
 
 
 def table2(plan: Plan) -> list[dict[str, Any]]:
     cells = []
-    for size, figures in protocol.TABLE2_PAPER.items():
-        for column, (_, way) in protocol.TABLE2_COLUMNS.items():
-            run = protocol.table2_run(column, size, plan.options.ablation_init)
-            planned = run if run in {r.name for r in plan.runs} else None
-            cell = _cell(plan, planned, "val", way, figures[column])
-            cells.append({"size": size, "column": column, **cell})
+    for size, paper in figures.TABLE2_PAPER.items():
+        for column, (_, way) in figures.TABLE2_COLUMNS.items():
+            source = figures.table2_cell(column, size, plan.options.ablation_init)
+            cells.append({"size": size, "column": column,
+                          **_cell(plan, source, "val", way, paper[column])})  # fmt: skip
     return cells
 
 
 def table3(plan: Plan) -> list[dict[str, Any]]:
     cells = []
-    names = {r.name for r in plan.runs}
-    for row, figures in protocol.TABLE3_PAPER.items():
-        run = protocol.table3_run(row, plan.options.ablation_init)
-        for split, paper in figures.items():
-            cell = _cell(plan, run if run in names else None, split, "scores", paper)
-            cells.append({"row": row, **cell})
-    for row, figures in protocol.TABLE3_OTHERS.items():
-        for split, paper in figures.items():
-            cells.append({"row": row, **_cell(plan, None, split, "scores", paper)})
+    for row, paper in figures.TABLE3_PAPER.items():
+        source = figures.table3_cell(row, plan.options.ablation_init)
+        for split, figure in paper.items():
+            cells.append({"row": row, **_cell(plan, source, split, "scores", figure)})
+    for row, paper in figures.TABLE3_OTHERS.items():
+        for split, figure in paper.items():
+            cells.append({"row": row, **_cell(plan, None, split, "scores", figure)})
     return cells
 
 
@@ -93,21 +115,32 @@ def curve(plan: Plan, run: PlannedRun) -> list[dict[str, float | None]]:
 
 
 def _start(plan: Plan, run: PlannedRun) -> tuple[int, float | None]:
-    """Steps and hours spent before the run's first step: those of the runs it starts from."""
+    """Steps and hours spent before the run's first step: those of the runs it starts from, up
+    to the checkpoint it starts from (the last one's epoch, or the one best.json names)."""
     if not run.init.startswith(protocol.RUN_PREFIX):
         return 0, 0.0
-    parent = plan.run(run.init.removeprefix(protocol.RUN_PREFIX))
-    seconds = load_state(parent).get("seconds", {})
+    parent = plan.run(run.init.removeprefix(protocol.RUN_PREFIX), run.seed)
+    epoch = parent.epochs
+    if run.init_checkpoint == "best":
+        meta = _json(parent.checkpoint("best"), "best.json")
+        epoch = int(meta.get("epoch") or parent.epochs)
     steps0, hours0 = _start(plan, parent)
-    spent = finite_or_none(seconds.get(str(parent.epochs)))
+    spent = finite_or_none(load_state(parent).get("seconds", {}).get(str(epoch)))
     hours = None if spent is None or hours0 is None else hours0 + spent / 3600
-    return steps0 + parent.steps, hours
+    return steps0 + epoch * parent.steps_per_epoch, hours
+
+
+def _json(checkpoint: str, name: str) -> dict[str, Any]:
+    path = Path(checkpoint).with_name(name)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def fig4(plan: Plan) -> list[dict[str, Any]]:
+    """Fig. 4's runs (seed 0): steps from the backbone and val kappa; hours as a separate
+    field that `build` moves to timings.json."""
     names = {r.name for r in plan.runs}
     found = []
-    for fig in protocol.FIG4:
+    for fig in figures.FIG4:
         points = curve(plan, plan.run(fig.run)) if fig.run in names else []
         last = points[-1] if points else {}
         kappas = [p["val_kappa"] for p in points if p["val_kappa"] is not None]
@@ -118,7 +151,6 @@ def fig4(plan: Plan) -> list[dict[str, Any]]:
                 "paper_steps": fig.steps,
                 "paper_hours": fig.hours,
                 "steps": last.get("step"),
-                "hours": last.get("hours"),
                 "val_kappa": last.get("val_kappa"),
                 "best_val_kappa": max(kappas, default=None),
                 "curve": points,
@@ -131,7 +163,7 @@ def claims(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """§III-B's claims on Fig. 4, checked on our last validations."""
     kappa = {p["label"]: p["val_kappa"] for p in points}
     found = []
-    for better, worse in protocol.FIG4_CLAIMS:
+    for better, worse in figures.FIG4_CLAIMS:
         a, b = kappa.get(better), kappa.get(worse)
         found.append(
             {"better": better, "worse": worse, "holds": None if a is None or b is None else a > b}
@@ -149,6 +181,16 @@ def notes(plan: Plan) -> list[str]:
         )
     if o.weights != "imagenet":
         found.append(f"Backbone weights {o.weights}: the paper starts from ImageNet (§III-A).")
+    if o.checkpoint == "best":
+        found.append(
+            "Each cell is the run's best checkpoint on val: on Table II and Table III's val "
+            "column it is selected on the split it reports, so it is optimistic."
+        )
+    if o.seeds > 1:
+        found.append(
+            f"Figures are seed 0's, with the mean ± sd over seeds 0-{o.seeds - 1} beside them; "
+            "the comparisons are the mean over seeds with the t interval across them."
+        )
     if o.ablation_init == "stage":
         found.append(
             "Table II's MSE, CE and Multi-Task columns at 448 and 720 are fine-tuned from the "
@@ -159,24 +201,39 @@ def notes(plan: Plan) -> list[str]:
 
 
 def build(plan: Plan) -> dict[str, Path]:
-    """Write tables.json, tables.md and (with Fig. 4) fig4.png into OUT; returns their paths."""
+    """Write tables.json, tables.md, timings.json and (with Fig. 4) fig4.png into OUT; returns
+    their paths."""
     out = Path(plan.options.out)
-    points = fig4(plan) if "fig4" in plan.options.experiments else []
+    timed = fig4(plan) if "fig4" in plan.options.experiments else []
+    untimed = [{**p, "curve": [_without(c, "hours") for c in p["curve"]]} for p in timed]
     tables = {
         "notes": notes(plan),
         "ablation_init": plan.options.ablation_init,
+        "checkpoint": plan.options.checkpoint,
+        "seeds": plan.options.seeds,
         "table2": table2(plan) if "table2" in plan.options.experiments else [],
         "table3": table3(plan) if "table3" in plan.options.experiments else [],
-        "fig4": points,
-        "fig4_claims": claims(points) if points else [],
+        "comparisons": comparisons.comparisons(plan),
+        "fig4": untimed,
+        "fig4_claims": claims(timed) if timed else [],
     }
-    paths = {"tables.json": out / "tables.json", "tables.md": out / "tables.md"}
+    hours = {p["label"]: [c["hours"] for c in p["curve"]] for p in timed}
+    timings = {
+        "fig4_hours": hours,
+        "run_seconds": {r.label: load_state(r).get("seconds", {}) for r in plan.runs},
+    }
+    paths = {name: out / name for name in ("tables.json", "tables.md", "timings.json")}
     atomic_write_json(paths["tables.json"], tables)
-    atomic_write_text(paths["tables.md"], markdown(tables))
-    if points:
+    atomic_write_json(paths["timings.json"], timings)
+    atomic_write_text(paths["tables.md"], markdown(tables, hours))
+    if timed:
         paths["fig4.png"] = out / "fig4.png"
-        plot_fig4(points, paths["fig4.png"])
+        plot_fig4(timed, paths["fig4.png"])
     return paths
+
+
+def _without(values: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != key}
 
 
 def _k(value: float | None) -> str:
@@ -196,33 +253,47 @@ def _kappa_table(title: str, keys: tuple[str, str], cells: list[dict[str, Any]])
     cells' `keys` ("row" is shown as "algorithm")."""
     if not cells:
         return []
-    names = " | ".join("algorithm" if k == "row" else k for k in keys)
-    lines = [f"## {title}", "", f"| {names} | ours | 95% CI | paper | ours − paper | run |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    seeds = any(c["seeds"] for c in cells)
+    columns = ["algorithm" if k == "row" else k for k in keys]
+    columns += ["ours", "95% CI", "best on val (selected on val)"]
+    columns += ["mean ± sd over seeds"] * seeds + ["paper", "ours − paper", "run (source)"]
+    lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for c in cells:
+        best = "–" if c["selected"] is None else f"{_k(c['selected']['kappa'])}"
+        spread = ""
+        if seeds:
+            s = c["seeds"] or {}
+            known = s.get("mean") is not None
+            spread = f" {s['mean']:.3f} ± {s['sd']:.3f} |" if known else " – |"
+        source = f" ({c['source']['tag']})" if c["source"] else ""
         lines.append(
-            f"| {c[keys[0]]} | {c[keys[1]]} | {_k(c['kappa'])} | {_ci(c['ci95'])} | "
-            f"{_k(c['paper'])} | {_signed(c['difference'])} | {c['run'] or '–'} |"
+            f"| {c[keys[0]]} | {c[keys[1]]} | {_k(c['kappa'])} | {_ci(c['ci95'])} | {best} |"
+            f"{spread} {_k(c['paper'])} | {_signed(c['difference'])} | "
+            f"{c['run'] or '–'}{source} |"
         )
     return [*lines, ""]
 
 
-def markdown(tables: dict[str, Any]) -> str:
+def markdown(tables: dict[str, Any], hours: dict[str, list[float | None]]) -> str:
     lines = ["# Reproduction of M²CNN (Zhou et al., EMBC 2018)", ""]
     lines += [f"> {n}" for n in tables["notes"]] + ([""] if tables["notes"] else [])
-    lines += _kappa_table("Table II (val, quadratic weighted kappa)", ("size", "column"),
+    what = f"the {tables['checkpoint']} checkpoint of each run, seed 0"
+    lines += _kappa_table(f"Table II (val, quadratic weighted kappa; {what})", ("size", "column"),
                           tables["table2"])  # fmt: skip
-    lines += _kappa_table("Table III (kappa from scores)", ("row", "split"), tables["table3"])
+    lines += _kappa_table(f"Table III (kappa from scores; {what})", ("row", "split"),
+                          tables["table3"])  # fmt: skip
+    lines += comparisons.markdown(tables["comparisons"])
     if tables["fig4"]:
         lines += ["## Fig. 4 (val kappa from scores at each run's last validation)", ""]
         lines += ["| run | paper: steps | paper: hours | ours: steps | ours: hours | val kappa |"]
         lines += ["|---|---|---|---|---|---|"]
         for p in tables["fig4"]:
-            hours = "–" if p["hours"] is None else f"{p['hours']:.2f}"
+            last = (hours.get(p["label"]) or [None])[-1]
+            shown = "–" if last is None else f"{last:.2f}"
             steps = "–" if p["steps"] is None else f"{p['steps']:,}"
             lines.append(
                 f"| {p['label']} | {p['paper_steps']:,} | {p['paper_hours']} | {steps} | "
-                f"{hours} | {_k(p['val_kappa'])} |"
+                f"{shown} | {_k(p['val_kappa'])} |"
             )
         lines += ["", "§III-B's claims on our runs:", ""]
         for c in tables["fig4_claims"]:
@@ -259,3 +330,46 @@ def plot_fig4(points: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(partial, dpi=110)
     plt.close(fig)
     partial.replace(path)
+
+
+def plan_table(plan: Plan) -> str:
+    """The plan as a table: one line per run, then the totals."""
+    head = (
+        "run",
+        "loss",
+        "multi-cell",
+        "size",
+        "init",
+        "steps",
+        "batch",
+        "est. GPU mem",
+        "est. time",
+    )
+    rows = [head]
+    for r in plan.runs:
+        hours = "–" if r.est_hours is None else f"{r.est_hours:.1f} h"
+        rows.append(
+            (
+                r.label,
+                r.loss,
+                "on" if r.multi_cell else "off",
+                str(r.image_size),
+                r.init if len(r.init) <= 24 else "…" + r.init[-23:],
+                f"{r.steps:,}",
+                str(r.batch_size),
+                footprint.describe_gb(r.est_gpu_memory_gb),
+                hours,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += ["", "what each run is for:"]
+    lines += [f"  {r.name}: {'; '.join(r.uses)}" for r in plan.runs if r.seed == 0]
+    hours = [r.est_hours for r in plan.runs if r.est_hours is not None]
+    if hours:
+        seeds = plan.options.seeds
+        each = f" ({seeds} seeds)" if seeds > 1 else ""
+        lines.append(f"total at the paper's speed: {sum(hours):.0f} h of training{each}")
+    lines += [f"evaluations: {len(plan.evaluations)}", f"estimates: {ESTIMATES_NOTE}"]
+    return "\n".join(lines)

@@ -27,12 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from m2cnn_tf import checkpoints
 from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.errors import M2cnnError, RunFailed
+from m2cnn_tf.reports import REPORT
 from m2cnn_tf.reproduce import protocol
 from m2cnn_tf.reproduce.plan import Plan, PlannedEvaluation, PlannedRun, with_settings
 
 STATE = "reproduce.json"  # in each run's model directory
+CKPTS = ("best", "last")
 POLL_SECONDS = 0.5
 
 Log = Callable[[str], None]
@@ -109,7 +112,7 @@ def save_state(run: PlannedRun, state: dict[str, Any]) -> None:
 def _start_from(source: PlannedRun, run: PlannedRun, log: Log) -> None:
     """A run that carries on `source` starts as a copy of its finished directory."""
     if not load_state(source).get("done"):
-        raise RunFailed(f"{run.name} carries on {source.name}, which has not finished")
+        raise RunFailed(f"{run.label} carries on {source.label}, which has not finished")
     target = Path(run.model_dir)
     partial = target.with_name(target.name + ".copying")
     shutil.rmtree(partial, ignore_errors=True)
@@ -117,7 +120,7 @@ def _start_from(source: PlannedRun, run: PlannedRun, log: Log) -> None:
     state = load_state(source)
     atomic_write_json(partial / STATE, {"done": False, "seconds": state.get("seconds", {})})
     partial.rename(target)
-    log(f"{run.name}: starts from a copy of {source.name} (its first {source.steps} steps)")
+    log(f"{run.label}: starts from a copy of {source.name} (its first {source.steps} steps)")
 
 
 def runtime_settings(gpus: int) -> dict[str, Any]:
@@ -136,10 +139,10 @@ def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") ->
     """Train `run` unless it is done; True when it trained now."""
     state = load_state(run)
     if state.get("done"):
-        log(f"{tag}{run.name}: done, skipped")
+        log(f"{tag}{run.label}: done, skipped")
         return False
     if run.continues and not Path(run.model_dir).exists():
-        source = plan.run(run.continues)
+        source = plan.run(run.continues, run.seed)
         _start_from(source, run, log)
         state = load_state(run)
         if run.steps == source.steps:  # --steps-scale rounded both to the same count
@@ -149,42 +152,72 @@ def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") ->
     from m2cnn_tf import training
 
     config = with_settings(run.config, runtime_settings(gpus))
-    log(f"{tag}{run.name}: training (by hand: train.py {' '.join(run.train_args)})")
+    log(f"{tag}{run.label}: training (by hand: train.py {' '.join(run.train_args)})")
     Path(run.model_dir).mkdir(parents=True, exist_ok=True)
     with EpochClock(run, state):
-        _in(f"run {run.name}", lambda: training.run(config, log=log))
+        _in(f"run {run.label}", lambda: training.run(config, log=log))
     state["done"] = True
     save_state(run, state)
     return True
 
 
 def evaluate(plan: Plan, evaluation: PlannedEvaluation, *, log: Log) -> bool:
-    """Evaluate unless its report is newer than the run's checkpoint; True when it ran now."""
-    report = Path(evaluation.out) / "report.json"
-    checkpoint = Path(plan.run(evaluation.run).checkpoint())
+    """Evaluate unless its report is newer than the checkpoint it evaluates; True when it ran
+    now."""
+    e = evaluation
+    what = f"{plan.run(e.run, e.seed).label} on {e.split} ({e.checkpoint})"
+    report = Path(e.out) / REPORT
+    checkpoint = Path(plan.run(e.run, e.seed).checkpoint(e.checkpoint))
     fresh = checkpoint.is_file() and report.is_file()
     if fresh and report.stat().st_mtime >= checkpoint.stat().st_mtime:
-        log(f"{evaluation.run} on {evaluation.split}: evaluated, skipped")
+        log(f"{what}: evaluated, skipped")
         return False
+    if _same_as_last(plan, e, log):
+        return True
     from m2cnn_tf import evaluation as evaluating
 
-    e = evaluation
-    log(f"{e.run} on {e.split}: evaluating (by hand: evaluate.py {' '.join(e.args)})")
+    log(f"{what}: evaluating (by hand: evaluate.py {' '.join(e.args)})")
     _in(
-        f"evaluating {e.run} on {e.split}",
+        f"evaluating {what}",
         lambda: evaluating.run_evaluation(
             e.model_dir, e.stage, e.data, e.split, e.out, fit_thresholds=e.thresholds == "fit",
-            tta=e.tta, n_boot=e.bootstrap, log=log,
+            tta=e.tta, n_boot=e.bootstrap, checkpoint=e.checkpoint, log=log,
         ),
     )  # fmt: skip
     return True
 
 
+def _same_as_last(plan: Plan, e: PlannedEvaluation, log: Log) -> bool:
+    """When the best checkpoint is the last one (the same epoch: the same weights), its report
+    is the last one's with the checkpoint record changed, not a second evaluation."""
+    last = plan.evaluation(e.run, e.split, "last", e.seed)
+    run = plan.run(e.run, e.seed)
+    if e.checkpoint != "best" or last is None or not (Path(last.out) / REPORT).is_file():
+        return False
+    metas = [Path(run.checkpoint(w)).with_name(checkpoints.CHECKPOINTS[w][1]) for w in CKPTS]
+    if not all(m.is_file() for m in metas):
+        return False
+    best, final = (json.loads(m.read_text()) for m in metas)
+    if best.get("epoch") != final.get("epoch"):
+        return False
+    report = json.loads((Path(last.out) / REPORT).read_text())
+    report["checkpoint"] = {**report["checkpoint"], "which": "best", "meta": best,
+                            "path": str(Path(run.checkpoint("best")).resolve())}  # fmt: skip
+    shutil.rmtree(e.out, ignore_errors=True)
+    shutil.copytree(last.out, e.out)
+    atomic_write_json(Path(e.out) / REPORT, report)
+    log(f"{run.label} on {e.split} (best): the last checkpoint's epoch, its report reused")
+    return True
+
+
 def carry_out(plan: Plan, *, gpus: int, log: Log = print) -> dict[str, int]:
-    """Train every run, then evaluate; returns how many of each ran now (not skipped)."""
+    """Train every run, then evaluate, one seed after the other (seed 0's tables are complete
+    before seed 1 starts); returns how many of each ran now (not skipped)."""
     done = {"trained": 0, "evaluated": 0}
-    for i, run in enumerate(plan.runs, 1):
-        done["trained"] += train(plan, run, gpus=gpus, log=log, tag=f"[{i}/{len(plan.runs)}] ")
-    for evaluation in plan.evaluations:
-        done["evaluated"] += evaluate(plan, evaluation, log=log)
+    for seed in range(plan.options.seeds):
+        runs = [r for r in plan.runs if r.seed == seed]
+        for i, run in enumerate(runs, 1):
+            done["trained"] += train(plan, run, gpus=gpus, log=log, tag=f"[{i}/{len(runs)}] ")
+        for evaluation in (e for e in plan.evaluations if e.seed == seed):
+            done["evaluated"] += evaluate(plan, evaluation, log=log)
     return done

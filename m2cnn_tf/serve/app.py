@@ -1,16 +1,21 @@
 """The grader's web page and HTTP API: FastAPI routes around one loaded `Grader`.
 
     GET  /            the page: upload photographs, see grades and Grad-CAM, download a CSV
-    GET  /healthz     {"status": "ok"}, answered while a batch computes
+    POST /            the token form (with a token): sets the cookie, back to /
+    GET  /healthz     {"status": "ok"}, answered while a batch computes; 503 once the model's
+                      batcher has stopped
     GET  /v1/model    the model panel's facts (stage, resolution, preset, val kappa, data)
     POST /v1/grade    multipart parts named `files` (one or many), ?gradcam=1 for the panels
     GET  /docs        OpenAPI docs (Swagger UI served from the package: works offline)
 
 Each file is decoded and preprocessed on a worker thread, then graded in a micro-batch on the
-model thread (`batching.MicroBatcher`): the event loop only moves bytes. With a token, every
+model thread (`batching.MicroBatcher`): the event loop only moves bytes. A grading request is
+admitted within the memory budget and the queue bound (`admission`), or answered 503 with
+Retry-After at once; if its client goes away, its images leave the queue. With a token, every
 route but /healthz and the static files needs `Authorization: Bearer TOKEN` or the cookie that
-opening the page once as `/?token=TOKEN` sets. Uploads stay in memory; neither their names nor
-their bytes are logged (the access log has method, path without query, status and time).
+the token form (or opening the page once as `/?token=TOKEN`) sets; wrong tokens are limited per
+client (429). Uploads stay in memory; neither their names nor their bytes are logged. The whole
+app sits inside `guard.Guard` (hosts, origins, headers, the access log).
 """
 
 from __future__ import annotations
@@ -18,45 +23,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import swagger_ui_bundle
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from m2cnn_tf import __version__
 from m2cnn_tf.common import IMAGE_EXTENSIONS
 from m2cnn_tf.config import NUM_CLASSES
+from m2cnn_tf.decoding import pixel_limit
 from m2cnn_tf.metrics import REFERABLE_GRADE
-from m2cnn_tf.prediction import CSV_COLUMNS
+from m2cnn_tf.prediction import CSV_COLUMNS, CSV_TEXT_COLUMNS, FORMULA_PREFIXES
+from m2cnn_tf.serve import access
+from m2cnn_tf.serve.admission import Admission, Busy, TooLarge
 from m2cnn_tf.serve.batching import MicroBatcher
 from m2cnn_tf.serve.grader import NOTICE, Grader, Job, Prepared
+from m2cnn_tf.serve.guard import Guard, HostRule, csp_with_inline_scripts, describe
 from m2cnn_tf.serve.uploads import FIELD, MB, Limits, RequestRefused, read_uploads
 
 HERE = Path(__file__).resolve().parent
-COOKIE = "m2cnn_token"
 log = logging.getLogger("m2cnn_tf.serve")
 templates = Jinja2Templates(directory=HERE / "templates")
+GRADING_FAILED = "the server could not grade this image (its model call failed)"
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
-    """serve.py's request and batching settings."""
+    """serve.py's request, admission and batching settings."""
 
     limits: Limits
     max_wait_ms: float = 20.0
     token: str | None = None
     workers: int = 2  # decoding and preprocessing threads
+    max_inflight_bytes: int = 1024 * MB  # the memory budget, on top of the model
+    max_queue: int = 64  # images admitted and not yet answered
+    hosts: HostRule | None = None  # None: loopback names only (checked without a token)
 
 
 class GradeResult(BaseModel):
@@ -95,68 +106,70 @@ _UPLOAD_BODY = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Access control
-
-
-def _authorised(request: Request) -> bool:
-    token = request.app.state.settings.token
-    if not token:
-        return True
-    given = request.cookies.get(COOKIE, "")
-    header = request.headers.get("authorization", "")
-    if header[:7].lower() == "bearer ":
-        given = header[7:].strip()
-    return hmac.compare_digest(given.encode(), token.encode())
-
-
-def require_token(request: Request) -> None:
-    if not _authorised(request):
-        raise HTTPException(
-            401,
-            "this server needs its token: send 'Authorization: Bearer TOKEN'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
-# ---------------------------------------------------------------------------------------------
 # Routes
 
 router = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_token)])
+protected = APIRouter(dependencies=[Depends(access.require_token)])
 
 
-@router.get("/healthz", summary="Liveness: answers while a batch computes")
-async def healthz() -> dict[str, str]:
+@router.get("/healthz", summary="Liveness: answers while a batch computes", response_model=None)
+async def healthz(request: Request) -> dict[str, str] | JSONResponse:
+    """503 once the model's batcher has stopped: the server can no longer grade anything."""
+    if not request.app.state.batcher.alive:
+        body = {"status": "failing", "detail": "the model's batcher has stopped"}
+        return JSONResponse(body, status_code=503)
     return {"status": "ok"}
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page(request: Request, token: str | None = None) -> Response:
-    """The page; with a token, `/?token=TOKEN` once stores it in a cookie and comes back."""
+    """The page; with a token, `/?token=TOKEN` once stores it in a cookie and comes back (the
+    token form posts instead, which keeps the token out of the address and the history)."""
     settings: ServeSettings = request.app.state.settings
     if settings.token and token is not None:
-        if not hmac.compare_digest(token.encode(), settings.token.encode()):
-            return _token_page(request, wrong=True)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(
-            COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https"
-        )
-        return response
-    if not _authorised(request):
-        return _token_page(request, wrong=False)
+        return _open_with(request, token)
+    given = access.presented(request)
+    refused = access.refusal(request, given)
+    if refused is not None:
+        return _token_page(request, refused, wrong=bool(given))
     grader: Grader = request.app.state.grader
     context = {
         "facts": grader.facts(),
         "extensions": list(IMAGE_EXTENSIONS),
         "columns": list(CSV_COLUMNS),
+        "csv_text_columns": list(CSV_TEXT_COLUMNS),
+        "formula_prefixes": list(FORMULA_PREFIXES),
         "max_upload_mb": settings.limits.max_file_bytes / MB,
         "max_batch": grader.max_batch,
     }
     return templates.TemplateResponse(request, "index.html", context)
 
 
-def _token_page(request: Request, wrong: bool) -> Response:
-    return templates.TemplateResponse(request, "token.html", {"wrong": wrong}, status_code=401)
+@router.post("/", include_in_schema=False)
+async def token_form(request: Request) -> Response:
+    """The token page's form: the token in the body, never in the address."""
+    if not request.app.state.settings.token:
+        return RedirectResponse("/", status_code=303)
+    try:
+        token = await access.form_token(request)
+    except RequestRefused as err:
+        return JSONResponse({"detail": err.reason}, status_code=err.status)
+    return _open_with(request, token)
+
+
+def _open_with(request: Request, token: str) -> Response:
+    refused = access.refusal(request, token)
+    if refused is not None:
+        return _token_page(request, refused, wrong=bool(token))
+    response = RedirectResponse("/", status_code=303)
+    access.set_cookie(response, token, https=request.url.scheme == "https")
+    return response
+
+
+def _token_page(request: Request, refused: tuple[int, dict[str, str]], wrong: bool) -> Response:
+    status, headers = refused
+    context = {"wrong": wrong and status == 401, "limited": status == 429}
+    return templates.TemplateResponse(request, "token.html", context, status, headers)
 
 
 @protected.get("/v1/model", summary="The model panel's facts")
@@ -164,11 +177,19 @@ async def model_facts(request: Request) -> dict[str, Any]:
     facts = request.app.state.grader.facts()
     batcher: MicroBatcher = request.app.state.batcher
     settings: ServeSettings = request.app.state.settings
+    admission: Admission = request.app.state.admission
     facts["serving"] = {
         "max_batch": batcher.max_batch,
         "max_wait_ms": settings.max_wait_ms,
         "max_upload_mb": settings.limits.max_file_bytes / MB,
         "max_files": settings.limits.max_files,
+        "decoder_max_megapixels": pixel_limit() / 1e6,  # the decoders' own limit (serve.py's)
+        "max_inflight_mb": settings.max_inflight_bytes / MB,
+        "max_queue": settings.max_queue,
+        "inflight_mb": round(admission.used / MB, 3),
+        "images_admitted": admission.images,
+        "images_queued": batcher.queued,
+        "refused_busy": admission.refused,
         "model_calls": batcher.calls,
         "images_graded": batcher.items,
     }
@@ -181,8 +202,10 @@ async def model_facts(request: Request) -> dict[str, Any]:
     response_model=None,
     responses={
         200: {"model": GradeResponse, "description": "one result per file, in order"},
-        413: {"description": "a file over the size limit, or too many files"},
+        400: {"description": "an unusable multipart boundary"},
+        413: {"description": "a file, the body or its fields over a limit, or too many files"},
         422: {"description": "no files, or not a multipart form"},
+        503: {"description": "busy (memory budget or queue full): retry after Retry-After"},
     },
     openapi_extra={"requestBody": _UPLOAD_BODY},
 )
@@ -191,27 +214,69 @@ async def grade(request: Request, gradcam: bool = False) -> Response:
     the others are graded. The type is decided by content, not by name."""
     state = request.app.state
     try:
-        uploads = await read_uploads(
-            request.headers.get("content-type"),
-            request.headers.get("content-length"),
-            request.stream(),
-            state.settings.limits,
-        )
+        with state.admission.ticket() as ticket:
+            state.admission.check_queue()  # before reading a byte of the body
+            uploads = await read_uploads(
+                request.headers.get("content-type"),
+                request.headers.get("content-length"),
+                request.stream(),
+                state.settings.limits,
+                hold=ticket.hold_body,
+            )
+            ticket.admit(len(uploads), _input_bytes(state.grader.size, gradcam))
+            results = await _grade_while_connected(request, uploads, gradcam)
     except RequestRefused as err:
         return JSONResponse({"detail": err.reason}, status_code=err.status)
-    loop = asyncio.get_running_loop()
+    except TooLarge as err:
+        return JSONResponse({"detail": err.reason}, status_code=413)
+    except Busy as err:
+        state.admission.refused += 1
+        retry = {"Retry-After": str(state.batcher.retry_after())}
+        return JSONResponse({"detail": err.reason}, status_code=503, headers=retry)
+    except ClientDisconnect:
+        results = None
+    if results is None:  # the client went away: nobody reads this
+        return Response(status_code=499)
+    return JSONResponse({"results": results})
+
+
+def _input_bytes(size: int, gradcam: bool) -> int:
+    """Memory for one admitted image: its model input, and its Grad-CAM panel (two images wide,
+    as PNG in base64 at most about as large) when asked for."""
+    return size * size * 3 * (1 + 3 * gradcam)
+
+
+async def _grade_while_connected(request: Request, uploads, gradcam: bool) -> list | None:
+    """Every upload's result, in order; None if the client disconnects first (its images
+    still waiting then leave the queue, and no model call grades them)."""
+    state, loop = request.app.state, asyncio.get_running_loop()
 
     async def one(upload) -> dict[str, Any]:
         prepared: Prepared = await loop.run_in_executor(
             state.prep_pool, state.grader.prepare, upload.filename, upload.data
         )
-        row = None
-        if prepared.image is not None:
+        if prepared.image is None:
+            return result_json(prepared, None, gradcam)
+        try:
             (row,) = await state.batcher.submit([Job(prepared.image, gradcam)])
+        except Exception as err:  # its model call failed, or the batcher stopped: this one only
+            log.error("grading an image failed: %s", describe(err))
+            return result_json(dataclasses.replace(prepared, error=GRADING_FAILED), None, gradcam)
         return result_json(prepared, row, gradcam)
 
-    results = await asyncio.gather(*(one(u) for u in uploads))
-    return JSONResponse({"results": results})
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(asyncio.gather(*(one(u) for u in uploads)))
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        work.cancel()  # no-op once done; else the images leave the queue
+        await asyncio.gather(work, gone, return_exceptions=True)
+    return work.result() if work in done else None
 
 
 def result_json(prepared: Prepared, row: dict[str, Any] | None, gradcam: bool) -> dict[str, Any]:
@@ -244,66 +309,38 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
+DOCS_HTML = get_swagger_ui_html(
+    openapi_url="/openapi.json",
+    title="M²CNN grader API",
+    swagger_js_url="/docs-static/swagger-ui-bundle.js",
+    swagger_css_url="/docs-static/swagger-ui.css",
+    swagger_favicon_url="/docs-static/favicon-32x32.png",
+).body.decode()
+
+
 @protected.get("/docs", include_in_schema=False)
 async def docs() -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url="/openapi.json",
-        title="M²CNN grader API",
-        swagger_js_url="/docs-static/swagger-ui-bundle.js",
-        swagger_css_url="/docs-static/swagger-ui.css",
-        swagger_favicon_url="/docs-static/favicon-32x32.png",
-    )
+    return HTMLResponse(DOCS_HTML)
 
 
 # ---------------------------------------------------------------------------------------------
 # The application
 
 
-class _AccessLogAndHeaders:
-    """ASGI middleware: one log line per request without query string or body, and the
-    headers that keep the page from being framed, sniffed or leaking its URL."""
-
-    _PAGE_CSP = (
-        b"default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-        b"base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
-    )
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 0
-        docs = scope["path"] == "/docs"  # Swagger UI's page starts with an inline script
-
-        async def send_with_headers(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", []))
-                headers += [(b"x-content-type-options", b"nosniff")]
-                headers += [(b"referrer-policy", b"no-referrer")]
-                if not docs:
-                    headers += [(b"content-security-policy", self._PAGE_CSP)]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            seconds = time.perf_counter() - started
-            log.info("%s %s %d %.3fs", scope["method"], scope["path"], status, seconds)
-
-
 def create_app(
     grader: Grader, settings: ServeSettings, on_ready: Callable[[], None] | None = None
-) -> FastAPI:
-    """The app around a loaded grader; the micro-batcher starts (and warms the model up) with
-    the app's lifespan, so the first request does not pay for tracing; then `on_ready()`."""
+) -> Guard:
+    """The app around a loaded grader, inside its guard (`.app` is the FastAPI app); the
+    micro-batcher starts (and warms the model up) with the app's lifespan, so the first request
+    does not pay for tracing; then `on_ready()`. The requests share the memory budget less the
+    decoding threads' slots (`grader.max_decode_bytes` each)."""
+    slots = settings.workers * (grader.max_decode_bytes or 0)
+    hosts = settings.hosts or HostRule.for_server("127.0.0.1", (), token=bool(settings.token))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.admission = Admission(settings.max_inflight_bytes - slots, settings.max_queue)
+        app.state.limiter = access.FailureLimiter()
         app.state.batcher = MicroBatcher(
             grader.infer, max_batch=grader.max_batch, max_wait=settings.max_wait_ms / 1000
         )
@@ -335,8 +372,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def failed(request: Request, err: Exception) -> JSONResponse:
-        log.error("%s %s failed: %s", request.method, request.url.path, type(err).__name__)
-        return JSONResponse({"detail": f"the server failed: {type(err).__name__}"}, 500)
+        log.error("%s %s failed: %s", request.method, request.url.path, describe(err))
+        return JSONResponse({"detail": "the server failed (see its log)"}, 500)
 
-    app.add_middleware(_AccessLogAndHeaders)
-    return app
+    return Guard(app, hosts, docs_csp=csp_with_inline_scripts(DOCS_HTML))

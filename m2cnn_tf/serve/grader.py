@@ -7,6 +7,10 @@ manifest parameters, the same resize), on any thread; `infer` grades a micro-bat
 predict.py's own `Predictor.grade`, on the model thread only. So a photograph gets the same
 grade, score and probabilities from the server as from predict.py.
 
+What `prepare` says about a file that cannot be graded is the reason from our own checks
+(`BadImage`, `RefusedImage`); any other failure (a decoder's own exception, whose text may name
+its build paths and version) becomes a fixed reason, and its full text goes to the server's log.
+
 Ours (the paper serves nothing): every model call is padded with black images to `max_batch`.
 On the CPU, oneDNN picks kernels by batch shape and the outputs then differ in the last bits
 (about 1e-8); one fixed shape makes a photograph's numbers independent of whatever else arrived
@@ -18,6 +22,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,14 +33,19 @@ import numpy as np
 from m2cnn_tf import checkpoints, manifest
 from m2cnn_tf.backends import load_backend, load_keras, runtime_of
 from m2cnn_tf.common import finite_or_none
+from m2cnn_tf.decoding import BadImage
 from m2cnn_tf.errors import one_line
 from m2cnn_tf.prediction import Predictor
 from m2cnn_tf.preprocessing import Preprocessed, PreprocessParams, preprocess_bytes
 from m2cnn_tf.serve import image_headers
+from m2cnn_tf.serve.guard import describe
 
+log = logging.getLogger("m2cnn_tf.serve")
 # The International Clinical DR Severity Scale, grades 0-4 (§III-A, Kaggle's labels).
 GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
 NOTICE = "research use only, not a medical device"
+UNDECODABLE = "the image could not be decoded"
+MB = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +103,14 @@ class Grader:
         cutpoints: Sequence[float] | None = None,
         max_batch: int = 8,
         max_pixels: int = image_headers.MAX_PIXELS,
+        max_decode_bytes: int | None = None,
     ):
         self.model, self.meta = model, meta
         self.params, self.params_source = params, params_source
         self.model_dir, self.stage = Path(model_dir), stage
         self.backend = getattr(model, "kind", "keras")
         self.max_batch, self.max_pixels = max_batch, max_pixels
+        self.max_decode_bytes = max_decode_bytes  # a decoding thread's share of the budget
         self.size = runtime_of(model)[1]
         self.predictor = Predictor(
             model,
@@ -135,15 +147,29 @@ class Grader:
     # -----------------------------------------------------------------------------------------
     # Any thread
 
-    def prepare(self, filename: str, data: bytes) -> Prepared:
-        """Check the header (type by content, size before decoding), decode, preprocess."""
+    def prepare(self, filename: str, data: bytes | bytearray) -> Prepared:
+        """Check the header (type by content, size and decoding cost before decoding), decode,
+        preprocess."""
         try:
             info = image_headers.inspect(data, self.max_pixels)
+            self._check_cost(info)
             found = preprocess_bytes(data, [self.size], self.params)  # refuses a cut-off file
-        except Exception as err:  # BadImage, RefusedImage or a decoder's own: one bad file
+        except (BadImage, image_headers.RefusedImage) as err:  # our own reasons: one bad file
             return Prepared(filename, None, one_line(err))
+        except Exception as err:  # a decoder's own (or out of memory): no server detail out
+            log.warning("an upload could not be decoded: %s", describe(err))
+            return Prepared(filename, None, UNDECODABLE)
         warnings = quality_warnings(found, info, self.size)
         return Prepared(filename, found.images[self.size], None, warnings)
+
+    def _check_cost(self, info: image_headers.ImageInfo) -> None:
+        cost, limit = image_headers.decode_bytes(info), self.max_decode_bytes
+        if limit is not None and cost > limit:
+            raise image_headers.RefusedImage(
+                f"image too costly to decode: about {cost / MB:.0f} MB for its {info.width} × "
+                f"{info.height} px, over this server's {limit / MB:.0f} MB per image (refused "
+                "before decoding)"
+            )
 
     # -----------------------------------------------------------------------------------------
     # The model thread only

@@ -1,26 +1,32 @@
 """Which files a grading request carries, read within the server's limits.
 
 The multipart body is parsed as it streams in, into memory only: an upload never touches the
-disk, its name is never used as a path, and its bytes are never logged. A request that breaks a
-limit is refused as a whole, with a one-line reason and the HTTP status that names the problem:
-413 for a file over the size limit or too many files, 422 for a body that is not a multipart
-form or holds no files. Free of TensorFlow.
+disk, its name is never used as a path, and its bytes are never logged. Everything a request
+carries is bounded, whether it declares its length or not (chunked): the whole body, each file,
+the number of files, the form fields that are not files (ignored, but counted), the bytes after
+the closing boundary (the epilogue) and the boundary itself; each part's headers are bounded by
+the parser. A request that breaks a limit is refused as a whole, with a one-line reason and the
+HTTP status that names the problem: 413 for something too large or too many, 400 for an unusable
+boundary, 422 for a body that is not a multipart form or holds no files. Reading stops at the
+refusal (serve.py's connection reads and drops the rest, within a bound). Free of TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 FIELD = "files"  # the multipart field every photograph is sent in
 MB = 1024 * 1024
-_MAX_OTHER_FIELD = 64 * 1024  # a form field that is not a file (ignored, but bounded)
-# Ours: after a refusal, the rest of the body is still read (and dropped) up to this much, so
-# that the client, still sending, receives the 413 instead of a reset connection.
-_DRAIN_LIMIT = 64 * MB
+MAX_BOUNDARY = 70  # RFC 2046 §5.1.1
+# Ours: form fields that are not files are ignored; a client has no reason to send many or much.
+MAX_OTHER_FIELDS = 16
+MAX_OTHER_BYTES = 64 * 1024  # all of them together
+# Ours: RFC 2046 allows an epilogue after the closing boundary; clients send a CRLF at most.
+MAX_EPILOGUE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,7 @@ class Upload:
     """One uploaded file: the name the client gave (display only) and its bytes."""
 
     filename: str
-    data: bytes
+    data: bytes | bytearray  # as received (not copied)
 
 
 class RequestRefused(Exception):
@@ -53,11 +59,16 @@ class RequestRefused(Exception):
 
 
 def boundary_of(content_type: str | None) -> bytes:
-    """The multipart boundary, or RequestRefused(422) for any other kind of body."""
+    """The multipart boundary, or RequestRefused: 422 for any other kind of body, 400 for a
+    boundary longer than RFC 2046 allows (the parser itself takes up to 256)."""
     kind, options = parse_options_header(content_type or "")
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         raise RequestRefused(
             422, f"expected a multipart/form-data body with one or more parts named '{FIELD}'"
+        )
+    if len(options[b"boundary"]) > MAX_BOUNDARY:
+        raise RequestRefused(
+            400, f"the multipart boundary is longer than {MAX_BOUNDARY} characters (RFC 2046)"
         )
     return options[b"boundary"]
 
@@ -69,6 +80,7 @@ class _Parts:
         self.limits = limits
         self.uploads: list[Upload] = []
         self.ended = False
+        self.other_fields = self.other_bytes = 0
         self._header_field = b""
         self._header_value = b""
         self._disposition = b""
@@ -104,14 +116,25 @@ class _Parts:
         _, options = parse_options_header(self._disposition.decode("latin-1"))
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         self._filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        if self._name != FIELD:
+            self.other_fields += 1
+            if self.other_fields > MAX_OTHER_FIELDS:
+                raise RequestRefused(
+                    413, f"more than {MAX_OTHER_FIELDS} form fields that are not '{FIELD}'"
+                )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._name != FIELD:  # ignored, only counted
+            self.other_bytes += end - start
+            if self.other_bytes > MAX_OTHER_BYTES:
+                kb = MAX_OTHER_BYTES // 1024
+                raise RequestRefused(413, f"form fields that are not '{FIELD}' hold over {kb} KB")
+            return
         self._data += data[start:end]
-        limit = self.limits.max_file_bytes if self._name == FIELD else _MAX_OTHER_FIELD
+        limit = self.limits.max_file_bytes
         if len(self._data) > limit:
-            what = "a file" if self._name == FIELD else "a form field"
             raise RequestRefused(
-                413, f"{what} is larger than the server's limit of {limit / MB:g} MB"
+                413, f"a file is larger than the server's limit of {limit / MB:g} MB"
             )
 
     def _part_end(self) -> None:
@@ -121,7 +144,7 @@ class _Parts:
             raise RequestRefused(
                 413, f"more than {self.limits.max_files} files in one request (the server's limit)"
             )
-        self.uploads.append(Upload(self._filename, bytes(self._data)))
+        self.uploads.append(Upload(self._filename, self._data))  # no copy: it may be 30 MB
         self._data = bytearray()
 
     def _end(self) -> None:
@@ -133,33 +156,39 @@ async def read_uploads(
     content_length: str | None,
     body: AsyncIterator[bytes],
     limits: Limits,
+    hold: Callable[[int], None] = lambda size: None,
 ) -> list[Upload]:
-    """The request's files, in order, or RequestRefused with the status and a reason."""
+    """The request's files, in order, or RequestRefused with the status and a reason.
+
+    `hold(size)` is told how large the body is, before reading from its Content-Length and as
+    it arrives without one, so that the memory it takes can be accounted for (it raises to
+    refuse)."""
     boundary = boundary_of(content_type)
-    if (
-        content_length
-        and content_length.isdigit()
-        and int(content_length) > (limits.max_body_bytes())
-    ):
+    declared = int(content_length) if content_length and content_length.isdigit() else None
+    if declared is not None and declared > limits.max_body_bytes():
         raise RequestRefused(413, "the request is larger than the server's limits allow")
+    hold(declared or 0)
     parts = _Parts(limits)
-    parser = MultipartParser(boundary, parts.callbacks())
-    refused: RequestRefused | None = None
-    received = 0
+    try:
+        parser = MultipartParser(boundary, parts.callbacks())
+    except FormParserError:
+        raise RequestRefused(400, "unusable multipart boundary") from None
+    received = epilogue = 0
     async for chunk in body:
         received += len(chunk)
-        if refused is not None:  # drain, so that the client reads the answer
-            if received > _DRAIN_LIMIT:
-                break
+        if received > limits.max_body_bytes():
+            raise RequestRefused(413, "the request is larger than the server's limits allow")
+        if declared is None:
+            hold(received)
+        if parts.ended:
+            epilogue += len(chunk)
+            if epilogue > MAX_EPILOGUE:
+                raise RequestRefused(413, "too much data after the end of the multipart body")
             continue
         try:
             parser.write(chunk)
-        except RequestRefused as err:
-            refused, received = err, 0
         except FormParserError:
-            refused = RequestRefused(422, "malformed multipart body")
-    if refused is not None:
-        raise refused
+            raise RequestRefused(422, "malformed multipart body") from None
     parser.finalize()
     if not parts.ended:
         raise RequestRefused(422, "incomplete multipart body")

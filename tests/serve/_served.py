@@ -19,7 +19,7 @@ import pytest
 from m2cnn_tf.preprocessing import PreprocessParams
 
 SIZE = 96
-TOKEN = "test-token-7f3a"
+TOKEN = "test-token-7f3a-c91e2d"  # serve.py refuses fewer than 16 characters
 MAX_UPLOAD_MB = 1
 MAX_FILES = 8
 MAX_BATCH = 2
@@ -51,6 +51,11 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
+def upload_bytes(*named: tuple[str, bytes]) -> list[tuple]:
+    """httpx's multipart `files` for (file name, bytes) pairs."""
+    return [("files", (name, data, "application/octet-stream")) for name, data in named]
+
+
 def upload(paths: list[Path], names: list[str] | None = None) -> list[tuple]:
     """httpx's multipart `files` for the paths (file names as given, or the paths' names)."""
     names = names or [p.name for p in paths]
@@ -60,16 +65,19 @@ def upload(paths: list[Path], names: list[str] | None = None) -> list[tuple]:
     ]
 
 
-def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, Served]:
-    """`python serve.py` on a free loopback port with the token from the environment; returns
-    once it says where it serves (or fails the test with the end of its log)."""
+def start_server(
+    model_dir: Path, log: Path, *extra: str, token: str | None = TOKEN
+) -> tuple[subprocess.Popen, Served]:
+    """`python serve.py` on a free loopback port with the token from the environment (none with
+    `token=None`); returns once it says where it serves (or fails the test with its log)."""
     args = [
         sys.executable, str(ROOT / "serve.py"), "--model-dir", str(model_dir), "--stage", "1",
         "--port", "0", "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
         "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-files", str(MAX_FILES), "--workers", "2",
         *extra,
     ]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "M2CNN_SERVE_TOKEN": TOKEN}
+    env = {k: v for k, v in os.environ.items() if k != "M2CNN_SERVE_TOKEN"}
+    env |= {"TF_CPP_MIN_LOG_LEVEL": "3", **({"M2CNN_SERVE_TOKEN": token} if token else {})}
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     deadline = time.monotonic() + _STARTUP_SECONDS
@@ -91,3 +99,31 @@ def stop_server(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def serving(served: Served, token: str | None = TOKEN) -> dict:
+    """The server's counters (/v1/model's `serving`)."""
+    with served.client(token) as client:
+        return client.get("/v1/model").json()["serving"]
+
+
+def wait_for(condition, what: str, seconds: float = 120.0, pause: float = 0.05):
+    """Poll `condition()` until it is truthy (returned); a liveness bound, not a speed limit."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"still waiting after {seconds:g} s for {what}")
+        time.sleep(pause)
+    return value
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (its peak) of a process, from /proc/PID/status."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = {k: re.search(rf"^{k}:\s+(\d+) kB", status, re.M) for k in ("VmRSS", "VmHWM")}
+    return {k: int(match.group(1)) for k, match in found.items()}
+
+
+def reset_peak(pid: int) -> None:
+    """Start VmHWM afresh from VmRSS (Linux's clear_refs, 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

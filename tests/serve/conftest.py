@@ -19,7 +19,7 @@ import pytest
 from _served import PARAMS, SIZE, Served, png_claiming, start_server, stop_server
 from synthetic_fundus import fundus
 
-from m2cnn_tf.checkpoints import CONFIG, save_best, stage_dir
+from m2cnn_tf.checkpoints import CONFIG, save_checkpoint, stage_dir
 from m2cnn_tf.model import build_m2cnn
 
 
@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory) -> Path:
     models = root / "models"
     meta = {"stage": 1, "resolution": SIZE, "preset": "tiny", "epoch": 3}
     meta |= {"best_metric": "val_kappa_scores", "val_kappa_scores": 0.4321}
-    save_best(model, stage_dir(models, 1), meta)
+    save_checkpoint(model, stage_dir(models, 1), meta)
     (stage_dir(models, 1) / CONFIG).write_text(json.dumps({"data": str(data)}))
     return models
 
@@ -122,3 +122,10 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     ok, data = cv2.imencode(ext, image)
     assert ok
     return data.tobytes()
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`), every serve test goes to one worker: one server."""
+    for item in items:
+        if "tests/serve/" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.xdist_group("serve"))

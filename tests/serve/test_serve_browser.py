@@ -1,9 +1,11 @@
 """The grader page in a real browser: Debian's headless Chromium driven by Playwright.
 
-Two good photographs and a broken one are uploaded; three rows appear in #results (two graded,
-one with its error), a Grad-CAM view opens, and the downloaded CSV equals predict.py's for the
-same files. No request may leave the machine: the page works offline. With
-M2CNN_SCREENSHOT=docs/grader.png the page is also saved as that screenshot.
+Two good photographs and a broken one are uploaded, and a third good one whose name is a
+spreadsheet formula; four rows appear in #results (three graded, one with its error), a Grad-CAM
+view opens, and the downloaded CSV equals predict.py's for the same files, the formula name
+neutralised by the same rule. No request may leave the machine: the page works offline. The
+API docs render under their own Content-Security-Policy. With M2CNN_SCREENSHOT=docs/grader.png
+the page is also saved as that screenshot.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from _required import skip_or_fail
 from _served import SIZE, TOKEN
+
+from m2cnn_tf.prediction import csv_text
+
+FORMULA_NAME = "=cmd|' -C calc'!A0.jpg"  # issue 19's, with no '/' (a file name on disk)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INSTALL = "apt-get install -y chromium"
@@ -29,7 +36,7 @@ FINISHED = "#results tbody tr[data-state=done], #results tbody tr[data-state=err
 @pytest.fixture(scope="module")
 def browser_page(server):
     if CHROMIUM is None:
-        pytest.skip(f"no Chromium found: install it with `{INSTALL}` (never `playwright install`)")
+        skip_or_fail(f"no Chromium found: install it with `{INSTALL}` (never `playwright install`)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements.txt")
     outside: list[str] = []
 
@@ -53,23 +60,26 @@ def browser_page(server):
         browser.close()
 
 
-def test_upload_two_photos_and_a_broken_one_view_gradcam_and_download_predict_py_csv(
-    server, photos, predict_rows, browser_page
+def test_upload_photos_and_a_broken_one_view_gradcam_and_download_predict_py_csv(
+    server, photos, predict_rows, browser_page, tmp_path
 ):
     page, outside, sync_api = browser_page
     page.goto(f"{server.url}/?token={TOKEN}")  # stores the token in a cookie, back to /
     assert urlsplit(page.url).path == "/" and "token" not in page.url
     assert "research use only, not a medical device" in page.locator("#model").inner_text().lower()
 
-    paths = [photos["good_jpeg"], photos["good_png"], photos["truncated"]]
+    formula = tmp_path / FORMULA_NAME
+    formula.write_bytes(photos["good_jpeg_2"].read_bytes())
+    paths = [photos["good_jpeg"], photos["good_png"], photos["truncated"], formula]
     page.set_input_files("#pick-files", [str(p) for p in paths])
-    sync_api.expect(page.locator(FINISHED)).to_have_count(3)  # no eval: the page's CSP holds
+    sync_api.expect(page.locator(FINISHED)).to_have_count(4)  # no eval: the page's CSP holds
     rows = page.locator("#results tbody tr")
-    assert rows.count() == 3
-    assert [rows.nth(i).get_attribute("data-state") for i in range(3)] == ["done", "done", "error"]
+    assert rows.count() == 4
+    states = [rows.nth(i).get_attribute("data-state") for i in range(4)]
+    assert states == ["done", "done", "error", "done"]
     assert "truncated JPEG" in rows.nth(2).inner_text()
     expected = predict_rows(paths)
-    for i in range(2):
+    for i in (0, 1, 3):
         grade_cell = rows.nth(i).locator("td.grade").inner_text()
         assert grade_cell.startswith(str(expected[i]["grade"]))
     if os.environ.get("M2CNN_SCREENSHOT"):
@@ -84,15 +94,27 @@ def test_upload_two_photos_and_a_broken_one_view_gradcam_and_download_predict_py
         page.click("#download")
     got = Path(download.value.path()).read_bytes().decode("utf-8")
     assert got == _with_file_names(predict_rows.csv_text(paths))
+    assert f"\r\n'{FORMULA_NAME},{expected[3]['grade']}," in got  # a text cell, not a formula
     assert outside == []  # nothing was fetched from outside the machine
 
 
-def _with_file_names(csv_text: str) -> str:
+def test_the_api_docs_render_under_their_content_security_policy(server, browser_page):
+    page, _, sync_api = browser_page
+    refused = []
+    page.on("console", lambda m: "Content Security Policy" in m.text and refused.append(m.text))
+    page.goto(f"{server.url}/?token={TOKEN}")
+    page.goto(f"{server.url}/docs")
+    sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("M²CNN grader")
+    sync_api.expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    assert refused == []
+
+
+def _with_file_names(predicted: str) -> str:
     """predict.py's CSV with its `path` column cut to the file name, which is all a browser
-    sends of a file's path."""
-    lines = csv_text.split("\r\n")
+    sends of a file's path (a name that is a formula then neutralised, predict.py's rule)."""
+    lines = predicted.split("\r\n")
     for i, line in enumerate(lines[1:], start=1):
         if line:
             path, rest = line.split(",", 1)
-            lines[i] = f"{Path(path).name},{rest}"
+            lines[i] = f"{csv_text(Path(path).name)},{rest}"
     return "\r\n".join(lines)

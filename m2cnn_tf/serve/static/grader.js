@@ -8,6 +8,12 @@ const body = document.body;
 const CONCURRENT_UPLOADS = Math.max(1, Math.min(6, Number(body.dataset.maxBatch) || 1));
 const GRADES = JSON.parse(body.dataset.grades);
 const COLUMNS = JSON.parse(body.dataset.columns);
+// predict.py's rule against CSV formula injection (m2cnn_tf/prediction.py, csv_text): a text
+// cell that starts with one of these gets a leading "'"; numbers are left as they are.
+const CSV_TEXT_COLUMNS = JSON.parse(body.dataset.csvTextColumns);
+const FORMULA_PREFIXES = JSON.parse(body.dataset.formulaPrefixes);
+// A busy server answers 503 with Retry-After: wait that long and try again, a few times.
+const BUSY_RETRIES = 5;
 const EXTENSIONS = JSON.parse(body.dataset.extensions);
 const tbody = document.querySelector("#results tbody");
 const entries = []; // {name, file, row, state, result} in the order the files were added
@@ -86,13 +92,19 @@ function pump() {
 }
 
 async function post(file, name, gradcam) {
-  const form = new FormData();
-  form.append("files", file, name);
-  const response = await fetch("/v1/grade" + (gradcam ? "?gradcam=1" : ""), {
-    method: "POST",
-    body: form,
-    credentials: "same-origin",
-  });
+  let response;
+  for (let attempt = 0; ; attempt += 1) {
+    const form = new FormData();
+    form.append("files", file, name);
+    response = await fetch("/v1/grade" + (gradcam ? "?gradcam=1" : ""), {
+      method: "POST",
+      body: form,
+      credentials: "same-origin",
+    });
+    if (response.status !== 503 || attempt >= BUSY_RETRIES) break;
+    const seconds = Math.min(60, Math.max(1, Number(response.headers.get("Retry-After")) || 2));
+    await new Promise((ok) => setTimeout(ok, seconds * 1000));
+  }
   const payload = await response.json().catch(() => ({}));
   if (!response.ok) {
     throw new Error(payload.detail || `the server answered ${response.status}`);
@@ -220,6 +232,10 @@ function csvField(value) {
   return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
+function csvText(text) {
+  return FORMULA_PREFIXES.some((p) => text.startsWith(p)) ? `'${text}` : text;
+}
+
 function csvRow(entry) {
   const r = entry.result;
   const values = { path: entry.name, error: r.error || "" };
@@ -229,6 +245,7 @@ function csvRow(entry) {
     values.score = fixed6(r.score);
     r.probabilities.forEach((p, k) => (values[`p${k}`] = fixed6(p)));
   }
+  for (const c of CSV_TEXT_COLUMNS) values[c] = csvText(values[c]);
   return COLUMNS.map((c) => csvField(values[c] ?? "")).join(",");
 }
 
