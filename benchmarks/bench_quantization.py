@@ -139,7 +139,7 @@ def table(args, work: Path) -> None:
             size_mb = path.stat().st_size / 1e6
             note = f"export {seconds:.0f} s; {_kept(path)}".rstrip("; ")
         else:
-            size_mb = checkpoints.best_model_path(args.model_dir, args.stage).stat().st_size / 1e6
+            size_mb = checkpoints.checkpoint_path(args.model_dir, args.stage).stat().st_size / 1e6
         preds, ms, load = _predict(args, _backend(args, fmt, path))
         ref = preds if fmt == "keras" else ref
         name = {"keras": "Keras float32", "bfloat16": "Keras bfloat16"}.get(fmt, f"LiteRT {fmt}")
