@@ -12,6 +12,18 @@ Choices the paper leaves open (ours):
 - Any batch size: the interpreter's input is resized when the batch size changes.
 - Grad-CAM needs gradients, so only the Keras backend offers `model`; a LiteRT caller loads
   the Keras model only when it is asked for.
+- The Keras backend computes in float32, or in bfloat16 where the CPU has it (`precision`);
+  a LiteRT file's number format is its quantisation. bfloat16 keeps float32's exponent range
+  with 8 bits of mantissa. oneDNN, which TF's CPU kernels use, runs bfloat16 convolutions
+  natively on CPUs with AVX512_BF16 or AMX-BF16 and emulates them elsewhere: with oneDNN held
+  to AVX512-VNNI, the paper preset at 224 px ran bfloat16 at 0.39x float32's speed, against
+  1.37x natively (docs/quantization.md). So bfloat16 is refused where /proc/cpuinfo lists
+  neither flag, unless forced. It is for inference only (training is unchanged; the paper
+  trains and tests in float32 on GPUs): the model is rebuilt under Keras's `mixed_bfloat16`
+  policy with the trained float32 weights (variables stay float32, each layer computes in
+  bfloat16), but for the pooling and both heads (`model.POOL`, `model.HEAD_LAYERS`), which
+  stay float32 as `build_m2cnn` keeps the heads under any policy: the mean over the last
+  feature map and the two outputs are computed at full precision from bfloat16 features.
 - This module does not import TensorFlow unless the Keras backend is asked for, so the LiteRT
   path starts in a fraction of a second instead of ~5 s.
 """
@@ -34,6 +46,9 @@ OUTPUTS = ("logits", "score")
 SIGNATURE = "serving_default"  # export_saved_model's endpoint, kept by the LiteRT converter
 # The default LiteRT file of a stage, when several were exported: the fastest first.
 LITERT_PREFERENCE = ("int8", "dynamic", "float16", "none")
+PRECISIONS = ("float32", "bfloat16")  # the Keras backend's number formats
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 class Backend(Protocol):
@@ -65,26 +80,100 @@ def _checked(images: np.ndarray, image_size: int) -> np.ndarray:
     return images
 
 
+# ---------------------------------------------------------------------------------------------
+# The Keras backend's precision
+
+
+def cpu_bfloat16_flags(cpuinfo: Path | None = None) -> list[str] | None:
+    """The bfloat16 flags the CPU reports in `cpuinfo` (default CPUINFO; empty: none), or None
+    where it cannot be read."""
+    cpuinfo = cpuinfo or CPUINFO
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return [f for f in BFLOAT16_CPU_FLAGS if f in flags]
+
+
+def check_precision(precision: str, *, force: bool = False, cpuinfo: Path | None = None) -> None:
+    """A UsageError for an unknown precision, or for bfloat16 on a CPU without it (unforced)."""
+    cpuinfo = cpuinfo or CPUINFO
+    if precision not in PRECISIONS:
+        raise UsageError(
+            f"must be one of {', '.join(PRECISIONS)}, got {precision!r}", setting="precision"
+        )
+    if precision != "bfloat16" or force:
+        return
+    found = cpu_bfloat16_flags(cpuinfo)
+    if found:
+        return
+    where = (
+        f"{cpuinfo} lists neither {' nor '.join(BFLOAT16_CPU_FLAGS)}"
+        if found is not None
+        else f"{cpuinfo} cannot be read to check for {' or '.join(BFLOAT16_CPU_FLAGS)}"
+    )
+    raise UsageError(
+        f"bfloat16 needs a CPU with native bfloat16 ({where}); elsewhere TensorFlow emulates "
+        "it, slower than float32: use float32, or force bfloat16 to run anyway",
+        setting="precision",
+    )
+
+
+def bfloat16_model(model):
+    """The same network and weights, computing in bfloat16 but for the pooling and the heads."""
+    import keras
+
+    from m2cnn_tf.model import HEAD_LAYERS, POOL
+
+    def rebuilt(layer):
+        config = layer.get_config()
+        if layer.name not in (POOL, *HEAD_LAYERS):
+            config["dtype"] = "mixed_bfloat16"
+        return layer.__class__.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=rebuilt)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends
+
+
 class KerasBackend:
-    """The Keras model, called in inference mode through one compiled function."""
+    """The Keras model, called in inference mode through one compiled function, in float32 or
+    bfloat16 (`bfloat16_model`; `model` stays the float32 one, for Grad-CAM)."""
 
     kind = "keras"
 
-    def __init__(self, model, info: dict[str, Any] | None = None, source: str | None = None):
+    def __init__(
+        self,
+        model,
+        info: dict[str, Any] | None = None,
+        source: str | None = None,
+        precision: str = "float32",
+    ):
         import tensorflow as tf
 
         self.model = model
         self.image_size = int(model.input_shape[1])
         self.info = info or {}
         self.source = source
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.precision = precision
+        runs = bfloat16_model(model) if precision == "bfloat16" else model
+        self._call = tf.function(lambda x: runs(x, training=False), reduce_retracing=True)
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self._call(_checked(images, self.image_size))
         return {k: np.asarray(out[k]) for k in OUTPUTS}
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": self.source}
+        return {"backend": self.kind, "model": self.source, "precision": self.precision}
 
 
 class LiteRTBackend:
@@ -188,12 +277,19 @@ def load_litert(
 
 
 def load_keras(
-    model_dir: str | Path, stage: int, image_size: int | None = None, checkpoint: str = "best"
+    model_dir: str | Path,
+    stage: int,
+    image_size: int | None = None,
+    checkpoint: str = "best",
+    precision: str = "float32",
+    force_precision: bool = False,
 ) -> KerasBackend:
-    """A stage's best (or last) checkpoint as a Keras backend."""
+    """A stage's best (or last) checkpoint as a Keras backend; bfloat16 is refused before it
+    loads where the CPU lacks it (unless `force_precision`)."""
+    check_precision(precision, force=force_precision)
     path = checkpoints.checkpoint_path(model_dir, stage, checkpoint)
     model, meta = checkpoints.load_stage(model_dir, stage, checkpoint)
-    backend = KerasBackend(model, meta, str(path))
+    backend = KerasBackend(model, meta, str(path), precision)
     if image_size is not None and image_size != backend.image_size:
         raise ModelFileError(
             f"the stage-{stage} model takes {backend.image_size} px images, the data is "
@@ -212,11 +308,14 @@ def load_backend(
     threads: int | None = None,
     image_size: int | None = None,
     checkpoint: str = "best",
+    precision: str = "float32",
+    force_precision: bool = False,
 ) -> Backend:
     """The backend `kind` for a stage: its best (or last) checkpoint (keras), or
     `litert_model`, by default the stage's exported file (litert, exported from best.keras).
-    `threads` (LiteRT only): default all cores. `image_size`, when given, must be the model's.
-    Every failure is a one-line UsageError."""
+    `threads` (LiteRT only): default all cores. `precision` (Keras only): float32 or bfloat16,
+    refused where the CPU lacks it unless `force_precision`. `image_size`, when given, must be
+    the model's. Every failure is a one-line UsageError."""
     if kind not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {kind!r}",
                          setting="backend")  # fmt: skip
@@ -225,12 +324,20 @@ def load_backend(
     if (kind == "keras" or litert_model is None) and (model_dir is None or stage is None):
         raise UsageError("a model directory and a stage are needed", setting="model_dir")
     if kind == "keras":
-        return load_keras(model_dir, stage, image_size, checkpoint)
+        return load_keras(model_dir, stage, image_size, checkpoint, precision, force_precision)
     if checkpoint != "best":
         raise UsageError(
             "a LiteRT export is made from the best checkpoint; evaluate the last one with the "
             "keras backend",
             setting="checkpoint",
+        )
+    if precision not in PRECISIONS:
+        check_precision(precision)  # the one message for an unknown precision
+    if precision != "float32":
+        raise UsageError(
+            f"{precision} is a precision of the Keras backend; a LiteRT file computes in the "
+            "format it was exported in",
+            setting="precision",
         )
     path = litert_model if litert_model is not None else default_litert_path(model_dir, stage)
     return load_litert(

@@ -166,6 +166,8 @@ def run_evaluation(
     backend: str = "keras",
     litert_model: str | Path | None = None,
     threads: int | None = None,
+    precision: str = "float32",
+    force_precision: bool = False,
     checkpoint: str = "best",
     log=print,
 ) -> dict[str, Any]:
@@ -177,7 +179,7 @@ def run_evaluation(
         raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
     runtime = backends.load_backend(
         backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads,
-        checkpoint=checkpoint,
+        precision=precision, force_precision=force_precision, checkpoint=checkpoint,
     )  # fmt: skip
     call, image_size, _ = backends.runtime_of(runtime)
     preds, shards = predict_split(call, data_dir, image_size, split, tta=tta, batch_size=batch_size)

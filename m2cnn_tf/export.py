@@ -1,15 +1,19 @@
 """How a trained stage becomes a deployable file: a TF SavedModel, or a LiteRT (.tflite) model
-in float32, float16, dynamic-range or full-integer int8, each with a JSON sidecar that says
-what it is and where it came from (`checkpoints` reads and checks it).
+in float32, float16, dynamic-range or int8 (selective by default), each with a JSON sidecar
+that says what it is and where it came from (`checkpoints` reads and checks it).
 
 The LiteRT model is converted by TF's own `TFLiteConverter.from_saved_model` from the very
 SavedModel `export_saved_model` writes, so both formats serve the same signature: `image`
 float32 (B, S, S, 3) scaled to [-1, 1] -> `logits`, `score`, `probabilities`.
 
 Choices the paper leaves open (ours, §II-C trains on CPUs' opposite, GPUs):
-- int8 is full-integer post-training quantisation, int8 input and output included, so the whole
-  graph runs on integer kernels; its activation ranges are calibrated on `DEFAULT_CALIBRATION`
-  preprocessed training records of the stage's own size, at least `MIN_CALIBRATION`.
+- int8 is post-training quantisation with int8 weights and activations, selective by default
+  (`quantization.selective_int8`: the layers whose int8 error the quantization debugger finds
+  too large, and the heads, stay float; float32 input and output); `keep_float="none"` gives
+  the full-integer model, int8 input and output included, every op on integer kernels. Its
+  activation ranges are calibrated on `DEFAULT_CALIBRATION` preprocessed training records of
+  the stage's own size, at least `MIN_CALIBRATION`; docs/quantization.md has the curve the
+  default comes from.
 - The sidecar sits beside a .tflite (`model_int8.json`) and inside a SavedModel folder.
 TensorFlow is imported inside the functions that convert, so export.py's flags and request
 checks answer before it loads.
@@ -23,13 +27,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from m2cnn_tf import checkpoints, manifest
+from m2cnn_tf import checkpoints, manifest, quantization
 from m2cnn_tf.checkpoints import FORMATS, QUANTIZATIONS, SIDECAR_SCHEMA, file_identity
 from m2cnn_tf.common import atomic_write_bytes, atomic_write_json, versions
 from m2cnn_tf.errors import UsageError, one_line
+from m2cnn_tf.quantization import DEBUG_RECORDS, KEEP_FLOAT_CHOICES
 
-DEFAULT_CALIBRATION = 300  # "a few hundred preprocessed training records" (issue 11)
+# Twice the smallest count at which the selective int8 demo model stopped improving (32 of 16,
+# 32, 64, 128, 200: docs/quantization.md); 200 took twice as long as 64 for the same grades.
+DEFAULT_CALIBRATION = 64
 MIN_CALIBRATION = 16
 CALIBRATION_SPLIT = "train"
 
@@ -157,7 +165,9 @@ def convert_litert(
         raise ExportError(f"LiteRT conversion ({quantize}) failed: {one_line(err)}") from None
 
 
-def _check_request(fmt: str, quantize: str, calibration: str | None, count: int) -> None:
+def _check_request(
+    fmt: str, quantize: str, calibration: str | None, count: int, keep_float: str
+) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}", setting="format")
     if quantize not in QUANTIZATIONS:
@@ -174,6 +184,13 @@ def _check_request(fmt: str, quantize: str, calibration: str | None, count: int)
         raise ExportError("calibration data is used by int8 only", setting="calibration")
     if quantize == "int8" and count < MIN_CALIBRATION:
         raise ExportError(f"at least {MIN_CALIBRATION}, got {count}", setting="calibration_count")
+    if keep_float not in KEEP_FLOAT_CHOICES:
+        raise ExportError(
+            f"must be one of {', '.join(KEEP_FLOAT_CHOICES)}, got {keep_float!r}",
+            setting="keep_float",
+        )
+    if keep_float != "auto" and quantize != "int8":
+        raise ExportError("which layers stay float is a choice of int8 only", setting="keep_float")
 
 
 def export_stage(
@@ -184,15 +201,17 @@ def export_stage(
     quantize: str = "none",
     calibration: str | None = None,
     calibration_count: int = DEFAULT_CALIBRATION,
+    keep_float: str = "auto",
     out: str | Path | None = None,
     log: Log = print,
 ) -> Path:
     """Export the best checkpoint of a stage as `fmt`; returns the model's path (sidecar beside).
+    int8 only: `keep_float` "auto" (selective, the default) or "none" (every layer int8).
 
     Bad requests fail before the checkpoint loads, bad calibration data before any conversion;
     the model file and then its sidecar are written atomically: a reader never sees half of one.
     """
-    _check_request(fmt, quantize, calibration, calibration_count)
+    _check_request(fmt, quantize, calibration, calibration_count, keep_float)
     out = Path(out) if out else checkpoints.export_path(model_dir, stage, fmt, quantize)
     if out.suffix == ".json":
         raise ExportError(f"{out} would be taken for a sidecar; name the model otherwise",
@@ -203,13 +222,13 @@ def export_stage(
     chosen = calibration_records(calibration, size, calibration_count, log) if calibration else []
     params, params_source = manifest.preprocess_params_for(model_dir, stage)
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, int8 = time.perf_counter(), None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         saved = export_saved_model(model, Path(tmp) / "savedmodel")
         if fmt == "savedmodel":
             _replace_dir(saved, out)
         else:
-            flat = convert_litert(saved, quantize, representative_images(chosen, log))
+            flat, int8 = _convert(saved, quantize, keep_float, chosen, model, log)
             atomic_write_bytes(out, flat)
     sidecar = {
         "schema": SIDECAR_SCHEMA,
@@ -223,6 +242,7 @@ def export_stage(
         "calibration": {"count": len(chosen), "requested": calibration_count,
                         "data": str(calibration), "split": CALIBRATION_SPLIT}
         if quantize == "int8" else None,
+        "int8": int8,
         "preprocessing": {"params": params.to_dict(), "source": params_source},
         "signature": {"input": "image: float32 (B, S, S, 3) in [-1, 1]",
                       "outputs": ["logits", "probabilities", "score"]},
@@ -232,6 +252,27 @@ def export_stage(
     }  # fmt: skip
     atomic_write_json(checkpoints.sidecar_path(out), sidecar)
     return out
+
+
+def _convert(
+    saved: Path, quantize: str, keep_float: str, chosen: list[bytes], model, log: Log
+) -> tuple[bytes, dict[str, Any] | None]:
+    """The .tflite bytes, and for int8 what the sidecar says about its float layers."""
+    if quantize != "int8":
+        return convert_litert(saved, quantize), None
+    if keep_float == "none":
+        flat = convert_litert(saved, quantize, representative_images(chosen, log))
+        return flat, {"scheme": "full int8: every op, the input and the outputs int8",
+                      "kept_float": [], "kept_float_ops": None}  # fmt: skip
+    debug = chosen[:DEBUG_RECORDS]
+    try:
+        return quantization.selective_int8(
+            str(saved), representative_images(chosen, log),
+            representative_images(debug, lambda _: None), len(debug),
+            [layer.name for layer in model.layers], log,
+        )  # fmt: skip
+    except Exception as err:  # the converter's errors are long MLIR dumps
+        raise ExportError(f"LiteRT conversion (int8) failed: {one_line(err)}") from None
 
 
 def export_saved_model(model, export_dir: str | Path) -> Path:

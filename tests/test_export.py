@@ -6,6 +6,10 @@ every BatchNorm's statistics to the training images' (momentum 0), then both hea
 by ridge regression on the pooled features, so the scores spread over all five grades (a few
 SGD steps at this size leave BN statistics behind and every score on one grade, which would
 let the int8 agreement test pass whatever the quantisation did).
+
+It has a Multi-Cell group (medium, forced at 160 px: §II-C gives it from 350 px, too slow here)
+whose 1x1 projection is as training leaves it (`_projection_as_trained`), the layer that made
+full int8 and dynamic-range exports of the demo model lose 0.09-0.12 kappa (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -27,16 +31,17 @@ from _subprocess import run_json_script
 from _tfrecords import grade_images, write_split
 from synthetic_fundus import fundus
 
-from m2cnn_tf import backends, checkpoints, cli, export
+from m2cnn_tf import backends, checkpoints, cli, export, quantization
+from m2cnn_tf import model as model_module
 from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.commands import export as command
 from m2cnn_tf.commands import predict as predict_cmd
 from m2cnn_tf.errors import UsageError
-from m2cnn_tf.metrics import scores_to_grades
+from m2cnn_tf.metrics import quadratic_weighted_kappa, scores_to_grades
 from m2cnn_tf.model import POOL, build_m2cnn
 
-SIZE = 96
+SIZE = 160  # the smallest side whose feature map survives the medium Reduction-B
 N_TRAIN, N_TEST = 48, 40
 PARAMS = {"alpha": 3.0, "beta": -3.0, "rho": 6.0, "gamma": 128.0, "base_size": 256}
 
@@ -53,6 +58,20 @@ def _fit_heads(model: keras.Model, images: np.ndarray, grades: np.ndarray) -> No
         model.get_layer(name).set_weights([kernel.astype("float32"), bias.astype("float32")])
 
 
+def _projection_as_trained(model: keras.Model, rate: float = 0.0045) -> None:
+    """The medium group's projection as the demo's stage 2 left it: its identity start (model.py)
+    plus what a dozen Adam steps add, each weight moved by about the learning rate in its
+    gradient's sign, which for post-ReLU (positive) inputs is the output channel's sign. The
+    demo measured the same: the identity weight carries 95 % of each channel's energy, yet the
+    2527 small coherent weights carry most of the output (their sum adds up)."""
+    layer = model.get_layer("medium_conv")
+    kernel = layer.get_weights()[0]
+    rng = np.random.default_rng(5)
+    signs = rng.choice([-1.0, 1.0], kernel.shape[-1])
+    kernel += (rate * signs * (1 + 0.5 * rng.normal(size=kernel.shape))).astype("float32")
+    layer.set_weights([kernel])
+
+
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -64,7 +83,10 @@ def stage(tmp_path_factory):
     (data / "manifest.json").write_text(json.dumps({"preprocess": PARAMS}))
     scaled = images.astype("float32") / 127.5 - 1.0
     keras.utils.set_random_seed(7)
-    model = build_m2cnn(SIZE, preset="tiny", bn_momentum=0.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "multi_cell_path", lambda size: "medium")
+        model = build_m2cnn(SIZE, preset="tiny", bn_momentum=0.0)
+    _projection_as_trained(model)
     model(scaled[:N_TRAIN], training=True)  # BN moving statistics := the training images'
     _fit_heads(model, scaled[:N_TRAIN], grades[:N_TRAIN])
     model_dir = root / "model"
@@ -125,16 +147,92 @@ def test_float_exports_give_the_keras_scores_within_tolerance(stage, quantize, t
     assert diff.max() <= tolerance
 
 
-@pytest.mark.parametrize("quantize", ["int8", "dynamic"])
-def test_integer_exports_give_the_keras_grade_on_at_least_90_percent(stage, quantize):
+def _agreement(stage, out: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """(grades from scores equal to Keras's, the same from probabilities, |kappa difference| from
+    scores) on the held-out images, against the grades they were drawn with."""
+    truth = np.arange(N_TRAIN, N_TRAIN + N_TEST) % 5
+    ref = stage["keras"]
+    by_score = scores_to_grades(out["score"][:, 0]), scores_to_grades(ref["score"][:, 0])
+    by_prob = np.argmax(out["logits"], 1), np.argmax(ref["logits"], 1)
+    kappas = [quadratic_weighted_kappa(truth, g) for g in by_score]
+    return (
+        float(np.mean(by_score[0] == by_score[1])),
+        float(np.mean(by_prob[0] == by_prob[1])),
+        abs(kappas[0] - kappas[1]),
+    )
+
+
+def test_int8_export_gives_the_keras_grade_on_97_percent_and_its_kappa_within_0_02(stage):
     reference = scores_to_grades(stage["keras"]["score"][:, 0])
     assert len(set(reference.tolist())) >= 4  # the scores span the cut points: agreement can fail
-    out = _litert(stage, quantize).predict(stage["images"])
-    grades = scores_to_grades(out["score"][:, 0])
-    agree = float(np.mean(grades == reference))
+    out = _litert(stage, "int8").predict(stage["images"])
+    agree, agree_prob, kappa_gap = _agreement(stage, out)
     mad = float(np.mean(np.abs(out["score"] - stage["keras"]["score"])))
-    print(f"{quantize}: grades equal on {agree:.0%} of {N_TEST}, score mean |diff| {mad:.4f}")
-    assert agree >= 0.9
+    print(f"int8: grades equal on {agree:.1%} / {agree_prob:.1%} (scores / prob.) of {N_TEST}, "
+          f"kappa gap {kappa_gap:.4f}, score mean |diff| {mad:.4f}")  # fmt: skip
+    assert agree >= 0.97 and agree_prob >= 0.97
+    assert kappa_gap <= 0.02
+
+
+def test_int8_scores_beyond_the_calibration_images_are_not_clipped(stage):
+    """The heads and outputs stay float: an eye brighter than any calibration image (its score
+    above theirs, as the demo's test scores reached 7.6 where its calibration stopped at 3.6)
+    gets Keras's score, not the top of an int8 range."""
+    images = grade_images([4], SIZE, seed=9).astype("float32")
+    lo, hi = SIZE // 4, 3 * SIZE // 4
+    images[0, lo:hi, lo:hi] = 255.0  # brighter than grade 4's 228
+    scaled = images / 127.5 - 1.0
+    ref = stage["keras"]["score"]
+    keras_out = backends.load_backend("keras", model_dir=stage["model_dir"], stage=1)
+    want = keras_out.predict(scaled)["score"][:, 0]
+    got = _litert(stage, "int8").predict(scaled)["score"][:, 0]
+    print(f"beyond the range ({ref.min():.2f} .. {ref.max():.2f}): keras {want}, int8 {got}")
+    assert want[0] > ref.max() + 0.5  # really beyond it
+    np.testing.assert_allclose(got, want, atol=0.15)
+
+
+def test_every_layer_int8_loses_grades_on_this_model(stage, tmp_path):
+    """What the default export fixes, shown on the same model: with the projection in int8
+    (`--keep-float none`, the export before issue 21) the grades drift. Without this, the test
+    above could pass on a model that int8 cannot harm."""
+    out = tmp_path / "full.tflite"
+    assert command.run(["export.py", f"--model-dir={stage['model_dir']}", "--stage=1",
+                        "--format=litert", "--quantize=int8", f"--calibration={stage['data']}",
+                        "--keep-float=none", f"--out={out}"]) == 0  # fmt: skip
+    backend = backends.load_backend(
+        "litert", model_dir=stage["model_dir"], stage=1, litert_model=out
+    )
+    agree, agree_prob, kappa_gap = _agreement(stage, backend.predict(stage["images"]))
+    print(f"full int8: grades equal on {agree:.1%} / {agree_prob:.1%}, kappa gap {kappa_gap:.4f}")
+    assert checkpoints.read_sidecar(out)["int8"]["kept_float"] == []
+    assert agree < 0.97 or kappa_gap > 0.02
+
+
+def _with_int8_projection(model: keras.Model) -> keras.Model:
+    """The Keras model with only the projection's weights rounded as int8 weights are: folded
+    with its BatchNorm (scale=False: divided by sqrt(var + eps)), one step per output channel."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    layer, bn = clone.get_layer("medium_conv"), clone.get_layer("medium_conv_bn")
+    kernel = layer.get_weights()[0]
+    std = np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    folded = kernel / std
+    step = np.abs(folded).reshape(-1, folded.shape[-1]).max(0) / 127
+    layer.set_weights([(np.round(folded / step) * step * std).astype("float32")])
+    return clone
+
+
+def test_dynamic_range_export_loses_what_the_int8_projection_weights_lose(stage):
+    """Why dynamic range is no better than full int8 (docs/quantization.md): its error is that
+    of the projection's int8 weights alone, reproduced in Keras with nothing else quantised."""
+    out = _litert(stage, "dynamic").predict(stage["images"])
+    model = checkpoints.load_model(stage_dir(stage["model_dir"], 1) / "best.keras")
+    rounded = _with_int8_projection(model)(stage["images"], training=False)
+    to_keras = float(np.mean(np.abs(out["score"] - stage["keras"]["score"])))
+    to_rounded = float(np.mean(np.abs(out["score"] - rounded["score"].numpy())))
+    print(f"dynamic: score mean |diff| to Keras {to_keras:.4f}, to Keras with int8 projection "
+          f"weights {to_rounded:.4f}")  # fmt: skip
+    assert to_rounded < 0.5 * to_keras
 
 
 def test_litert_answers_any_batch_size_alike(stage):
@@ -232,14 +330,17 @@ def test_evaluate_with_the_litert_backend_reports_beside_the_keras_kappa(stage, 
         assert evaluate_cmd.run([*argv, *extra]) == 0  # fmt: skip
         reports[name] = json.loads((out / "report.json").read_text())
     keras_kappa, lite_kappa = (reports[n]["scores"]["kappa"] for n in ("keras", quantize))
-    print(f"test kappa from scores: keras {keras_kappa:.4f}, litert {quantize} {lite_kappa:.4f}")
+    keras_prob, lite_prob = (reports[n]["prob"]["kappa"] for n in ("keras", quantize))
+    print(f"test kappa from scores / prob.: keras {keras_kappa:.4f} / {keras_prob:.4f}, "
+          f"litert {quantize} {lite_kappa:.4f} / {lite_prob:.4f}")  # fmt: skip
     assert reports[quantize]["backend"]["backend"] == "litert"
     assert reports[quantize]["backend"]["quantization"] == quantize
+    assert reports["keras"]["backend"]["precision"] == "float32"
     assert reports[quantize]["n_images"] == reports["keras"]["n_images"] == N_TEST
     if quantize == "none":  # float32: the same grades, so the same kappa
         assert lite_kappa == pytest.approx(keras_kappa, abs=1e-9)
-    else:
-        assert abs(lite_kappa - keras_kappa) <= 0.1
+    else:  # issue 21: int8 within 0.02 of Keras, both ways
+        assert abs(lite_kappa - keras_kappa) <= 0.02 and abs(lite_prob - keras_prob) <= 0.02
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +360,35 @@ def test_sidecar_records_source_stage_size_quantisation_calibration_and_preproce
     assert f"calibrating on all {N_TRAIN} train records at {SIZE} px" in log
     assert {k: sidecar["preprocessing"]["params"][k] for k in PARAMS} == PARAMS
     assert sidecar["preprocessing"]["source"].endswith("manifest.json")
+
+
+def test_int8_sidecar_says_which_layers_stayed_float_and_why(stage):
+    path, log = _export(stage, "int8")
+    int8 = checkpoints.read_sidecar(path)["int8"]
+    kept = {k["layer"]: k for k in int8["kept_float"]}
+    # The projection, and nothing that int8 rounds as well as anything else.
+    assert list(kept) == ["medium_conv_ac"]
+    assert kept["medium_conv_ac"]["rmse_over_scale"] > quantization.RMSE_SCALE_LIMIT
+    assert "quantisation step, above 0.7" in kept["medium_conv_ac"]["why"]
+    assert int8["kept_float_ops"]["ops"] == list(quantization.FLOAT_TAIL_OPS)
+    assert all(w["rmse_over_scale"] <= quantization.RMSE_SCALE_LIMIT
+               for w in int8["worst_int8_layers"])  # fmt: skip
+    assert int8["debug_records"] == quantization.DEBUG_RECORDS
+    assert "kept in float: medium_conv_ac" in log
+    # Float input and outputs: nothing is clipped to the calibration images' range.
+    backend = _litert(stage, "int8")
+    assert backend._input["dtype"] == np.float32
+    assert {d["dtype"] for d in backend._outputs.values()} == {np.float32}
+
+
+def test_litert_tensor_names_are_traced_to_their_keras_layers():
+    names = ["block8_1_conv", "block8_1_ac", "medium_conv_ac", "medium_conv"]
+    fused = "m2cnn_tiny_720_1/medium_conv_ac_1/Relu;m2cnn_tiny_720_1/medium_conv_bn_1/batchnorm"
+    assert quantization.keras_layer(fused, names) == "medium_conv_ac"
+    assert quantization.keras_layer("m/block8_1_conv_1/BiasAdd", names) == "block8_1_conv"
+    assert quantization.keras_layer("m/block8_1_ac/Relu", names) == "block8_1_ac"
+    head = "StatefulPartitionedCall:0"  # an output: no layer scope, named as it is
+    assert quantization.keras_layer(head, names) == head
 
 
 def test_litert_backend_without_a_file_takes_the_stages_fastest_export(stage):
@@ -321,7 +451,7 @@ def test_model_for_another_size_than_the_data_is_refused(stage):
     backend = _litert(stage, "int8")
     with pytest.raises(UsageError, match=rf"takes \({SIZE}, {SIZE}, 3\) images"):
         backend.predict(np.zeros((2, 128, 128, 3), np.float32))
-    with pytest.raises(UsageError, match="takes 96 px images, the data is 128 px"):
+    with pytest.raises(UsageError, match=f"takes {SIZE} px images, the data is 128 px"):
         backends.load_backend("keras", model_dir=stage["model_dir"], stage=1, image_size=128)
 
 
@@ -361,6 +491,7 @@ def test_help_and_a_bad_flag_value(capsys):
         (["--format=litert", "--quantize=float16", "--calibration=x"], "used by int8 only"),
         (["--format=savedmodel", "--quantize=int8"], "--quantize: a SavedModel is float32"),
         (["--format=litert", "--out=m.json"], "--out: m.json would be taken for a sidecar"),
+        (["--format=litert", "--keep-float=none"], "--keep-float: which layers stay float is"),
         (["--quantize=none"], "--format: is required"),
     ],
 )

@@ -121,7 +121,8 @@ def test_a_type_checking_import_is_not_a_dependency(tmp_path):
 @pytest.mark.parametrize(
     "module",
     ["m2cnn_tf.checkpoints", "m2cnn_tf.backends", "m2cnn_tf.prediction", "m2cnn_tf.manifest",
-     "m2cnn_tf.serve.grader", "m2cnn_tf.serve.app", "m2cnn_tf.config", "m2cnn_tf.tta"],
+     "m2cnn_tf.serve.grader", "m2cnn_tf.serve.app", "m2cnn_tf.config", "m2cnn_tf.tta",
+     "m2cnn_tf.quantization", "m2cnn_tf.export"],
 )  # fmt: skip
 def test_tf_free_modules_import_neither_tensorflow_nor_keras_at_the_top(module):
     """What the LiteRT paths load: no TensorFlow or Keras import outside a function, directly or

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from m2cnn_tf.backends import BACKENDS
+from m2cnn_tf.backends import BACKENDS, BFLOAT16_CPU_FLAGS, PRECISIONS
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS
 from m2cnn_tf.tta import TTA_CHOICES
@@ -22,7 +22,8 @@ def define_stage(fv: flags.FlagValues, stage_help: str) -> None:
 
 
 def define_backend(fv: flags.FlagValues) -> None:
-    """--backend, --litert-model and --threads (export.py makes the LiteRT files)."""
+    """--backend, --litert-model, --threads, --precision and --force-precision (export.py makes
+    the LiteRT files)."""
     flags.DEFINE_enum(
         "backend", "keras", BACKENDS,
         "Runtime of the model: keras (the checkpoint itself) or litert (its export.py export: "
@@ -38,6 +39,19 @@ def define_backend(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "threads", None, "LiteRT interpreter threads (default: every core this process may use).",
         lower_bound=1, flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_enum(
+        "precision", "float32", PRECISIONS,
+        "Number format of --backend keras: float32, or bfloat16 (Keras's mixed_bfloat16: the "
+        "layers compute in bfloat16, the pooling and heads in float32; for CPUs with "
+        f"{' or '.join(BFLOAT16_CPU_FLAGS)}, refused elsewhere).",
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "force-precision", False,
+        "Run --precision bfloat16 on a CPU that does not report native bfloat16 (TensorFlow "
+        "then emulates it).",
+        flag_values=fv,
     )  # fmt: skip
 
 
@@ -57,6 +71,8 @@ def backend_options(fv: flags.FlagValues) -> dict:
     return {
         "litert_model": fv["litert-model"].value,
         "threads": fv.threads,
+        "precision": fv.precision,
+        "force_precision": fv["force-precision"].value,
     }
 
 

@@ -129,14 +129,17 @@ class Grader:
         backend: str = "keras",
         litert_model: str | None = None,
         threads: int | None = None,
+        precision: str = "float32",
+        force_precision: bool = False,
         data_dir: str | None = None,
         **kw,
     ) -> Grader:
         """Load a stage's best checkpoint (or its LiteRT export) and its training data's
         preprocessing parameters."""
         model = load_backend(
-            backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads
-        )
+            backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads,
+            precision=precision, force_precision=force_precision,
+        )  # fmt: skip
         params, source = manifest.preprocess_params_for(model_dir, stage, data_dir)
         meta = checkpoints.read_meta(model_dir, stage)
         return cls(model, meta, params, source, model_dir=model_dir, stage=stage, **kw)
