@@ -216,3 +216,17 @@ class EpochsCsv(keras.callbacks.CSVLogger):
         if self.keys is None:
             self.keys = sorted(set(logs or {}) | self.val_keys)
         super().on_epoch_end(epoch, logs)
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard with every epoch's scalars written.
+
+    With an integer `update_freq` Keras leaves `tf.summary.record_if` set by the epoch's last
+    batch, so the epoch scalars (loss, Eq. (4)'s terms, the val kappas) were only written when
+    that batch's number was a multiple of it (tensorflow/tensorboard#4975): with 12 steps per
+    epoch and `log_steps` 50, one epoch in 25. Batch-level scalars keep their interval.
+    """
+
+    def _log_epoch_metrics(self, epoch, logs):
+        with self.summary.record_if(True):
+            super()._log_epoch_metrics(epoch, logs)

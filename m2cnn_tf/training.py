@@ -31,6 +31,7 @@ from m2cnn_tf.callbacks import (
     KeepBest,
     KeepLast,
     StopOnNonFinite,
+    TensorBoard,
     best_metric,
 )
 from m2cnn_tf.common import prepare_determinism, versions
@@ -303,9 +304,7 @@ def make_callbacks(
         names = [m.name for m in trainer.metrics]
         ordered += [
             EpochsCsv(str(stage.directory / "epochs.csv"), names, append=stage.resumed),
-            keras.callbacks.TensorBoard(
-                str(stage.directory / "tensorboard"), update_freq=config.runtime.log_steps
-            ),
+            TensorBoard(str(stage.directory / "tensorboard"), update_freq=config.runtime.log_steps),
         ]
     ordered.append(backup)
     return Callbacks(ordered, keep_best, backup, interrupt, non_finite)

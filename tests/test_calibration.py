@@ -12,11 +12,36 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from m2cnn_tf import calibration
-from m2cnn_tf.metrics import Predictions, probs_to_grades, scores_to_grades
+from m2cnn_tf.metrics import Predictions, scores_to_grades
 
 
 def qwk(a, b) -> float:
     return cohen_kappa_score(a, b, weights="quadratic", labels=list(range(5)))
+
+
+def rounded(scores) -> np.ndarray:
+    """Grades by rounding, clipped to 0-4, written out (not metrics.scores_to_grades)."""
+    return np.clip(np.floor(np.asarray(scores, np.float64) + 0.5), 0, 4).astype(int)
+
+
+def hand_blend(values, patients, eyes, w: float) -> np.ndarray:
+    """(1 - w)·own + w·fellow eye, row by row, for images whose fellow eye is there."""
+    values = np.asarray(values, np.float64)
+    row = {(p, e): i for i, (p, e) in enumerate(zip(patients, eyes, strict=True))}
+    out = values.copy()
+    for i, (p, e) in enumerate(zip(patients, eyes, strict=True)):
+        j = row.get((p, {"left": "right", "right": "left"}.get(e)))
+        if j is not None:
+            out[i] = (1 - w) * values[i] + w * values[j]
+    return out
+
+
+def grid_search(grades, grade_fn, blended) -> float:
+    """The smallest w of 0, 0.01, ..., 0.5 with the highest sklearn kappa of
+    grade_fn(blended(w)): a brute-force search of its own."""
+    grid = [i / 100 for i in range(51)]
+    kappas = [qwk(grades, grade_fn(blended(w))) for w in grid]
+    return grid[int(np.argmax(kappas))]  # argmax: the first of equal maxima
 
 
 def test_fitted_cutpoints_are_sorted_and_never_score_lower_than_rounding():
@@ -83,10 +108,8 @@ def test_blend_weight_fitted_on_noisy_eyes_is_well_above_zero_and_raises_kappa()
     partner = calibration.partner_index(patients, eyes)
     w, k = calibration.fit_blend_weight(scores_to_grades, scores, partner, grade)
     assert w >= 0.3
-    assert k == pytest.approx(
-        qwk(grade, scores_to_grades(calibration.blend_eyes(scores, partner, w)))
-    )
-    assert k > qwk(grade, scores_to_grades(scores))
+    assert k == pytest.approx(qwk(grade, rounded(hand_blend(scores, patients, eyes, w))))
+    assert k > qwk(grade, rounded(scores))
 
 
 def _predictions(scores, grades, patients, eyes, probs=None) -> Predictions:
@@ -102,8 +125,12 @@ def _predictions(scores, grades, patients, eyes, probs=None) -> Predictions:
 
 
 def test_calibration_fits_the_blend_first_then_cut_points_on_the_blended_scores():
+    """Every fitted value against a reference of its own: the weights by a brute-force grid
+    search of sklearn's kappa on a hand blend; the cut points as a coordinate-wise optimum of
+    sklearn's kappa on those blended scores (no move of one cut point to any midpoint between
+    its neighbours raises it)."""
     rng = np.random.default_rng(5)
-    n_patients = 100
+    n_patients = 60
     grades = np.repeat(rng.integers(0, 5, n_patients), 2)
     patients = list(np.repeat(np.arange(n_patients).astype(str), 2))
     eyes = ["left", "right"] * n_patients
@@ -111,13 +138,32 @@ def test_calibration_fits_the_blend_first_then_cut_points_on_the_blended_scores(
     probs = np.eye(5)[np.clip(grades + rng.integers(-1, 2, 2 * n_patients), 0, 4)]
     val = _predictions(scores, grades, patients, eyes, probs)
     cal = calibration.fit_calibration(val, fit_thresholds=True, per_patient=True)
-    partner = calibration.partner_index(patients, eyes)
-    w_score, _ = calibration.fit_blend_weight(scores_to_grades, scores, partner, grades)
-    w_prob, _ = calibration.fit_blend_weight(probs_to_grades, probs, partner, grades)
+
+    w_score = grid_search(grades, rounded, lambda w: hand_blend(scores, patients, eyes, w))
+    w_prob = grid_search(
+        grades, lambda p: p.argmax(axis=1), lambda w: hand_blend(probs, patients, eyes, w)
+    )
     assert (cal.blend_score, cal.blend_prob) == (w_score, w_prob) and w_score > 0
-    blended = calibration.blend_eyes(scores, partner, w_score)
-    assert cal.cutpoints == calibration.fit_cutpoints(blended, grades)
-    np.testing.assert_allclose(cal.apply(val).scores, blended)
+    blended = hand_blend(scores, patients, eyes, w_score)
+    applied = cal.apply(val)
+    np.testing.assert_allclose(applied.scores, blended, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(applied.probs, hand_blend(probs, patients, eyes, w_prob), atol=1e-12)
+
+    cuts = list(cal.cutpoints)
+    assert cuts == sorted(cuts) and len(cuts) == 4
+
+    def kappa(c) -> float:  # a grade is how many cut points the score reaches
+        return qwk(grades, (blended[:, None] >= np.asarray(c)[None, :]).sum(axis=1))
+
+    best = kappa(cuts)
+    assert best > qwk(grades, rounded(blended)) + 0.02  # the cut points do something here
+    distinct = np.unique(blended)
+    midpoints = (distinct[1:] + distinct[:-1]) / 2
+    for i in range(4):
+        lo = cuts[i - 1] if i else -np.inf
+        hi = cuts[i + 1] if i < 3 else np.inf
+        for m in midpoints[(midpoints > lo) & (midpoints < hi)]:
+            assert kappa([*cuts[:i], m, *cuts[i + 1 :]]) <= best + 1e-12, (i, m)
     # Nothing asked, nothing changed.
     plain = calibration.fit_calibration(val, fit_thresholds=False, per_patient=False)
     assert plain == calibration.Calibration() and plain.apply(val) is val

@@ -8,10 +8,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -19,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 import tensorflow as tf
+from _subprocess import group_members, started
 from synthetic_fundus import fundus, kaggle_dir, write_fundus
 
 from data_prep import aptos, cli, ddr, folder, idrid, kaggle, messidor2, options
@@ -26,7 +29,7 @@ from data_prep import convert as engine
 from data_prep.worker import Settings
 from m2cnn_tf import errors, records
 from m2cnn_tf import manifest as manifest_reader
-from m2cnn_tf.preprocessing import PreprocessParams
+from m2cnn_tf.preprocessing import PreprocessParams, preprocess_bgr_file
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--sizes", "32,64", "--base-size", "64", "--workers", "1", "--no-progress"]
@@ -485,49 +488,191 @@ def test_strict_failure_is_a_typed_error_listing_every_bad_input(bad_src, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_ctrl_c_exits_130_in_one_line_and_the_same_command_resumes(
-    kaggle_src, tmp_path, capsys, monkeypatch
-):
-    write_chunk = engine._write_chunk
-    calls = []
+# ---------------------------------------------------------------------------------------------
+# Flags reach the pixels
 
-    def interrupted_after_one_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return write_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_write_chunk", interrupted_after_one_chunk)
-    argv = ["--kaggle-dir", str(kaggle_src), "--out", str(tmp_path / "o"), *FAST]
-    assert run(kaggle, argv) == 130
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("data_prep.kaggle: ") and "interrupted" in err and "\n" not in err
-    monkeypatch.setattr(engine, "_write_chunk", write_chunk)
+def outside_circle(size: int, fraction: float) -> np.ndarray:
+    """The pixels of a size×size square farther than fraction·size/2 from its centre: where
+    Graham's mask puts γ, written out here."""
+    c = (size - 1) / 2
+    yy, xx = np.mgrid[:size, :size]
+    return np.hypot(yy - c, xx - c) > fraction * size / 2
+
+
+@pytest.fixture(scope="module")
+def four_eyes(tmp_path_factory) -> Path:
+    return kaggle_dir(tmp_path_factory.mktemp("four"), patients=2, solution=False)
+
+
+def png_records(src: Path, out: Path, *flags: str) -> dict[str, np.ndarray]:
+    """Convert `src` to PNG records with `flags`: image id -> its 64 px image (the base size:
+    Eq. (1)'s output itself), BGR like preprocessing's."""
+    argv = ["--kaggle-dir", str(src), "--out", str(out), *FAST, "--format", "png", *flags]
     assert run(kaggle, argv) == 0
-    assert "(resumed: 20 images were already done)" in capsys.readouterr().out  # train: 1 chunk
+    rows = read_split(out, 64, "train")
+    assert rows and all(r["image/format"] == b"png" for r in rows)
+    return {
+        r["image/id"].decode(): tf.io.decode_png(r["image/encoded"]).numpy()[..., ::-1]
+        for r in rows
+    }
+
+
+def test_the_mask_puts_gamma_on_the_whole_outside_and_no_mask_leaves_eq_1_there(
+    four_eyes, tmp_path
+):
+    outside = outside_circle(64, 0.9)
+    masked = png_records(four_eyes, tmp_path / "masked", "--gamma", "100")
+    unmasked = png_records(four_eyes, tmp_path / "unmasked", "--gamma", "100", "--no-mask")
+    assert masked.keys() == unmasked.keys() and len(masked) == 4
+    for image_id, image in masked.items():
+        path = four_eyes / "train" / f"{image_id}.jpeg"
+        assert (image[outside] == 100).all(), image_id  # every outside pixel, every channel
+        assert (image[~outside] != 100).any(axis=-1).mean() > 0.5  # inside: Eq. (1)
+        free = unmasked[image_id]
+        assert (free[outside] != 100).any(axis=-1).mean() > 0.9, image_id  # Eq. (1) there too
+        params = PreprocessParams(gamma=100.0, base_size=64, mask=False)
+        np.testing.assert_array_equal(free, preprocess_bgr_file(path, params))
+
+
+# Eq. (1)'s constants and the mask radius, each away from its default.
+EQ1_FLAGS = {"alpha": 3.0, "beta": -2.0, "rho": 5.0, "gamma": 100.0, "mask_fraction": 0.8}
+
+
+def test_eq_1_and_mask_flags_reach_the_pixels(four_eyes, tmp_path):
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in EQ1_FLAGS.items()]
+    got = png_records(four_eyes, tmp_path / "o", *flags)
+    params = PreprocessParams(base_size=64, **EQ1_FLAGS)
+    ring = outside_circle(64, 0.7) & ~outside_circle(64, 0.8)
+    for image_id, image in got.items():
+        path = four_eyes / "train" / f"{image_id}.jpeg"
+        np.testing.assert_array_equal(image, preprocess_bgr_file(path, params), err_msg=image_id)
+        for name in EQ1_FLAGS:  # with any one of them at its default, other pixels
+            default = dataclasses.replace(params, **{name: getattr(PreprocessParams(), name)})
+            assert (preprocess_bgr_file(path, default) != image).any(), (image_id, name)
+        assert (image[outside_circle(64, 0.8)] == 100).all()  # the 80 % circle's outside
+        assert (image[ring] != 100).any(axis=-1).mean() > 0.5  # 70-80 %: Eq. (1), not the mask
+
+
+# Annex K's luminance quantisation table (ITU-T T.81), which libjpeg scales by the quality.
+LUMINANCE = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40,
+             57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35,
+             55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112,
+             100, 103, 99]  # fmt: skip
+
+
+def quantisation_table(quality: int) -> list[int]:
+    """libjpeg's luminance table at `quality` (jpeg_quality_scaling, baseline), sorted."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return sorted(min(255, max(1, (q * scale + 50) // 100)) for q in LUMINANCE)
+
+
+def table_in(jpeg: bytes) -> list[int]:
+    """The luminance table a JPEG file carries (its first DQT segment), sorted."""
+    i = jpeg.index(b"\xff\xdb")
+    assert jpeg[i + 4] == 0  # 8-bit values, table 0
+    return sorted(jpeg[i + 5 : i + 69])
+
+
+def test_jpeg_quality_reaches_the_encoded_records(four_eyes, kaggle_out, tmp_path):
+    default = read_split(kaggle_out, 64, "train")
+    assert {bytes(r["image/format"]) for r in default} == {b"jpeg"}
+    assert all(table_in(r["image/encoded"]) == quantisation_table(95) for r in default)
+    sizes = {}
+    for quality in (20, 60):
+        out = tmp_path / str(quality)
+        argv = ["--kaggle-dir", str(four_eyes), "--out", str(out), *FAST]
+        assert run(kaggle, [*argv, "--jpeg-quality", str(quality)]) == 0
+        rows = read_split(out, 64, "train")
+        assert all(table_in(r["image/encoded"]) == quantisation_table(quality) for r in rows)
+        bases = {  # what each image is before encoding (RGB, as the records decode)
+            p.stem: preprocess_bgr_file(p, PreprocessParams(base_size=64))[..., ::-1].astype(int)
+            for p in (four_eyes / "train").glob("*.jpeg")
+        }
+        for r in rows:  # the picture is this image's, nearer to it than to any other
+            decoded = tf.io.decode_jpeg(r["image/encoded"]).numpy().astype(int)
+            nearest = min(bases, key=lambda k: np.abs(decoded - bases[k]).mean())
+            assert nearest == r["image/id"].decode()
+        sizes[quality] = sum(len(r["image/encoded"]) for r in rows)
+    assert sizes[20] < sizes[60]
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags reach the preprocessing
+# The folder command: --ext, split spellings, the default split
 
 
-def test_processing_flags_and_png_format_reach_the_records(tmp_path):
-    src = kaggle_dir(tmp_path / "k", patients=2, solution=False)
+def test_folder_ext_picks_the_files_of_that_extension(tmp_path, capsys):
+    """Every id has a .png and a .jpg of different photographs: ambiguous without --ext; with
+    it, the records are the named extension's images."""
+    images = tmp_path / "imgs"
+    lines = ["image,level"]
+    for i in range(4):
+        write_fundus(images / f"e{i}.jpg", seed=i)
+        cv2.imwrite(str(images / f"e{i}.png"), fundus(seed=100 + i))
+        lines.append(f"e{i},{i}")
+    (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
+    argv = ["--images", str(images), "--labels", str(tmp_path / "l.csv"), *FAST]
+    argv += ["--sizes", "64", "--format", "png", "--split-ratio", "1,0"]
+    assert run(folder, [*argv, "--out", str(tmp_path / "none")]) == 2  # no usable image:
+    assert "1 ambiguous file name (e3.jpg, e3.png)" in capsys.readouterr().err  # two files each
+    for ext in (".jpg", "png"):
+        out = tmp_path / ext.strip(".")
+        assert run(folder, [*argv, "--out", str(out), "--ext", ext]) == 0
+        rows = read_split(out, 64, "train")
+        assert ids(rows) == {f"e{i}" for i in range(4)}
+        for r in rows:
+            path = images / f"{r['image/id'].decode()}.{ext.strip('.')}"
+            expected = preprocess_bgr_file(path, PreprocessParams(base_size=64))[..., ::-1]
+            np.testing.assert_array_equal(tf.io.decode_png(r["image/encoded"]).numpy(), expected)
+
+
+# Each spelling of a split column's value and the split it means (data_prep.folder's help).
+SPELLINGS = {"train": "train", "Training": "train", "TRAIN": "train", "val": "val",
+             "valid": "val", "Validation": "val", "dev": "val", "test": "test",
+             "Testing": "test"}  # fmt: skip
+
+
+def test_folder_split_column_reads_every_spelling_and_skips_an_unknown_one(tmp_path):
+    images = tmp_path / "imgs"
+    lines = ["image,level,subset"]
+    for i, spelling in enumerate([*SPELLINGS, "holdout"]):
+        write_fundus(images / f"s{i}.png", seed=i)
+        lines.append(f"s{i},{i % 5},{spelling}")
+    (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    argv = ["--kaggle-dir", str(src), "--out", str(out), *FAST, "--format", "png"]
-    assert run(kaggle, [*argv, "--gamma", "100"]) == 0
-    row = read_split(out, 64, "train")[0]
-    assert row["image/format"] == b"png"
-    image = tf.io.decode_png(row["image/encoded"]).numpy()
-    assert (image[0, 0] == 100).all() and (image[-1, -1] == 100).all()  # the mask is γ
-    out2 = tmp_path / "out2"
-    assert run(kaggle, [*argv[:3], str(out2), *argv[4:], "--no-mask"]) == 0
-    unmasked = tf.io.decode_png(read_split(out2, 64, "train")[0]["image/encoded"]).numpy()
-    assert not (unmasked[0, 0] == 128).all() or not (unmasked[-1, -1] == 128).all()
+    argv = ["--images", str(images), "--labels", str(tmp_path / "l.csv"), "--out", str(out)]
+    assert run(folder, [*argv, *FAST, "--sizes", "32", "--split-column", "subset"]) == 0
+    for split in ("train", "val", "test"):
+        expected = {f"s{i}" for i, s in enumerate(SPELLINGS) if SPELLINGS[s] == split}
+        assert ids(read_split(out, 32, split)) == expected, split
+    skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert [(s["image_id"], s["reason"]) for s in skipped] == [("s9", "unknown split 'holdout'")]
+
+
+def test_folder_default_split_is_80_10_10_by_patient(tmp_path):
+    images = tmp_path / "imgs"
+    lines = ["image,level"]
+    for p in range(20):
+        for eye in ("left", "right"):
+            write_fundus(images / f"{p}_{eye}.jpeg", seed=2 * p + (eye == "left"), width=96)
+            lines.append(f"{p}_{eye},{p % 5}")
+    (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--labels", str(tmp_path / "l.csv"), "--out", str(out)]
+    assert run(folder, [*argv, *FAST, "--sizes", "32"]) == 0
+    patients = {}
+    for split in ("train", "val", "test"):
+        rows = read_split(out, 32, split)
+        patients[split] = {r["image/patient"].decode() for r in rows}
+        assert len(rows) == 2 * len(patients[split])  # both eyes of each patient, together
+    assert {k: len(v) for k, v in patients.items()} == {"train": 16, "val": 2, "test": 2}
+    assert set.union(*patients.values()) == {str(p) for p in range(20)}
+    recorded = json.loads((out / "manifest.json").read_text())["params"]["split_ratio"]
+    assert recorded == {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
 # ---------------------------------------------------------------------------------------------
-# Resume after kill -9
+# Ctrl-C and kill -9 of a real conversion, then the same command resumes
 
 
 def _shard_records(out: Path) -> dict[str, list[bytes]]:
@@ -537,66 +682,113 @@ def _shard_records(out: Path) -> dict[str, list[bytes]]:
     }
 
 
-def test_resume_after_kill_9_gives_byte_identical_records(tmp_path):
-    src = tmp_path / "k"
+IMAGES = 120
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> tuple[list[str], Path]:
+    """(the flags of a conversion of IMAGES photographs into 5 kB shards, one image per chunk,
+    so an interruption lands between many small commits; its uninterrupted output)."""
+    root = tmp_path_factory.mktemp("many")
+    src = root / "k"
     lines = ["image,level"]
-    for i in range(160):
+    for i in range(IMAGES):
         name = f"{i // 2}_{'left' if i % 2 else 'right'}"
-        write_fundus(src / "train" / f"{name}.jpeg", seed=i, height=240, width=320)
+        write_fundus(src / "train" / f"{name}.jpeg", seed=i, height=180, width=240)
         lines.append(f"{name},{i % 5}")
     (src / "trainLabels.csv").write_text("\n".join(lines) + "\n")
-    # 5 kB shards: one image per chunk, so the kill lands between many small commits
     common = ["--kaggle-dir", str(src), "--sizes", "64,128", "--base-size", "128"]
     common += ["--shard-mb", "0.005", "--no-progress", "--val-from-train", "0.2"]
+    assert run(kaggle, [*common, "--out", str(root / "reference"), "--workers", "1"]) == 0
+    return common, root / "reference"
 
-    reference = tmp_path / "reference"
-    assert run(kaggle, [*common, "--out", str(reference), "--workers", "1"]) == 0
 
-    out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+@contextlib.contextmanager
+def _conversion(common: list[str], out: Path, err: Path) -> Iterator[subprocess.Popen]:
+    """The conversion as a command line runs it, with 2 workers, in its own process group (killed
+    with it at the end); its stderr in `err`."""
     cmd = [sys.executable, "-m", "data_prep.kaggle", *common, "--out", str(out), "--workers", "2"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        chunks = out / ".state" / "chunks"
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if chunks.is_dir() and len(list(chunks.glob("*.json"))) >= 20:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "conversion ended before it could be killed"
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the running conversion
-        proc.wait(timeout=30)
-        _, alive = psutil.wait_procs(workers, timeout=30)
-        assert not alive, "worker processes outlived the killed conversion"
-    finally:  # never leave a conversion running, whatever failed above
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert not (out / "manifest.json").exists()
-    done = len(list(chunks.glob("*.json")))
-    assert 20 <= done < 160
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with err.open("wb") as sink, started(cmd, cwd=REPO, env=env, stderr=sink) as process:
+        yield process
 
-    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed:" in resumed.stdout
+
+def _frozen_after(process: subprocess.Popen, chunks: Path, n: int) -> list[psutil.Process]:
+    """Poll the conversion's done chunks until there are `n`, then stop it (SIGSTOP) so that it
+    cannot finish before the signal the test sends; returns its descendants (the forkserver and
+    the workers). A deadline only guards against a hang."""
+    deadline = time.monotonic() + 300
+    while not (chunks.is_dir() and len(list(chunks.glob("*.json"))) >= n):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the conversion ended or hung before {n} chunks (exit {process.poll()})")
+        time.sleep(0.01)
+    process.send_signal(signal.SIGSTOP)
+    assert process.poll() is None and not (chunks.parents[1] / "manifest.json").exists()
+    return psutil.Process(process.pid).children(recursive=True)
+
+
+# TensorFlow's C++ start-up logging, which TF_CPP_MIN_LOG_LEVEL does not silence in TF 2.21.
+TF_LOGGING = re.compile(r"WARNING: All log messages before absl::|[IWEF]\d{4} [\d:.]+ +\d+ \S+\] ")
+
+
+def own_lines(stderr: str) -> list[str]:
+    """The lines a command printed itself: stderr without TensorFlow's start-up logging."""
+    return [line for line in stderr.strip().splitlines() if not TF_LOGGING.match(line)]
+
+
+def _resume_gives_the_reference(common, out, reference, capsys) -> None:
+    """The same command again (in this process: a fresh one proves nothing more) finishes the
+    conversion: the same shard files with the same records, byte for byte, in the same order."""
+    done = len(list((out / ".state" / "chunks").glob("*.json")))
+    assert 10 <= done < IMAGES
+    assert run(kaggle, [*common, "--out", str(out), "--workers", "2"]) == 0
+    assert "resumed:" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
-    assert m["timings"]["resumed_images"] >= 20
-    assert m["timings"]["this_run_images"] == 160 - m["timings"]["resumed_images"]
-
+    assert m["timings"]["resumed_images"] >= done
+    assert m["timings"]["this_run_images"] == IMAGES - m["timings"]["resumed_images"]
     expected, got = _shard_records(reference), _shard_records(out)
-    assert list(got) == list(expected)  # same shard files
+    assert list(got) == list(expected)
     for name, recs in expected.items():
-        assert got[name] == recs, name  # same records, byte for byte, in the same order
+        assert got[name] == recs, name
     assert not list(out.rglob("*.tmp*"))
-    ref_manifest = json.loads((reference / "manifest.json").read_text())
-    assert m["shards"] == ref_manifest["shards"]  # hence identical shard checksums
+    assert m["shards"] == json.loads((reference / "manifest.json").read_text())["shards"]
+
+
+def test_ctrl_c_stops_a_real_conversion_with_130_in_one_line_no_worker_left_and_it_resumes(
+    many, tmp_path, capsys
+):
+    common, reference = many
+    out, log = tmp_path / "out", tmp_path / "log"
+    with _conversion(common, out, log) as process:
+        workers = _frozen_after(process, out / ".state" / "chunks", 10)
+        assert len(workers) >= 3  # the forkserver and its 2 workers
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        process.send_signal(signal.SIGCONT)
+        code = process.wait(timeout=120)  # a hang guard
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        left = group_members(process.pid)
+    assert code == 130, log.read_text()[-3000:]
+    assert own_lines(log.read_text()) == [
+        "data_prep.kaggle: error: interrupted; run the same conversion again to resume"
+    ]  # no traceback, no worker's KeyboardInterrupt
+    assert not alive and not left, (alive, left)  # no worker outlived the conversion
+    assert not (out / "manifest.json").exists()
+    _resume_gives_the_reference(common, out, reference, capsys)
+
+
+def test_kill_9_of_a_real_conversion_leaves_no_worker_and_it_resumes(many, tmp_path, capsys):
+    common, reference = many
+    out, log = tmp_path / "out", tmp_path / "log"
+    with _conversion(common, out, log) as process:
+        workers = _frozen_after(process, out / ".state" / "chunks", 10)
+        process.send_signal(signal.SIGKILL)  # kill -9 of the conversion alone
+        process.wait(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=30)  # a hang guard: they die with it
+        left = group_members(process.pid)
+    assert process.returncode == -signal.SIGKILL
+    assert not alive and not left, (alive, left)  # no worker outlived the killed conversion
+    assert not (out / "manifest.json").exists()
+    _resume_gives_the_reference(common, out, reference, capsys)
 
 
 def test_a_second_conversion_into_the_same_out_is_refused(kaggle_src, tmp_path, capsys):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _subprocess import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (80, 352, 704)  # one per Multi-Cell path: small, medium, large
@@ -37,7 +38,10 @@ def _make(tmp_path: Path, *targets: str, **overrides: str) -> subprocess.Complet
     command = ["make", "-C", str(ROOT), "-o", ".venv/.installed", *targets]
     command += [f"{k}={v}" for k, v in variables.items()]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    # make's own group, killed afterwards: on a timeout, train.py (make's child) dies with it.
+    # Below pytest-timeout's 600 s, so that this timeout, not pytest's, ends a hang.
+    return run_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     timeout=540, env=env)  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

@@ -165,3 +165,76 @@ def test_evaluate_refuses_an_incomplete_operating_point_in_one_line(
     assert evaluate.run(["evaluate.py", "--compare", str(dev), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("evaluate.py: error: ") and message in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures: what they draw, read back from the figure before it is saved
+
+
+def _drawn(monkeypatch, plot, report, tmp_path):
+    """`plot`'s figure (its artists, kept open) and the PNG it wrote."""
+    figures = []
+    save = reports._figure_bytes
+
+    def keep(fig):
+        figures.append(fig)
+        return save(fig)
+
+    monkeypatch.setattr(reports, "_figure_bytes", keep)
+    plot(tmp_path / "f.png", report)
+    import cv2
+
+    return figures[0], cv2.imread(str(tmp_path / "f.png"))
+
+
+def _plotted_report() -> dict:
+    cm = {"scores": [[5, 1, 0, 0, 0], [2, 3, 0, 0, 0], [0, 1, 4, 1, 0], [0, 0, 0, 2, 0],
+                     [0, 0, 0, 1, 3]],
+          "prob": [[6, 0, 0, 0, 0], [0, 5, 0, 0, 0], [0, 0, 0, 6, 0], [0, 0, 0, 2, 0],
+                   [0, 0, 0, 0, 0]]}  # fmt: skip
+    roc = {"scores": ([0, 0.1, 0.5, 1], [0, 0.6, 0.9, 1]), "prob": ([0, 0.3, 1], [0, 0.8, 1])}
+    return {
+        way: {
+            "confusion_matrix": cm[way],
+            "kappa": {"scores": 0.8125, "prob": None}[way],
+            "referable": {
+                "auc": {"scores": 0.875, "prob": 0.75}[way],
+                "roc": {"fpr": roc[way][0], "tpr": roc[way][1]},
+                "sensitivity": 0.9,
+                "specificity": 0.75 if way == "scores" else None,
+            },
+        }
+        for way in ("scores", "prob")
+    }
+
+
+def test_the_confusion_figure_shows_each_ways_counts_row_rates_and_kappa(monkeypatch, tmp_path):
+    report = _plotted_report()
+    fig, png = _drawn(monkeypatch, reports.plot_confusion, report, tmp_path)
+    assert png.shape == (484, 1100, 3)  # 10 × 4.4 inches at 110 dpi
+    for ax, way in zip(fig.axes, ("scores", "prob"), strict=True):
+        cm = np.array(report[way]["confusion_matrix"], float)
+        # Row-normalised by hand; an empty row (no image of that grade) stays 0.
+        totals = cm.sum(axis=1, keepdims=True)
+        rates = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+        np.testing.assert_allclose(ax.images[0].get_array(), rates)
+        counts = {(t.get_position()[1], t.get_position()[0]): t.get_text() for t in ax.texts}
+        assert counts == {(i, j): str(int(cm[i, j])) for i in range(5) for j in range(5)}
+        assert ax.get_xlabel() == "predicted grade" and ax.get_ylabel() == "true grade"
+    assert [ax.get_title() for ax in fig.axes] == ["scores: kappa 0.812", "prob"]
+
+
+def test_the_roc_figure_draws_each_ways_curve_operating_point_and_auc(monkeypatch, tmp_path):
+    report = _plotted_report()
+    fig, png = _drawn(monkeypatch, reports.plot_roc, report, tmp_path)
+    assert png.shape == (550, 572, 3)  # 5.2 × 5 inches at 110 dpi
+    (ax,) = fig.axes
+    lines = [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
+    assert lines == [
+        ([0, 0.1, 0.5, 1], [0, 0.6, 0.9, 1]),  # scores' ROC
+        ([0.25], [0.9]),  # its operating point: (1 - specificity, sensitivity)
+        ([0, 0.3, 1], [0, 0.8, 1]),  # prob's ROC (no operating point: no specificity)
+        ([0, 1], [0, 1]),  # chance
+    ]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["scores (AUC 0.875)", "prob (AUC 0.750)"]

@@ -7,20 +7,24 @@ test_training_runs.py.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 import signal
 import time
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
 from _tfrecords import grade_images, write_split
 
-from m2cnn_tf import callbacks, checkpoints, config, training
+from m2cnn_tf import callbacks, checkpoints, config, distribution, training
 from m2cnn_tf.commands import config_flags
 from m2cnn_tf.commands import train as train_cmd
 from m2cnn_tf.config import (
@@ -325,19 +329,21 @@ def test_mixed_precision_step_updates_both_groups_and_skips_an_overflowing_step(
         assert float(opt.dynamic_scale.numpy()) == pytest.approx(1.5e38, rel=1e-6)
 
 
-def test_out_of_memory_stops_with_a_smaller_batch_size_suggestion(
-    tmp_path, records_dir, monkeypatch
+def test_out_of_memory_stops_in_one_line_suggesting_a_smaller_batch_size(
+    tmp_path, records_dir, monkeypatch, capsys
 ):
+    """The line docs/training.md shows under "Failures", as train.py prints it."""
+
     def oom(self, *args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
     monkeypatch.setattr(TwoRateTrainer, "fit", oom)
-    config = _config(records_dir, tmp_path, batch_size=8)
-    with pytest.raises(
-        TrainingError, match=r"^out of memory at batch size 8; try a smaller one \(e.g. 4\)$"
-    ) as err:
-        training.run(config, log=lambda *_: None)
-    assert err.value.setting == "batch_size"
+    argv = ["train.py", "--stage=1", f"--data={records_dir}", f"--model-dir={tmp_path}"]
+    argv += ["--image-size=80", "--preset=tiny", "--weights=none", "--batch-size=8"]
+    assert train_cmd.run(argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        "train.py: error: --batch-size: out of memory at batch size 8; try a smaller one (e.g. 4)"
+    )
 
 
 def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
@@ -353,7 +359,9 @@ def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
         callback.on_train_begin()
         with pytest.raises(KeyboardInterrupt):  # the impatient second Ctrl-C
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+            deadline = time.monotonic() + 30  # the handler runs at once; this guards a hang
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
     finally:
         callback.restore()
     assert signal.getsignal(signal.SIGINT) is previous
@@ -605,3 +613,166 @@ def test_a_deterministic_run_is_refused_where_tensorflow_started_with_parallel_o
         training.run(config)
     assert err.value.setting == "deterministic" and not (tmp_path / "m").exists()
     assert "TF_NUM_INTEROP_THREADS" not in os.environ
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs of train.py in this process: --xla, --noresume, the TensorBoard logs
+
+
+def _train(argv: list[str]) -> tuple[int, str]:
+    """train.py's exit code and what it printed (Keras's progress included)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = train_cmd.run(["train.py", *argv])
+    return code, printed.getvalue()
+
+
+def _lr2_steps(backup) -> int:
+    """The train steps a backup holds: its LR2 optimizer's step counter."""
+    with h5py.File(backup / "latest.weights.h5", "r") as f:
+        return int(f["optimizer_new/vars/0"][()])
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoRuns:
+    stage: Path  # the stage folder both wrote
+    xla: tuple[int, str]  # the first run's exit code and output
+    xla_config: dict  # its config.json
+    xla_epochs: list[dict[str, str]]  # its epochs.csv
+    xla_steps: int  # the steps its backup holds
+    fresh: tuple[int, str]  # the second run's
+    events_before: set[Path]  # the TensorBoard files before the second run
+    backed_up: list[int]  # the steps each of the second run's backups recorded, in order
+    strategies: list[tf.distribute.Strategy]  # the strategy the second run built
+    trained_variables: list  # the second run's model's variables
+
+
+# The tests of the two runs share them: one xdist worker (--dist loadgroup) builds them once.
+TWO_RUNS = pytest.mark.xdist_group("test_training_two_runs")
+
+
+@pytest.fixture(scope="module")
+def two_runs(records_dir, tmp_path_factory) -> TwoRuns:
+    """In one model folder: train.py --xla (augmentation on, 1 epoch of 1 step), then, with a
+    stray file in its backup, --noresume --backup-steps 1 --strategy mirrored for 2 epochs of
+    2 steps, watching its backups and its strategy."""
+    model_dir = tmp_path_factory.mktemp("two_runs")
+    common = [*RUN, *BASE, "--seed", "0"]
+    common = [a.format(data=records_dir, dir=model_dir) for a in common]
+    stage = model_dir / "stage1"
+    xla = _train([*common, "--xla", "--epochs", "1", "--steps-per-epoch", "1"])
+    found = {
+        "xla_config": json.loads((stage / "config.json").read_text()) if xla[0] == 0 else {},
+        "xla_epochs": _epochs_csv(stage) if xla[0] == 0 else [],
+        "xla_steps": _lr2_steps(stage / "backup") if xla[0] == 0 else -1,
+    }
+    (stage / "backup" / "stray").write_text("from the run before")
+    events = set(stage.glob("tensorboard/*/events.out.tfevents.*"))
+    backed_up, strategies, trainers = [], [], []
+    save, make_strategy, make_trainer = (
+        callbacks.Backup._save_model, distribution.make_strategy, training.make_trainer
+    )  # fmt: skip
+
+    def saved(self):  # what the backup file says right after each backup
+        save(self)
+        backed_up.append(json.loads(Path(self._training_metadata_path).read_text())["steps"])
+
+    def built(name):
+        strategies.append(make_strategy(name))
+        return strategies[-1]
+
+    def made(*args, **kwargs):
+        trainers.append(make_trainer(*args, **kwargs))
+        return trainers[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(callbacks.Backup, "_save_model", saved)
+        patch.setattr(distribution, "make_strategy", built)
+        patch.setattr(training, "make_trainer", made)
+        fresh = _train(
+            [*common, "--noresume", "--noaugment", "--epochs", "2", "--steps-per-epoch", "2",
+             "--backup-steps", "1", "--strategy", "mirrored"]
+        )  # fmt: skip
+    variables = trainers[0][0].variables if trainers else []
+    return TwoRuns(stage, xla, fresh=fresh, events_before=events, backed_up=backed_up,
+                   strategies=strategies, trained_variables=variables, **found)  # fmt: skip
+
+
+@TWO_RUNS
+def test_xla_moves_the_augmentation_into_tf_data_says_so_and_trains(two_runs):
+    code, printed = two_runs.xla
+    assert code == 0, printed[-3000:]
+    assert "xla: the projective transform cannot be XLA-compiled; augmenting in tf.data" in printed
+    config = two_runs.xla_config
+    assert config["runtime"]["xla"] is True
+    assert config["augment"] == {**config["augment"], "enabled": True, "on": "pipeline"}
+    assert two_runs.xla_steps == 1  # the one step was trained, compiled by XLA
+    assert [row["epoch"] for row in two_runs.xla_epochs] == ["0"]
+    assert math.isfinite(float(two_runs.xla_epochs[0]["loss"]))
+    assert math.isfinite(float(two_runs.xla_epochs[0]["val_kappa_scores"]))
+
+
+@TWO_RUNS
+def test_noresume_discards_the_backup_and_starts_at_epoch_1(two_runs):
+    code, printed = two_runs.fresh
+    assert code == 0, printed[-3000:]
+    backup = two_runs.stage / "backup"
+    assert not (backup / "stray").exists()  # the old backup folder is gone
+    # 2 epochs of 2 steps from scratch: 4 (resumed after the first run's epoch: 1 + 2).
+    assert _lr2_steps(backup) == 4
+    assert "Epoch 1/2" in printed and "Epoch 2/2" in printed
+    assert [row["epoch"] for row in _epochs_csv(two_runs.stage)] == ["0", "1"]
+
+
+@TWO_RUNS
+def test_backup_steps_backs_up_after_every_that_many_steps_and_at_each_epoch_end(two_runs):
+    code, printed = two_runs.fresh
+    assert code == 0, printed[-3000:]
+    # --backup-steps 1: after steps 1 and 2, the end of epoch 1 (step 2), 3, 4, the end (4);
+    # at epoch ends only (the default), it would be [2, 4].
+    assert two_runs.backed_up == [1, 2, 2, 3, 4, 4]
+
+
+@TWO_RUNS
+def test_strategy_mirrored_trains_the_model_under_a_mirrored_strategy(two_runs):
+    """On this machine (no GPU) MirroredStrategy has one replica, the CPU; with GPUs it takes
+    them all (tests/test_training_runs.py checks its update over two replicas)."""
+    code, printed = two_runs.fresh
+    assert code == 0, printed[-3000:]
+    (strategy,) = two_runs.strategies
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert strategy.extended.worker_devices == ("/job:localhost/replica:0/task:0/device:CPU:0",)
+    assert "steps/epoch, 1 replica(s)" in printed
+    variables = two_runs.trained_variables
+    assert variables and all(
+        strategy.extended.variable_created_in_scope(v.value) for v in variables
+    )
+    assert json.loads((two_runs.stage / "config.json").read_text())["runtime"]["strategy"] == (
+        "mirrored"
+    )
+
+
+def _scalars(paths) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value of every scalar summary in TensorBoard event files."""
+    found = {}
+    for path in paths:
+        for event in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            parsed = tf.compat.v1.Event.FromString(event)
+            for value in parsed.summary.value:
+                found[(value.tag, parsed.step)] = float(tf.make_ndarray(value.tensor))
+    return found
+
+
+@TWO_RUNS
+def test_tensorboard_logs_every_epochs_losses_and_val_kappas(two_runs):
+    """The scalars TensorBoard shows for each epoch are the run's own: equal to epochs.csv."""
+    new = set(two_runs.stage.glob("tensorboard/*/events.out.tfevents.*")) - two_runs.events_before
+    train = _scalars(p for p in new if p.parent.name == "train")
+    val = _scalars(p for p in new if p.parent.name == "validation")
+    rows = _epochs_csv(two_runs.stage)
+    for epoch, row in enumerate(rows):
+        for name in ("loss", "ce", "mse", "reg", "accuracy"):
+            assert train[(f"epoch_{name}", epoch)] == pytest.approx(float(row[name]), rel=1e-6)
+        for name in ("loss", "kappa_scores", "kappa_probs"):
+            got = val[(f"epoch_{name}", epoch)]
+            assert got == pytest.approx(float(row[f"val_{name}"]), rel=1e-6, abs=1e-7)

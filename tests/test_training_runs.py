@@ -3,8 +3,10 @@ distribution, and learning. Each run uses the tiny preset at small images."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import random
 import re
 import shutil
@@ -15,11 +17,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from subprocess import PIPE
 
 import h5py
 import numpy as np
 import pytest
-from _subprocess import ENV, ROOT, run_json_script
+from _subprocess import ENV, ROOT, run_group, run_json_script, started
 from _tfrecords import grade_images, write_split
 from sklearn.metrics import cohen_kappa_score
 
@@ -97,11 +100,7 @@ def _stop_once(proc: subprocess.Popen, backup: Path, steps: int, how: signal.Sig
                 break
             proc.send_signal(signal.SIGCONT)
         time.sleep(0.02)
-    try:
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc.wait(timeout=120)  # a hang guard; the caller's `started` kills the group after it
 
 
 def _weights(path: Path) -> list[np.ndarray]:
@@ -126,7 +125,7 @@ def twice(records_dir, tmp_path_factory) -> list[Path]:
         for stage in ("1", "2"):
             cmd = _train_cmd(records_dir, folder, *DETERMINISTIC)
             cmd[cmd.index("--stage") + 1] = stage
-            done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+            done = run_group(cmd, env=ENV, stdout=PIPE, stderr=PIPE, text=True, timeout=300)
             assert done.returncode == 0, done.stderr[-3000:]
         folders.append(folder)
     return folders
@@ -153,13 +152,12 @@ def test_killed_and_interrupted_runs_resume_to_the_weights_of_an_uninterrupted_o
     stopped, and the same validation schedule."""
     cmd = _train_cmd(records_dir, tmp_path, *DETERMINISTIC, "--backup-steps", "1")
     backup = tmp_path / "stage1" / "backup"
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _stop_once(proc, backup, 2, signal.SIGKILL)
+    with started(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        _stop_once(proc, backup, 2, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL and _metadata(backup)["steps"] >= 2
 
     log = tmp_path / "resume.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    with log.open("w") as out, started(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT) as proc:
         _stop_once(proc, backup, 7, signal.SIGINT)
     text = log.read_text()
     assert proc.returncode == 130 and "interrupted; state saved" in text, text[-2000:]
@@ -168,7 +166,7 @@ def test_killed_and_interrupted_runs_resume_to_the_weights_of_an_uninterrupted_o
     stopped = _metadata(backup)
     assert 7 <= stopped["steps"] < 12  # stopped before the last steps
 
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    done = run_group(cmd, env=ENV, stdout=PIPE, stderr=PIPE, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _iterations(backup) == 3 * 4  # every step once: none redone, none lost
     reference = _weights(twice[0] / "stage1" / "last.keras")
@@ -271,7 +269,12 @@ def _run_workers(cmd: list[str], ports: list[int], timeout: float) -> list[tuple
         env = {**ENV, "TF_CONFIG": json.dumps(task)}
         procs.append(
             subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                cmd,
+                env=env,
+                stdout=PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
             )
         )
     deadline = time.monotonic() + timeout
@@ -280,10 +283,10 @@ def _run_workers(cmd: list[str], ports: list[int], timeout: float) -> list[tuple
             if any(p.poll() not in (None, 0) for p in procs):
                 break
             time.sleep(0.2)
-    finally:
+    finally:  # each worker's whole group, whatever happened
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
     return [(p.wait(), p.stdout.read()) for p in procs]
 
 
@@ -332,7 +335,7 @@ def _val_kappa(model_path_or_model, data_dir, size):
 def test_stage_one_on_the_demo_data_learns(tmp_path):
     """demo → data_prep.kaggle → train.py: val kappa clearly above the untrained model's."""
     size = 128
-    subprocess.run(
+    run_group(
         [
             sys.executable,
             "-m",
@@ -347,12 +350,12 @@ def test_stage_one_on_the_demo_data_learns(tmp_path):
             "384",
         ],
         env=ENV,
-        check=True,
-        capture_output=True,
+        stdout=PIPE,
+        stderr=PIPE,
         timeout=120,
         cwd=ROOT,
-    )
-    subprocess.run(
+    ).check_returncode()
+    run_group(
         [
             sys.executable,
             "-m",
@@ -370,12 +373,12 @@ def test_stage_one_on_the_demo_data_learns(tmp_path):
             "--no-progress",
         ],
         env=ENV,
-        check=True,
-        capture_output=True,
+        stdout=PIPE,
+        stderr=PIPE,
         timeout=120,
         cwd=ROOT,
-    )
-    done = subprocess.run(
+    ).check_returncode()
+    done = run_group(
         [
             sys.executable,
             str(ROOT / "train.py"),
@@ -401,7 +404,8 @@ def test_stage_one_on_the_demo_data_learns(tmp_path):
             "0.9",
         ],
         env=ENV,
-        capture_output=True,
+        stdout=PIPE,
+        stderr=PIPE,
         text=True,
         timeout=300,
         cwd=ROOT,
