@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _process_group import run
 from _reports import fake_report
 from _tfrecords import write_split
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
@@ -330,10 +330,8 @@ def test_evaluate_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_top_level_script_is_the_command(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), "--split", "train"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run([sys.executable, str(ROOT / "evaluate.py"), "--split", "train"],
+               cwd=tmp_path, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "evaluate.py: error: flag --split=train: value should be one of <val|test>"

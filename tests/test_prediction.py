@@ -2,14 +2,16 @@
 
 References: data_prep's own worker for the preprocessed arrays, Keras's model.predict for the
 outputs (on numpy-rotated views for TTA), a constructed network whose evidence location is
-known for Grad-CAM.
+known for Grad-CAM, cut points applied by hand. The model's heads are scaled up
+(`_spread_heads`), so that its outputs differ between images by far more than the tolerances:
+rows in the wrong order, or TTA left out, cannot pass for the right ones.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _process_group import run
 
 from data_prep import worker
 from m2cnn_tf import checkpoints, gradcam, prediction
@@ -47,10 +50,33 @@ def _fundus(seed: int, width: int = 360, height: int = 240) -> np.ndarray:
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
+ATOL = 1e-4  # outputs of batches of other shapes (oneDNN), and the CSV's six decimals
+
+
+def _spread_heads(model: keras.Model) -> None:
+    """An untrained head says about the same for every image; scaled up 400 times, its scores
+    spread over about 0-4 and differ between images by 1e-2 or more."""
+    for name, bias in (("score", 2.0), ("logits", 0.0)):
+        layer = model.get_layer(name)
+        kernel, b = layer.get_weights()
+        layer.set_weights([kernel * 400.0, np.full_like(b, bias)])
+
+
+def _assert_rows_match(got, expected) -> None:
+    """`got` equals `expected` row for row, and the rows are told apart by far more than the
+    tolerance, so that two rows swapped would fail."""
+    expected = np.asarray(expected, np.float64)
+    gaps = np.abs(expected[:, None] - expected[None, :])[~np.eye(len(expected), dtype=bool)]
+    assert gaps.min() > 10 * ATOL, expected
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
+    keras.utils.set_random_seed(11)  # a module fixture: its own seed, whatever ran before
     model = build_m2cnn(SIZE, preset="tiny")
+    _spread_heads(model)
     model_dir = root / "model"
     save_checkpoint(
         model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"}
@@ -150,11 +176,10 @@ def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(w
         - 1
     )
     expected = workspace["model"].predict(arrays, verbose=0)
-    np.testing.assert_allclose([float(r["score"]) for r in good], expected["score"].ravel(),
-                               atol=1e-5)  # fmt: skip
+    _assert_rows_match([float(r["score"]) for r in good], expected["score"].ravel())
     probs = tf.nn.softmax(expected["logits"]).numpy()
     got = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in good])
-    np.testing.assert_allclose(got, probs, atol=1e-5)
+    np.testing.assert_allclose(got, probs, atol=ATOL)
     assert [int(r["grade_prob"]) for r in good] == np.argmax(probs, axis=1).tolist()
     # One Grad-CAM panel per graded image: the preprocessed image beside its overlay.
     panels = sorted(p.name for p in cams.iterdir())
@@ -189,7 +214,7 @@ def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
     x = np.stack([arrays[n] for n in good]).astype(np.float32) / 127.5 - 1
     expected = workspace["model"].predict(x, verbose=0)["score"].ravel()
     got = [r["score"] for r in rows if not r["error"]]
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    _assert_rows_match(got, expected)
 
 
 def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
@@ -200,8 +225,8 @@ def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
     x = np.random.default_rng(1).uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
     got = serve(image=tf.constant(x))
     expected = model.predict(x, verbose=0)
-    np.testing.assert_allclose(got["logits"].numpy(), expected["logits"], atol=1e-5)
-    np.testing.assert_allclose(got["score"].numpy(), expected["score"], atol=1e-5)
+    np.testing.assert_allclose(got["logits"].numpy(), expected["logits"], atol=ATOL)
+    np.testing.assert_allclose(got["score"].numpy(), expected["score"], atol=ATOL)
     np.testing.assert_allclose(
         got["probabilities"].numpy(), tf.nn.softmax(expected["logits"]).numpy(), atol=1e-6
     )
@@ -302,14 +327,24 @@ def test_predict_cli_usage_errors_exit_2_with_one_line(tmp_path, workspace, caps
 
 
 def test_top_level_script_is_the_command(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), "--stage", "1", "x.jpeg"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run([sys.executable, str(ROOT / "predict.py"), "--stage", "1", "x.jpeg"],
+               cwd=tmp_path, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "predict.py: error: pass --model-dir DIR and --stage N"
     ]
+
+
+def _views_mean(model, x: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Keras on each numpy view of a [-1, 1] batch: the mean score and mean softmax."""
+    mirrors = (x, x[:, :, ::-1])
+    if mode == "dihedral":  # the rotations by 90° of the image and of its mirror
+        views = [np.rot90(v, k, axes=(1, 2)) for v in mirrors for k in range(4)]
+    else:
+        views = [*mirrors, x[:, ::-1], x[:, ::-1, ::-1]]
+    outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
+    score = np.mean([o["score"].ravel() for o in outs], axis=0)
+    return score, np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
 
 
 def test_dihedral_tta_grades_the_mean_over_numpy_rotations_and_mirrors(workspace):
@@ -320,12 +355,104 @@ def test_dihedral_tta_grades_the_mean_over_numpy_rotations_and_mirrors(workspace
     predictor.preprocess = lambda p: arrays[p.name]
     rows = list(predictor.rows([Path(n) for n in arrays]))
     x = np.stack(list(arrays.values())).astype(np.float32) / 127.5 - 1
-    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, x[:, :, ::-1]) for k in range(4)]
-    outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
-    score = np.mean([o["score"].ravel() for o in outs], axis=0)
-    probs = np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
-    np.testing.assert_allclose([r["score"] for r in rows], score, atol=1e-5)
-    np.testing.assert_allclose([[r[f"p{k}"] for k in range(5)] for r in rows], probs, atol=1e-5)
+    score, probs = _views_mean(model, x, "dihedral")
+    _assert_rows_match([r["score"] for r in rows], score)
+    np.testing.assert_allclose([[r[f"p{k}"] for k in range(5)] for r in rows], probs, atol=ATOL)
+    # TTA changes every image's outputs, by far more than the tolerance.
+    plain = model.predict(x, verbose=0)["score"].ravel()
+    assert np.abs(score - plain).min() > 10 * ATOL, (score, plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py's flags, through its command line (in-process: a fresh process proves nothing here)
+
+
+def _csv_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _model_args(workspace) -> list:
+    return ["--model-dir", workspace["model_dir"], "--stage", "1"]
+
+
+def _keras_inputs(paths) -> np.ndarray:
+    """Keras's input for files: preprocess_file's arrays (Eq. (1)'s defaults), in [-1, 1]."""
+    arrays = np.stack([preprocess_file(p, [SIZE], PreprocessParams())[SIZE] for p in paths])
+    return arrays.astype(np.float32) / 127.5 - 1
+
+
+def test_without_out_the_csv_goes_to_stdout_and_defaults_are_said(workspace, capsys, tmp_path):
+    """No --out: the CSV on stdout, the same as --out writes; the stage has no config.json, so
+    no manifest: the paper's Eq. (1) constants, and stderr says so."""
+    images = workspace["images"]
+    code, out, err = _cli(capsys, *_model_args(workspace), images)
+    assert code == 0, err
+    assert "preprocessing parameters from defaults (no manifest.json of the training data " \
+        "found)" in err  # fmt: skip
+    code, to_file, _ = _cli(capsys, *_model_args(workspace), "--out", tmp_path / "p.csv", images)
+    assert code == 0 and to_file == ""
+    assert out == (tmp_path / "p.csv").read_bytes().decode()
+    rows = _csv_rows(out)
+    paths = sorted(images.iterdir())
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    expected = workspace["model"].predict(_keras_inputs(paths), verbose=0)["score"].ravel()
+    _assert_rows_match([float(r["score"]) for r in rows], expected)
+
+
+def test_cutpoints_grade_the_scores_by_the_cut_points_given(workspace, capsys):
+    """Cut points between the images' sorted scores: each image's grade is then its score's
+    rank, by hand; rounding would give other grades."""
+    images = workspace["images"]
+    code, out, _ = _cli(capsys, *_model_args(workspace), images)
+    assert code == 0
+    scores = np.array([float(r["score"]) for r in _csv_rows(out)])
+    low, mid, high = np.sort(scores)
+    cuts = [(low + mid) / 2, (mid + high) / 2, high + 1, high + 2]
+    ranks = np.argsort(np.argsort(scores)).tolist()
+    assert ranks != np.clip(np.floor(scores + 0.5), 0, 4).astype(int).tolist()  # not rounding's
+    code, out, err = _cli(
+        capsys, *_model_args(workspace), "--cutpoints", ",".join(f"{c:.6f}" for c in cuts), images
+    )
+    assert code == 0, err
+    rows = _csv_rows(out)
+    assert [int(r["grade"]) for r in rows] == ranks
+    assert [float(r["score"]) for r in rows] == scores.tolist()  # only the grades change
+
+
+def test_tta_through_the_command_line_grades_the_mean_over_the_views(workspace, capsys):
+    images = workspace["images"]
+    paths = sorted(images.iterdir())
+    x = _keras_inputs(paths)
+    plain = workspace["model"].predict(x, verbose=0)["score"].ravel()
+    for mode in ("flips", "dihedral"):
+        code, out, err = _cli(capsys, *_model_args(workspace), "--tta", mode, images)
+        assert code == 0, err
+        rows = _csv_rows(out)
+        score, probs = _views_mean(workspace["model"], x, mode)
+        _assert_rows_match([float(r["score"]) for r in rows], score)
+        got = [[float(r[f"p{k}"]) for k in range(5)] for r in rows]
+        np.testing.assert_allclose(got, probs, atol=ATOL)
+        assert np.abs(score - plain).min() > 10 * ATOL, (mode, score, plain)
+
+
+def test_folders_are_searched_for_tif_and_bmp_photographs_too(workspace, capsys, tmp_path):
+    """One photograph saved lossless as PNG, TIFF and BMP (and a .TIF, upper case) in a folder
+    tree with files that are not images: every copy is found, and graded alike."""
+    bgr = _fundus(7)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    names = ["a.png", "b.tif", "c.tiff", "sub/d.bmp", "sub/e.TIF"]
+    for name in names:
+        assert cv2.imwrite(str(folder / name), bgr)
+    (folder / "notes.txt").write_text("not a photograph")
+    (folder / "sub" / "list.csv").write_text("a,b\n")
+    code, out, err = _cli(capsys, *_model_args(workspace), "--batch-size", "5", folder)
+    assert code == 0, err
+    rows = _csv_rows(out)
+    assert [r["path"] for r in rows] == [str(folder / n) for n in names]
+    assert [r["error"] for r in rows] == [""] * len(names)
+    scores = [float(r["score"]) for r in rows]
+    np.testing.assert_allclose(scores, scores[0], atol=2e-6)
 
 
 def test_predictor_refuses_bad_settings_naming_them(workspace):
