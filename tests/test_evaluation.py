@@ -24,7 +24,7 @@ from _reports import fake_report
 from _tfrecords import write_split
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from m2cnn_tf import backends, evaluation, metrics, reports, tta
+from m2cnn_tf import backends, calibration, evaluation, metrics, reports, tta
 from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.errors import UsageError
@@ -65,12 +65,14 @@ def _image(rng: np.random.Generator, grade: int) -> np.ndarray:
 def workspace(tmp_path_factory):
     """A tiny stage-1 checkpoint with spread-out heads, and val/test TFRecords (PNG, 96 px)."""
     root = tmp_path_factory.mktemp("eval")
+    keras.utils.set_random_seed(5)  # a module fixture: its own seed, whatever ran before
     model = build_m2cnn(SIZE, preset="tiny")
     rng = np.random.default_rng(7)
     splits = {}
     for split, n in (("val", 40), ("test", 30)):
-        grades = np.arange(n) % 5
-        rng.shuffle(grades)
+        grades = np.arange(n // 2) % 5  # per patient: both eyes share the grade (DR is
+        rng.shuffle(grades)  # systemic), so blending eyes has something to find
+        grades = np.repeat(grades, 2)
         images = np.stack([_image(rng, int(g)) for g in grades])
         splits[split] = (images, grades)
     _spread_heads(model, splits["val"][0])
@@ -382,6 +384,135 @@ def test_min_kappa_gate_after_an_evaluation_checks_its_report(tmp_path, workspac
     above = repr(float(np.nextafter(float(exact), 2.0)))
     code, _, _ = _cli(capsys, "--compare", tmp_path / "a", "--min-kappa", above)
     assert code == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# --tta and --thresholds fit (--per-patient) end to end, through the command line, against
+# Keras on numpy views and against fits redone by hand from val's predictions.csv
+
+
+def _evaluate_cli(capsys, workspace, out: Path, *extra: str) -> tuple[dict, list[dict]]:
+    """evaluate.py on the test split: its report.json and predictions.csv."""
+    code, _, err = _cli(
+        capsys, "--model-dir", workspace["model_dir"], "--stage", "1", "--data",
+        workspace["data"], "--split", "test", "--bootstrap", "10", "--out", out, *extra,
+    )  # fmt: skip
+    assert code == 0, err
+    return json.loads((out / "report.json").read_text()), _read_csv(out / "predictions.csv")
+
+
+def _grades_by_hand(scores, cutpoints) -> list[int]:
+    """A grade is the number of cut points its score reaches."""
+    return [int(sum(s >= c for c in cutpoints)) for s in scores]
+
+
+def _partners_by_hand(rows: list[dict[str, str]]) -> np.ndarray:
+    """Each row's fellow eye (same patient, the other eye) from the CSV's columns, or itself."""
+    where = {(r["patient"], r["eye"]): i for i, r in enumerate(rows)}
+    other = {"left": "right", "right": "left"}
+    return np.array([where.get((r["patient"], other[r["eye"]]), i) for i, r in enumerate(rows)])
+
+
+def _assert_a_fixed_point_of_the_coordinate_search(cutpoints, scores, grades) -> None:
+    """No cut point, moved alone to any midpoint between distinct scores within its neighbours,
+    raises scikit-learn's kappa: what the fit's coordinate search stops at."""
+    cuts = list(cutpoints)
+    best = qwk(grades, _grades_by_hand(scores, cuts))
+    distinct = np.unique(scores)
+    midpoints = (distinct[1:] + distinct[:-1]) / 2
+    for i in range(4):
+        lo = cuts[i - 1] if i else -np.inf
+        hi = cuts[i + 1] if i < 3 else np.inf
+        for m in midpoints[(midpoints > lo) & (midpoints < hi)]:
+            trial = [*cuts[:i], m, *cuts[i + 1 :]]
+            assert qwk(grades, _grades_by_hand(scores, trial)) <= best + 1e-12, (i, m)
+
+
+def test_tta_through_the_command_line_grades_the_test_split_by_the_mean_over_flips(
+    workspace, capsys, tmp_path
+):
+    report, rows = _evaluate_cli(capsys, workspace, tmp_path / "flips", "--tta", "flips")
+    assert report["tta"] == "flips"
+    model = workspace["model"]
+    x = workspace["test"][0].astype(np.float32) / 127.5 - 1
+    probs, score = _reference_mean(model, [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]])
+    got = np.array([float(r["score"]) for r in rows])
+    np.testing.assert_allclose(got, score, atol=1e-4)
+    got_probs = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in rows])
+    np.testing.assert_allclose(got_probs, probs, atol=1e-4)
+    plain = model.predict(x, verbose=0)["score"].ravel()
+    assert np.median(np.abs(score - plain)) > 1e-2  # TTA moved the scores
+    truth = [int(r["grade"]) for r in rows]
+    assert report["scores"]["kappa"] == pytest.approx(
+        qwk(truth, _grades_by_hand(got, (0.5, 1.5, 2.5, 3.5)))
+    )
+
+
+def test_cutpoints_fitted_on_val_grade_the_test_split(workspace, val_plain, capsys, tmp_path):
+    """--thresholds fit on the test split: the cut points are fitted on val (redone from val's
+    predictions.csv: calibration's fit, and a scan with scikit-learn around its result) and
+    the test split's grades follow from them."""
+    val_dir, _ = val_plain
+    val = _read_csv(val_dir / "predictions.csv")
+    val_scores = np.array([float(r["score"]) for r in val])
+    val_grades = [int(r["grade"]) for r in val]
+    report, rows = _evaluate_cli(capsys, workspace, tmp_path / "fit", "--thresholds", "fit")
+    assert report["thresholds"] == "fit on val" and report["fitted_on_evaluated_split"] is False
+    cuts = report["cutpoints"]
+    np.testing.assert_allclose(cuts, calibration.fit_cutpoints(val_scores, val_grades), atol=1e-5)
+    assert not np.allclose(cuts, [0.5, 1.5, 2.5, 3.5], atol=1e-3)
+    _assert_a_fixed_point_of_the_coordinate_search(cuts, val_scores, val_grades)
+    scores = [float(r["score"]) for r in rows]
+    by_hand = _grades_by_hand(scores, cuts)
+    assert [int(r["pred_score"]) for r in rows] == by_hand
+    assert by_hand != _grades_by_hand(scores, (0.5, 1.5, 2.5, 3.5))  # the fit changed grades
+    truth = [int(r["grade"]) for r in rows]
+    assert report["scores"]["kappa"] == pytest.approx(qwk(truth, by_hand), abs=1e-9)
+
+
+def _blend(values: np.ndarray, partner: np.ndarray, w: float) -> np.ndarray:
+    return (1 - w) * values + w * values[partner]
+
+
+def _best_weight_by_hand(grade, values, partner, truth) -> float:
+    """The smallest w of 0, 0.01, ..., 0.5 with the highest scikit-learn kappa on val."""
+    kappas = [qwk(truth, grade(_blend(values, partner, w / 100))) for w in range(51)]
+    return float(np.argmax(np.round(kappas, 12))) / 100
+
+
+def test_fit_and_per_patient_blend_eyes_then_fit_cut_points_on_the_blend(
+    workspace, val_plain, capsys, tmp_path
+):
+    """--thresholds fit --per-patient on the test split, redone by hand from val's
+    predictions.csv: the blend weights that maximise val's kappa (scores rounded; argmax of the
+    blended probabilities), then cut points fitted on val's blended scores; on the test split
+    each eye's score blended with its fellow eye's and graded by those cut points."""
+    val_dir, _ = val_plain
+    val = _read_csv(val_dir / "predictions.csv")
+    v_scores = np.array([float(r["score"]) for r in val])
+    v_probs = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in val])
+    truth = [int(r["grade"]) for r in val]
+    partner = _partners_by_hand(val)
+    assert (partner != np.arange(len(val))).all()  # every val eye has its fellow
+    w_score = _best_weight_by_hand(
+        lambda s: _grades_by_hand(s, (0.5, 1.5, 2.5, 3.5)), v_scores, partner, truth
+    )
+    w_prob = _best_weight_by_hand(lambda p: np.argmax(p, axis=1), v_probs, partner, truth)
+    report, rows = _evaluate_cli(
+        capsys, workspace, tmp_path / "both", "--thresholds", "fit", "--per-patient"
+    )
+    blend = report["per_patient"]
+    assert blend["enabled"] is True
+    assert (blend["weight_score"], blend["weight_prob"]) == pytest.approx((w_score, w_prob))
+    assert w_score > 0 or w_prob > 0, "the fixture should make blending worth something"
+    blended_val = _blend(v_scores, partner, w_score)
+    cuts = report["cutpoints"]
+    np.testing.assert_allclose(cuts, calibration.fit_cutpoints(blended_val, truth), atol=1e-5)
+    _assert_a_fixed_point_of_the_coordinate_search(cuts, blended_val, truth)
+    own = np.array([float(r["score_own"]) for r in rows])
+    expected = _blend(own, _partners_by_hand(rows), w_score)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], expected, atol=2e-6)
+    assert [int(r["pred_score"]) for r in rows] == _grades_by_hand(expected, cuts)
 
 
 # ---------------------------------------------------------------------------------------------
