@@ -9,6 +9,7 @@ rows in the wrong order, or TTA left out, cannot pass for the right ones.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -335,13 +336,10 @@ def test_top_level_script_is_the_command(tmp_path):
     ]
 
 
-def _views_mean(model, x: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Keras on each numpy view of a [-1, 1] batch: the mean score and mean softmax."""
-    mirrors = (x, x[:, :, ::-1])
-    if mode == "dihedral":  # the rotations by 90° of the image and of its mirror
-        views = [np.rot90(v, k, axes=(1, 2)) for v in mirrors for k in range(4)]
-    else:
-        views = [*mirrors, x[:, ::-1], x[:, ::-1, ::-1]]
+def _dihedral_mean(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keras on each numpy view of a [-1, 1] batch (the rotations by 90° of the image and of its
+    mirror): the mean score and the mean softmax."""
+    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, x[:, :, ::-1]) for k in range(4)]
     outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
     score = np.mean([o["score"].ravel() for o in outs], axis=0)
     return score, np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
@@ -355,7 +353,7 @@ def test_dihedral_tta_grades_the_mean_over_numpy_rotations_and_mirrors(workspace
     predictor.preprocess = lambda p: arrays[p.name]
     rows = list(predictor.rows([Path(n) for n in arrays]))
     x = np.stack(list(arrays.values())).astype(np.float32) / 127.5 - 1
-    score, probs = _views_mean(model, x, "dihedral")
+    score, probs = _dihedral_mean(model, x)
     _assert_rows_match([r["score"] for r in rows], score)
     np.testing.assert_allclose([[r[f"p{k}"] for k in range(5)] for r in rows], probs, atol=ATOL)
     # TTA changes every image's outputs, by far more than the tolerance.
@@ -381,58 +379,62 @@ def _keras_inputs(paths) -> np.ndarray:
     return arrays.astype(np.float32) / 127.5 - 1
 
 
-def test_without_out_the_csv_goes_to_stdout_and_defaults_are_said(workspace, capsys, tmp_path):
-    """No --out: the CSV on stdout, the same as --out writes; the stage has no config.json, so
-    no manifest: the paper's Eq. (1) constants, and stderr says so."""
-    images = workspace["images"]
-    code, out, err = _cli(capsys, *_model_args(workspace), images)
+@pytest.fixture(scope="module")
+def plain_run(workspace) -> tuple[int, str, str]:
+    """predict.py on the workspace's photographs, no --out: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = predict_cmd.run(["predict.py", *map(str, _model_args(workspace)),
+                                str(workspace["images"])])  # fmt: skip
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_without_out_the_csv_goes_to_stdout_and_defaults_are_said(workspace, plain_run):
+    """No --out: the CSV on stdout. The stage has no config.json, so no manifest: the paper's
+    Eq. (1) constants (Keras on preprocess_file's arrays with them), and stderr says so."""
+    code, out, err = plain_run
     assert code == 0, err
     assert "preprocessing parameters from defaults (no manifest.json of the training data " \
         "found)" in err  # fmt: skip
-    code, to_file, _ = _cli(capsys, *_model_args(workspace), "--out", tmp_path / "p.csv", images)
-    assert code == 0 and to_file == ""
-    assert out == (tmp_path / "p.csv").read_bytes().decode()
+    assert out.startswith(",".join(prediction.CSV_COLUMNS) + "\r\n")
     rows = _csv_rows(out)
-    paths = sorted(images.iterdir())
+    paths = sorted(workspace["images"].iterdir())
     assert [r["path"] for r in rows] == [str(p) for p in paths]
     expected = workspace["model"].predict(_keras_inputs(paths), verbose=0)["score"].ravel()
     _assert_rows_match([float(r["score"]) for r in rows], expected)
 
 
-def test_cutpoints_grade_the_scores_by_the_cut_points_given(workspace, capsys):
+def test_cutpoints_grade_the_scores_by_the_cut_points_given(workspace, plain_run, capsys):
     """Cut points between the images' sorted scores: each image's grade is then its score's
     rank, by hand; rounding would give other grades."""
-    images = workspace["images"]
-    code, out, _ = _cli(capsys, *_model_args(workspace), images)
-    assert code == 0
-    scores = np.array([float(r["score"]) for r in _csv_rows(out)])
+    scores = np.array([float(r["score"]) for r in _csv_rows(plain_run[1])])
     low, mid, high = np.sort(scores)
     cuts = [(low + mid) / 2, (mid + high) / 2, high + 1, high + 2]
     ranks = np.argsort(np.argsort(scores)).tolist()
     assert ranks != np.clip(np.floor(scores + 0.5), 0, 4).astype(int).tolist()  # not rounding's
     code, out, err = _cli(
-        capsys, *_model_args(workspace), "--cutpoints", ",".join(f"{c:.6f}" for c in cuts), images
-    )
+        capsys, *_model_args(workspace), "--cutpoints", ",".join(f"{c:.6f}" for c in cuts),
+        workspace["images"],
+    )  # fmt: skip
     assert code == 0, err
     rows = _csv_rows(out)
     assert [int(r["grade"]) for r in rows] == ranks
     assert [float(r["score"]) for r in rows] == scores.tolist()  # only the grades change
 
 
-def test_tta_through_the_command_line_grades_the_mean_over_the_views(workspace, capsys):
+def test_tta_through_the_command_line_grades_the_mean_over_the_dihedral_views(workspace, capsys):
     images = workspace["images"]
     paths = sorted(images.iterdir())
     x = _keras_inputs(paths)
     plain = workspace["model"].predict(x, verbose=0)["score"].ravel()
-    for mode in ("flips", "dihedral"):
-        code, out, err = _cli(capsys, *_model_args(workspace), "--tta", mode, images)
-        assert code == 0, err
-        rows = _csv_rows(out)
-        score, probs = _views_mean(workspace["model"], x, mode)
-        _assert_rows_match([float(r["score"]) for r in rows], score)
-        got = [[float(r[f"p{k}"]) for k in range(5)] for r in rows]
-        np.testing.assert_allclose(got, probs, atol=ATOL)
-        assert np.abs(score - plain).min() > 10 * ATOL, (mode, score, plain)
+    code, out, err = _cli(capsys, *_model_args(workspace), "--tta", "dihedral", images)
+    assert code == 0, err
+    rows = _csv_rows(out)
+    score, probs = _dihedral_mean(workspace["model"], x)
+    _assert_rows_match([float(r["score"]) for r in rows], score)
+    got = [[float(r[f"p{k}"]) for k in range(5)] for r in rows]
+    np.testing.assert_allclose(got, probs, atol=ATOL)
+    assert np.abs(score - plain).min() > 10 * ATOL, (score, plain)
 
 
 def test_folders_are_searched_for_tif_and_bmp_photographs_too(workspace, capsys, tmp_path):

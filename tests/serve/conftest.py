@@ -2,9 +2,10 @@
 `python serve.py` on a free loopback port, with a token (and a second one, without, whose
 batches close only when full); photographs good and bad; predict.py's own CSV for them.
 
-The server runs with --max-batch 2: a request's two good photographs then go through the model
-in a call of the same shape as predict.py's batch of those two, so their numbers can be
-compared bit for bit (oneDNN's CPU kernels round differently for other batch shapes).
+The server runs with --max-batch 2 (every call padded to 2) and predict.py with --batch-size 2
+on files that make full pairs: every photograph goes through a model call of the same shape
+both ways, so their numbers are equal bit for bit, and equal as printed (oneDNN's CPU kernels
+round differently for other batch shapes, in the last bits).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""serve.py's HTTP API through a real uvicorn server: grades equal predict.py's, every bad file
-gets its own error, request limits give 413/422, the token guards the page and the API, and
-nothing of an upload reaches the log.
+"""serve.py's HTTP API through a real uvicorn server: grades equal predict.py's, the Grad-CAM
+panel is the model's input beside its overlay, every bad file gets its own error and a doubtful
+one its warning, request limits give 413/422, the token guards the page and the API, its cookie
+and every answer's headers are strict, and nothing of an upload reaches the log.
 
-References: predict.py's own library path (`prediction.Predictor`) for the numbers, and the
-file formats' specifications (through Pillow's header reader) for the header sizes.
+References: predict.py's own CSV (its CLI, run in its own process) for the numbers,
+`preprocess_file` and a hand-blended overlay for the panel, the policy written out directive by
+directive, and the file formats' specifications (through Pillow's header reader) for the header
+sizes.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Two good photographs and a broken one are uploaded, and a third good one whose name is a
 spreadsheet formula; four rows appear in #results (three graded, one with its error), a Grad-CAM
-view opens, and the downloaded CSV equals predict.py's for the same files, the formula name
-neutralised by the same rule. No request may leave the machine: the page works offline. The
-API docs render under their own Content-Security-Policy. With M2CNN_SCREENSHOT=docs/grader.png
-the page is also saved as that screenshot.
+view opens, and the downloaded CSV equals the one predict.py's CLI wrote for the same files,
+the formula name neutralised by the same rule. No request may leave the machine: the page works
+offline. The API docs render under their own Content-Security-Policy. With
+M2CNN_SCREENSHOT=docs/grader.png the page is also saved as that screenshot.
 """
 
 from __future__ import annotations
