@@ -151,6 +151,51 @@ def test_report_kappa_equals_sklearn_on_predictions_csv(workspace):
     assert json.loads((out / "report.json").read_text())["n_images"] == 30
 
 
+def _pixels_of(png: Path, rgb: tuple[int, int, int], tol: int = 40) -> np.ndarray:
+    """(x, y) of the pixels of a PNG within `tol` of a colour, per channel."""
+    image = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB).astype(int)
+    ys, xs = np.nonzero((np.abs(image - np.array(rgb)) <= tol).all(axis=-1))
+    return np.stack([xs, ys], axis=1)
+
+
+def test_the_confusion_plot_draws_each_ways_matrix(tmp_path):
+    """A diagonal matrix for the scores, every image predicted 0 for the probabilities: the
+    darkest cells (Blues at a rate of 1, #08306b) run down the diagonal of the left panel and
+    down the first column of the right one."""
+    eye, first = np.eye(5, dtype=int) * 6, np.zeros((5, 5), int)
+    first[:, 0] = 6
+    report = {w: {"confusion_matrix": m.tolist(), "kappa": None} for w, m in
+              zip(metrics.WAYS, (eye, first), strict=True)}  # fmt: skip
+    reports.plot_confusion(tmp_path / "cm.png", report)
+    dark = _pixels_of(tmp_path / "cm.png", (8, 48, 107), tol=12)
+    width = cv2.imread(str(tmp_path / "cm.png")).shape[1]
+    left, right = dark[dark[:, 0] < width / 2], dark[dark[:, 0] >= width / 2]
+    assert len(left) > 500 and len(right) > 500  # five cells each
+    assert np.corrcoef(left[:, 0], left[:, 1])[0, 1] > 0.95  # down the diagonal
+    assert right[:, 0].std() < 0.3 * right[:, 1].std()  # one column
+    assert right[:, 0].max() - right[:, 0].min() < 0.3 * (left[:, 0].max() - left[:, 0].min())
+
+
+def test_the_roc_plot_draws_each_ways_curve(tmp_path):
+    """A perfect ROC for the scores (tab:blue: up the left edge, along the top) and the worst
+    one for the probabilities (tab:orange: along the bottom, up the right edge)."""
+    perfect = {"fpr": [0, 0, 1], "tpr": [0, 1, 1]}
+    worst = {"fpr": [0, 1, 1], "tpr": [0, 0, 1]}
+    report = {
+        w: {"referable": {"auc": auc, "roc": roc, "sensitivity": auc, "specificity": auc}}
+        for w, roc, auc in zip(metrics.WAYS, (perfect, worst), (1.0, 0.0), strict=True)
+    }
+    reports.plot_roc(tmp_path / "roc.png", report)
+    blue = _pixels_of(tmp_path / "roc.png", (31, 119, 180))
+    orange = _pixels_of(tmp_path / "roc.png", (255, 127, 14))
+    (x0, y0), (x1, y1) = np.vstack([blue, orange]).min(0), np.vstack([blue, orange]).max(0)
+    margin_x, margin_y = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
+    near_left_or_top = (blue[:, 0] < x0 + margin_x) | (blue[:, 1] < y0 + margin_y)
+    near_right_or_bottom = (orange[:, 0] > x1 - margin_x) | (orange[:, 1] > y1 - margin_y)
+    assert len(blue) > 300 and len(orange) > 300
+    assert near_left_or_top.mean() > 0.8 and near_right_or_bottom.mean() > 0.8
+
+
 def test_model_pass_matches_keras_predict_in_record_order(workspace, val_plain):
     out, _ = val_plain
     rows = _read_csv(out / "predictions.csv")

@@ -316,6 +316,14 @@ def test_server_binds_loopback_by_default_and_warns_elsewhere(server, capsys, tm
     assert code == 2 and "NO authentication" in err and "no checkpoint for stage 2" in err
 
 
+def test_the_start_up_line_is_the_one_the_help_describes(server):
+    """--help tells how to learn the port --port 0 picked: by the start-up line it quotes. That
+    line, with the server's stage and address put in, is in the server's output."""
+    (described,) = re.findall(r'start-up line "([^"]+)"', " ".join(serve_command.__doc__.split()))
+    expected = described.replace("stage N", "stage 1").replace("URL", server.url)
+    assert expected in server.log.read_text(errors="replace").splitlines()
+
+
 @pytest.mark.parametrize("bad", [["--stage", "4"], ["--max-batch", "0"], ["--backend", "onnx"]])
 def test_bad_flags_are_one_line_usage_errors(bad, capsys):
     code = serve_command.run(["serve.py", "--model-dir", "m", "--stage", "1", *bad])
