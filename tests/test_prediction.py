@@ -169,24 +169,32 @@ def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(w
 
     # The graded rows equal Keras's model on the same preprocessed arrays.
     good = [r for r in rows if not r["error"]]
-    arrays = (
-        np.stack(
-            [preprocess_file(r["path"], [SIZE], PreprocessParams())[SIZE] for r in good]
-        ).astype(np.float32)
-        / 127.5
-        - 1
-    )
-    expected = workspace["model"].predict(arrays, verbose=0)
+    pixels = np.stack([preprocess_file(r["path"], [SIZE], PreprocessParams())[SIZE] for r in good])
+    expected = workspace["model"].predict(pixels.astype(np.float32) / 127.5 - 1, verbose=0)
     _assert_rows_match([float(r["score"]) for r in good], expected["score"].ravel())
     probs = tf.nn.softmax(expected["logits"]).numpy()
     got = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in good])
     np.testing.assert_allclose(got, probs, atol=ATOL)
     assert [int(r["grade_prob"]) for r in good] == np.argmax(probs, axis=1).tolist()
-    # One Grad-CAM panel per graded image: the preprocessed image beside its overlay.
+    # One Grad-CAM panel per graded image: exactly the model's input (preprocess_file's
+    # pixels) beside its overlay, a caption bar below. The score head is linear on avg_pool
+    # of the last feature map A (2×2 here), so the score's Grad-CAM is ReLU(A · w / 4), w the
+    # head's kernel (by hand, from Keras's own A): where no cell is positive the overlay is the
+    # image itself, elsewhere a heatmap is blended in.
+    model = workspace["model"]
+    features = keras.Model(model.inputs, model.get_layer("avg_pool").input)
+    maps = features.predict(pixels.astype(np.float32) / 127.5 - 1, verbose=0)
+    hot = ((maps @ model.get_layer("score").get_weights()[0][:, 0]) > 0).any(axis=(1, 2))
+    assert 0 < hot.sum() < len(hot)  # both cases seen
     panels = sorted(p.name for p in cams.iterdir())
     assert panels == ["0_left_gradcam.png", "1_left_gradcam.png", "2_left_gradcam.png"]
-    panel = cv2.imread(str(cams / panels[0]))
-    assert panel.shape[1] == 2 * SIZE and panel.shape[0] >= SIZE
+    for name, image, heat in zip(panels, pixels, hot, strict=True):
+        panel = cv2.cvtColor(cv2.imread(str(cams / name)), cv2.COLOR_BGR2RGB)
+        assert panel.shape[1] == 2 * SIZE and panel.shape[0] > SIZE
+        np.testing.assert_array_equal(panel[:SIZE, :SIZE], image)
+        changed = (panel[:SIZE, SIZE:] != image).any(axis=-1).mean()
+        assert changed > 0.1 if heat else changed == 0, (name, changed)
+        assert (panel[SIZE:] == 255).all(axis=-1).mean() > 0.8  # the caption's white bar
 
 
 def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
