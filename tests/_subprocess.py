@@ -1,4 +1,6 @@
-"""Test helper: run Python in a fresh process (a fresh TensorFlow, e.g. with 2 logical CPUs)."""
+"""Test helper: commands and Python run as real processes (a fresh TensorFlow, e.g. with 2 logical
+CPUs), each in a process group of its own that is killed whatever happens (a timeout, a failed
+assertion, Ctrl-C of the test run): nothing a command started outlives its test."""
 
 from __future__ import annotations
 
@@ -18,16 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 
 
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to the process's whole group (its own: `start_new_session`), then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def run_group(args: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run` in a process group of its own, the whole group killed afterwards (on a
-    timeout too): nothing it started outlives the test."""
+    """`subprocess.run` in a process group of its own, the whole group killed afterwards; a run
+    past `timeout` (a liveness bound) raises `TimeoutExpired`."""
     process = subprocess.Popen(args, start_new_session=True, **kwargs)
     try:
         out, err = process.communicate(timeout=timeout)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_group(process)
     return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
@@ -51,9 +58,7 @@ def started(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
     try:
         yield process
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_group(process)
 
 
 def group_members(pgid: int) -> list[psutil.Process]:

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from _reports import fake_report
+from _subprocess import run_group
 from _tfrecords import write_split
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from m2cnn_tf import backends, evaluation, metrics, reports, tta
+from m2cnn_tf import backends, calibration, evaluation, metrics, reports, tta
 from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.errors import UsageError
@@ -65,12 +66,14 @@ def _image(rng: np.random.Generator, grade: int) -> np.ndarray:
 def workspace(tmp_path_factory):
     """A tiny stage-1 checkpoint with spread-out heads, and val/test TFRecords (PNG, 96 px)."""
     root = tmp_path_factory.mktemp("eval")
+    keras.utils.set_random_seed(5)  # a module fixture: its own seed, whatever ran before
     model = build_m2cnn(SIZE, preset="tiny")
     rng = np.random.default_rng(7)
     splits = {}
     for split, n in (("val", 40), ("test", 30)):
-        grades = np.arange(n) % 5
-        rng.shuffle(grades)
+        grades = np.arange(n // 2) % 5  # per patient: both eyes share the grade (DR is
+        rng.shuffle(grades)  # systemic), so blending eyes has something to find
+        grades = np.repeat(grades, 2)
         images = np.stack([_image(rng, int(g)) for g in grades])
         splits[split] = (images, grades)
     _spread_heads(model, splits["val"][0])
@@ -147,6 +150,51 @@ def test_report_kappa_equals_sklearn_on_predictions_csv(workspace):
     for name in ("confusion_matrix.png", "roc_referable.png"):
         assert cv2.imread(str(out / name)) is not None
     assert json.loads((out / "report.json").read_text())["n_images"] == 30
+
+
+def _pixels_of(png: Path, rgb: tuple[int, int, int], tol: int = 40) -> np.ndarray:
+    """(x, y) of the pixels of a PNG within `tol` of a colour, per channel."""
+    image = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB).astype(int)
+    ys, xs = np.nonzero((np.abs(image - np.array(rgb)) <= tol).all(axis=-1))
+    return np.stack([xs, ys], axis=1)
+
+
+def test_the_confusion_plot_draws_each_ways_matrix(tmp_path):
+    """A diagonal matrix for the scores, every image predicted 0 for the probabilities: the
+    darkest cells (Blues at a rate of 1, #08306b) run down the diagonal of the left panel and
+    down the first column of the right one."""
+    eye, first = np.eye(5, dtype=int) * 6, np.zeros((5, 5), int)
+    first[:, 0] = 6
+    report = {w: {"confusion_matrix": m.tolist(), "kappa": None} for w, m in
+              zip(metrics.WAYS, (eye, first), strict=True)}  # fmt: skip
+    reports.plot_confusion(tmp_path / "cm.png", report)
+    dark = _pixels_of(tmp_path / "cm.png", (8, 48, 107), tol=12)
+    width = cv2.imread(str(tmp_path / "cm.png")).shape[1]
+    left, right = dark[dark[:, 0] < width / 2], dark[dark[:, 0] >= width / 2]
+    assert len(left) > 500 and len(right) > 500  # five cells each
+    assert np.corrcoef(left[:, 0], left[:, 1])[0, 1] > 0.95  # down the diagonal
+    assert right[:, 0].std() < 0.3 * right[:, 1].std()  # one column
+    assert right[:, 0].max() - right[:, 0].min() < 0.3 * (left[:, 0].max() - left[:, 0].min())
+
+
+def test_the_roc_plot_draws_each_ways_curve(tmp_path):
+    """A perfect ROC for the scores (tab:blue: up the left edge, along the top) and the worst
+    one for the probabilities (tab:orange: along the bottom, up the right edge)."""
+    perfect = {"fpr": [0, 0, 1], "tpr": [0, 1, 1]}
+    worst = {"fpr": [0, 1, 1], "tpr": [0, 0, 1]}
+    report = {
+        w: {"referable": {"auc": auc, "roc": roc, "sensitivity": auc, "specificity": auc}}
+        for w, roc, auc in zip(metrics.WAYS, (perfect, worst), (1.0, 0.0), strict=True)
+    }
+    reports.plot_roc(tmp_path / "roc.png", report)
+    blue = _pixels_of(tmp_path / "roc.png", (31, 119, 180))
+    orange = _pixels_of(tmp_path / "roc.png", (255, 127, 14))
+    (x0, y0), (x1, y1) = np.vstack([blue, orange]).min(0), np.vstack([blue, orange]).max(0)
+    margin_x, margin_y = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
+    near_left_or_top = (blue[:, 0] < x0 + margin_x) | (blue[:, 1] < y0 + margin_y)
+    near_right_or_bottom = (orange[:, 0] > x1 - margin_x) | (orange[:, 1] > y1 - margin_y)
+    assert len(blue) > 300 and len(orange) > 300
+    assert near_left_or_top.mean() > 0.8 and near_right_or_bottom.mean() > 0.8
 
 
 def test_model_pass_matches_keras_predict_in_record_order(workspace, val_plain):
@@ -330,10 +378,9 @@ def test_evaluate_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_top_level_script_is_the_command(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), "--split", "train"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_group([sys.executable, str(ROOT / "evaluate.py"), "--split", "train"],
+               cwd=tmp_path, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               text=True)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "evaluate.py: error: flag --split=train: value should be one of <val|test>"
@@ -384,6 +431,135 @@ def test_min_kappa_gate_after_an_evaluation_checks_its_report(tmp_path, workspac
     above = repr(float(np.nextafter(float(exact), 2.0)))
     code, _, _ = _cli(capsys, "--compare", tmp_path / "a", "--min-kappa", above)
     assert code == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# --tta and --thresholds fit (--per-patient) end to end, through the command line, against
+# Keras on numpy views and against fits redone by hand from val's predictions.csv
+
+
+def _evaluate_cli(capsys, workspace, out: Path, *extra: str) -> tuple[dict, list[dict]]:
+    """evaluate.py on the test split: its report.json and predictions.csv."""
+    code, _, err = _cli(
+        capsys, "--model-dir", workspace["model_dir"], "--stage", "1", "--data",
+        workspace["data"], "--split", "test", "--bootstrap", "10", "--out", out, *extra,
+    )  # fmt: skip
+    assert code == 0, err
+    return json.loads((out / "report.json").read_text()), _read_csv(out / "predictions.csv")
+
+
+def _grades_by_hand(scores, cutpoints) -> list[int]:
+    """A grade is the number of cut points its score reaches."""
+    return [int(sum(s >= c for c in cutpoints)) for s in scores]
+
+
+def _partners_by_hand(rows: list[dict[str, str]]) -> np.ndarray:
+    """Each row's fellow eye (same patient, the other eye) from the CSV's columns, or itself."""
+    where = {(r["patient"], r["eye"]): i for i, r in enumerate(rows)}
+    other = {"left": "right", "right": "left"}
+    return np.array([where.get((r["patient"], other[r["eye"]]), i) for i, r in enumerate(rows)])
+
+
+def _assert_a_fixed_point_of_the_coordinate_search(cutpoints, scores, grades) -> None:
+    """No cut point, moved alone to any midpoint between distinct scores within its neighbours,
+    raises scikit-learn's kappa: what the fit's coordinate search stops at."""
+    cuts = list(cutpoints)
+    best = qwk(grades, _grades_by_hand(scores, cuts))
+    distinct = np.unique(scores)
+    midpoints = (distinct[1:] + distinct[:-1]) / 2
+    for i in range(4):
+        lo = cuts[i - 1] if i else -np.inf
+        hi = cuts[i + 1] if i < 3 else np.inf
+        for m in midpoints[(midpoints > lo) & (midpoints < hi)]:
+            trial = [*cuts[:i], m, *cuts[i + 1 :]]
+            assert qwk(grades, _grades_by_hand(scores, trial)) <= best + 1e-12, (i, m)
+
+
+def test_tta_through_the_command_line_grades_the_test_split_by_the_mean_over_flips(
+    workspace, capsys, tmp_path
+):
+    report, rows = _evaluate_cli(capsys, workspace, tmp_path / "flips", "--tta", "flips")
+    assert report["tta"] == "flips"
+    model = workspace["model"]
+    x = workspace["test"][0].astype(np.float32) / 127.5 - 1
+    probs, score = _reference_mean(model, [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]])
+    got = np.array([float(r["score"]) for r in rows])
+    np.testing.assert_allclose(got, score, atol=1e-4)
+    got_probs = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in rows])
+    np.testing.assert_allclose(got_probs, probs, atol=1e-4)
+    plain = model.predict(x, verbose=0)["score"].ravel()
+    assert np.median(np.abs(score - plain)) > 1e-2  # TTA moved the scores
+    truth = [int(r["grade"]) for r in rows]
+    assert report["scores"]["kappa"] == pytest.approx(
+        qwk(truth, _grades_by_hand(got, (0.5, 1.5, 2.5, 3.5)))
+    )
+
+
+def test_cutpoints_fitted_on_val_grade_the_test_split(workspace, val_plain, capsys, tmp_path):
+    """--thresholds fit on the test split: the cut points are fitted on val (redone from val's
+    predictions.csv: calibration's fit, and a scan with scikit-learn around its result) and
+    the test split's grades follow from them."""
+    val_dir, _ = val_plain
+    val = _read_csv(val_dir / "predictions.csv")
+    val_scores = np.array([float(r["score"]) for r in val])
+    val_grades = [int(r["grade"]) for r in val]
+    report, rows = _evaluate_cli(capsys, workspace, tmp_path / "fit", "--thresholds", "fit")
+    assert report["thresholds"] == "fit on val" and report["fitted_on_evaluated_split"] is False
+    cuts = report["cutpoints"]
+    np.testing.assert_allclose(cuts, calibration.fit_cutpoints(val_scores, val_grades), atol=1e-5)
+    assert not np.allclose(cuts, [0.5, 1.5, 2.5, 3.5], atol=1e-3)
+    _assert_a_fixed_point_of_the_coordinate_search(cuts, val_scores, val_grades)
+    scores = [float(r["score"]) for r in rows]
+    by_hand = _grades_by_hand(scores, cuts)
+    assert [int(r["pred_score"]) for r in rows] == by_hand
+    assert by_hand != _grades_by_hand(scores, (0.5, 1.5, 2.5, 3.5))  # the fit changed grades
+    truth = [int(r["grade"]) for r in rows]
+    assert report["scores"]["kappa"] == pytest.approx(qwk(truth, by_hand), abs=1e-9)
+
+
+def _blend(values: np.ndarray, partner: np.ndarray, w: float) -> np.ndarray:
+    return (1 - w) * values + w * values[partner]
+
+
+def _best_weight_by_hand(grade, values, partner, truth) -> float:
+    """The smallest w of 0, 0.01, ..., 0.5 with the highest scikit-learn kappa on val."""
+    kappas = [qwk(truth, grade(_blend(values, partner, w / 100))) for w in range(51)]
+    return float(np.argmax(np.round(kappas, 12))) / 100
+
+
+def test_fit_and_per_patient_blend_eyes_then_fit_cut_points_on_the_blend(
+    workspace, val_plain, capsys, tmp_path
+):
+    """--thresholds fit --per-patient on the test split, redone by hand from val's
+    predictions.csv: the blend weights that maximise val's kappa (scores rounded; argmax of the
+    blended probabilities), then cut points fitted on val's blended scores; on the test split
+    each eye's score blended with its fellow eye's and graded by those cut points."""
+    val_dir, _ = val_plain
+    val = _read_csv(val_dir / "predictions.csv")
+    v_scores = np.array([float(r["score"]) for r in val])
+    v_probs = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in val])
+    truth = [int(r["grade"]) for r in val]
+    partner = _partners_by_hand(val)
+    assert (partner != np.arange(len(val))).all()  # every val eye has its fellow
+    w_score = _best_weight_by_hand(
+        lambda s: _grades_by_hand(s, (0.5, 1.5, 2.5, 3.5)), v_scores, partner, truth
+    )
+    w_prob = _best_weight_by_hand(lambda p: np.argmax(p, axis=1), v_probs, partner, truth)
+    report, rows = _evaluate_cli(
+        capsys, workspace, tmp_path / "both", "--thresholds", "fit", "--per-patient"
+    )
+    blend = report["per_patient"]
+    assert blend["enabled"] is True
+    assert (blend["weight_score"], blend["weight_prob"]) == pytest.approx((w_score, w_prob))
+    assert w_score > 0 or w_prob > 0, "the fixture should make blending worth something"
+    blended_val = _blend(v_scores, partner, w_score)
+    cuts = report["cutpoints"]
+    np.testing.assert_allclose(cuts, calibration.fit_cutpoints(blended_val, truth), atol=1e-5)
+    _assert_a_fixed_point_of_the_coordinate_search(cuts, blended_val, truth)
+    own = np.array([float(r["score_own"]) for r in rows])
+    expected = _blend(own, _partners_by_hand(rows), w_score)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], expected, atol=2e-6)
+    assert [int(r["pred_score"]) for r in rows] == _grades_by_hand(expected, cuts)
 
 
 # ---------------------------------------------------------------------------------------------

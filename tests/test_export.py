@@ -391,6 +391,53 @@ def test_litert_tensor_names_are_traced_to_their_keras_layers():
     assert quantization.keras_layer(head, names) == head
 
 
+def _stand_in_model() -> keras.Model:
+    """A network of M²CNN's interface (input `image`, heads `logits` and `score` after
+    `avg_pool`) small enough to convert in a second: what is tested here is the calibration."""
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, strides=4, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name=POOL)(x)
+    heads = {"logits": keras.layers.Dense(5, name="logits")(x)}
+    heads["score"] = keras.layers.Dense(1, name="score")(x)
+    return keras.Model(inputs, heads)
+
+
+def test_calibration_count_is_how_many_train_records_calibrate_int8(stage, tmp_path, monkeypatch):
+    """--calibration-count 20 of the 48 train records: 20 images reach the converter, and the
+    sidecar says 20; 100 asked of 48: all 48, the sidecar says so (and that 100 were asked),
+    and so does the export's log."""
+    model_dir = tmp_path / "model"
+    save_checkpoint(_stand_in_model(), stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE})
+    fed: list[tuple] = []
+    original = export.representative_images
+
+    def counted(chosen, log=print):
+        generate = original(chosen, log)
+
+        def counting():
+            for item in generate():
+                fed.append(item[0].shape)
+                yield item
+
+        return counting
+
+    monkeypatch.setattr(export, "representative_images", counted)
+    for asked, used in ((20, 20), (100, N_TRAIN)):
+        fed.clear()
+        out = tmp_path / f"int8_{asked}.tflite"
+        args = [f"--model-dir={model_dir}", "--stage=1", "--format=litert", "--quantize=int8",
+                f"--calibration={stage['data']}", f"--calibration-count={asked}",
+                f"--out={out}"]  # fmt: skip
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert command.run(["export.py", *args]) == 0, err.getvalue()
+        assert fed == [(1, SIZE, SIZE, 3)] * used
+        calibration = checkpoints.read_sidecar(out)["calibration"]
+        assert (calibration["count"], calibration["requested"]) == (used, asked)
+        said = f"calibrating on {'all ' if used < asked else ''}{used} train records at {SIZE} px"
+        assert said + (f" ({asked} wanted)" if used < asked else "") in err.getvalue()
+
+
 def test_litert_backend_without_a_file_takes_the_stages_fastest_export(stage):
     _export(stage, "none")
     _export(stage, "int8")

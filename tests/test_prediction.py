@@ -2,12 +2,16 @@
 
 References: data_prep's own worker for the preprocessed arrays, Keras's model.predict for the
 outputs (on numpy-rotated views for TTA), a constructed network whose evidence location is
-known for Grad-CAM.
+known for Grad-CAM, cut points applied by hand. The model's heads are scaled up
+(`_spread_heads`), so that its outputs differ between images by far more than the tolerances:
+rows in the wrong order, or TTA left out, cannot pass for the right ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -18,6 +22,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _subprocess import run_group
 
 from data_prep import worker
 from m2cnn_tf import checkpoints, gradcam, prediction
@@ -47,10 +52,33 @@ def _fundus(seed: int, width: int = 360, height: int = 240) -> np.ndarray:
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
+ATOL = 1e-4  # outputs of batches of other shapes (oneDNN), and the CSV's six decimals
+
+
+def _spread_heads(model: keras.Model) -> None:
+    """An untrained head says about the same for every image; scaled up 400 times, its scores
+    spread over about 0-4 and differ between images by 1e-2 or more."""
+    for name, bias in (("score", 2.0), ("logits", 0.0)):
+        layer = model.get_layer(name)
+        kernel, b = layer.get_weights()
+        layer.set_weights([kernel * 400.0, np.full_like(b, bias)])
+
+
+def _assert_rows_match(got, expected) -> None:
+    """`got` equals `expected` row for row, and the rows are told apart by far more than the
+    tolerance, so that two rows swapped would fail."""
+    expected = np.asarray(expected, np.float64)
+    gaps = np.abs(expected[:, None] - expected[None, :])[~np.eye(len(expected), dtype=bool)]
+    assert gaps.min() > 10 * ATOL, expected
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
+    keras.utils.set_random_seed(11)  # a module fixture: its own seed, whatever ran before
     model = build_m2cnn(SIZE, preset="tiny")
+    _spread_heads(model)
     model_dir = root / "model"
     save_checkpoint(
         model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"}
@@ -142,25 +170,32 @@ def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(w
 
     # The graded rows equal Keras's model on the same preprocessed arrays.
     good = [r for r in rows if not r["error"]]
-    arrays = (
-        np.stack(
-            [preprocess_file(r["path"], [SIZE], PreprocessParams())[SIZE] for r in good]
-        ).astype(np.float32)
-        / 127.5
-        - 1
-    )
-    expected = workspace["model"].predict(arrays, verbose=0)
-    np.testing.assert_allclose([float(r["score"]) for r in good], expected["score"].ravel(),
-                               atol=1e-5)  # fmt: skip
+    pixels = np.stack([preprocess_file(r["path"], [SIZE], PreprocessParams())[SIZE] for r in good])
+    expected = workspace["model"].predict(pixels.astype(np.float32) / 127.5 - 1, verbose=0)
+    _assert_rows_match([float(r["score"]) for r in good], expected["score"].ravel())
     probs = tf.nn.softmax(expected["logits"]).numpy()
     got = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in good])
-    np.testing.assert_allclose(got, probs, atol=1e-5)
+    np.testing.assert_allclose(got, probs, atol=ATOL)
     assert [int(r["grade_prob"]) for r in good] == np.argmax(probs, axis=1).tolist()
-    # One Grad-CAM panel per graded image: the preprocessed image beside its overlay.
+    # One Grad-CAM panel per graded image: exactly the model's input (preprocess_file's
+    # pixels) beside its overlay, a caption bar below. The score head is linear on avg_pool
+    # of the last feature map A (2×2 here), so the score's Grad-CAM is ReLU(A · w / 4), w the
+    # head's kernel (by hand, from Keras's own A): where no cell is positive the overlay is the
+    # image itself, elsewhere a heatmap is blended in.
+    model = workspace["model"]
+    features = keras.Model(model.inputs, model.get_layer("avg_pool").input)
+    maps = features.predict(pixels.astype(np.float32) / 127.5 - 1, verbose=0)
+    hot = ((maps @ model.get_layer("score").get_weights()[0][:, 0]) > 0).any(axis=(1, 2))
+    assert 0 < hot.sum() < len(hot)  # both cases seen
     panels = sorted(p.name for p in cams.iterdir())
     assert panels == ["0_left_gradcam.png", "1_left_gradcam.png", "2_left_gradcam.png"]
-    panel = cv2.imread(str(cams / panels[0]))
-    assert panel.shape[1] == 2 * SIZE and panel.shape[0] >= SIZE
+    for name, image, heat in zip(panels, pixels, hot, strict=True):
+        panel = cv2.cvtColor(cv2.imread(str(cams / name)), cv2.COLOR_BGR2RGB)
+        assert panel.shape[1] == 2 * SIZE and panel.shape[0] > SIZE
+        np.testing.assert_array_equal(panel[:SIZE, :SIZE], image)
+        changed = (panel[:SIZE, SIZE:] != image).any(axis=-1).mean()
+        assert changed > 0.1 if heat else changed == 0, (name, changed)
+        assert (panel[SIZE:] == 255).all(axis=-1).mean() > 0.8  # the caption's white bar
 
 
 def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
@@ -189,7 +224,7 @@ def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
     x = np.stack([arrays[n] for n in good]).astype(np.float32) / 127.5 - 1
     expected = workspace["model"].predict(x, verbose=0)["score"].ravel()
     got = [r["score"] for r in rows if not r["error"]]
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    _assert_rows_match(got, expected)
 
 
 def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
@@ -200,8 +235,8 @@ def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
     x = np.random.default_rng(1).uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
     got = serve(image=tf.constant(x))
     expected = model.predict(x, verbose=0)
-    np.testing.assert_allclose(got["logits"].numpy(), expected["logits"], atol=1e-5)
-    np.testing.assert_allclose(got["score"].numpy(), expected["score"], atol=1e-5)
+    np.testing.assert_allclose(got["logits"].numpy(), expected["logits"], atol=ATOL)
+    np.testing.assert_allclose(got["score"].numpy(), expected["score"], atol=ATOL)
     np.testing.assert_allclose(
         got["probabilities"].numpy(), tf.nn.softmax(expected["logits"]).numpy(), atol=1e-6
     )
@@ -302,14 +337,22 @@ def test_predict_cli_usage_errors_exit_2_with_one_line(tmp_path, workspace, caps
 
 
 def test_top_level_script_is_the_command(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), "--stage", "1", "x.jpeg"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_group([sys.executable, str(ROOT / "predict.py"), "--stage", "1", "x.jpeg"],
+               cwd=tmp_path, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               text=True)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "predict.py: error: pass --model-dir DIR and --stage N"
     ]
+
+
+def _dihedral_mean(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keras on each numpy view of a [-1, 1] batch (the rotations by 90° of the image and of its
+    mirror): the mean score and the mean softmax."""
+    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, x[:, :, ::-1]) for k in range(4)]
+    outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
+    score = np.mean([o["score"].ravel() for o in outs], axis=0)
+    return score, np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
 
 
 def test_dihedral_tta_grades_the_mean_over_numpy_rotations_and_mirrors(workspace):
@@ -320,12 +363,108 @@ def test_dihedral_tta_grades_the_mean_over_numpy_rotations_and_mirrors(workspace
     predictor.preprocess = lambda p: arrays[p.name]
     rows = list(predictor.rows([Path(n) for n in arrays]))
     x = np.stack(list(arrays.values())).astype(np.float32) / 127.5 - 1
-    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, x[:, :, ::-1]) for k in range(4)]
-    outs = [model.predict(np.ascontiguousarray(v), verbose=0) for v in views]
-    score = np.mean([o["score"].ravel() for o in outs], axis=0)
-    probs = np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
-    np.testing.assert_allclose([r["score"] for r in rows], score, atol=1e-5)
-    np.testing.assert_allclose([[r[f"p{k}"] for k in range(5)] for r in rows], probs, atol=1e-5)
+    score, probs = _dihedral_mean(model, x)
+    _assert_rows_match([r["score"] for r in rows], score)
+    np.testing.assert_allclose([[r[f"p{k}"] for k in range(5)] for r in rows], probs, atol=ATOL)
+    # TTA changes every image's outputs, by far more than the tolerance.
+    plain = model.predict(x, verbose=0)["score"].ravel()
+    assert np.abs(score - plain).min() > 10 * ATOL, (score, plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py's flags, through its command line (in-process: a fresh process proves nothing here)
+
+
+def _csv_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _model_args(workspace) -> list:
+    return ["--model-dir", workspace["model_dir"], "--stage", "1"]
+
+
+def _keras_inputs(paths) -> np.ndarray:
+    """Keras's input for files: preprocess_file's arrays (Eq. (1)'s defaults), in [-1, 1]."""
+    arrays = np.stack([preprocess_file(p, [SIZE], PreprocessParams())[SIZE] for p in paths])
+    return arrays.astype(np.float32) / 127.5 - 1
+
+
+@pytest.fixture(scope="module")
+def plain_run(workspace) -> tuple[int, str, str]:
+    """predict.py on the workspace's photographs, no --out: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = predict_cmd.run(["predict.py", *map(str, _model_args(workspace)),
+                                str(workspace["images"])])  # fmt: skip
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_without_out_the_csv_goes_to_stdout_and_defaults_are_said(workspace, plain_run):
+    """No --out: the CSV on stdout. The stage has no config.json, so no manifest: the paper's
+    Eq. (1) constants (Keras on preprocess_file's arrays with them), and stderr says so."""
+    code, out, err = plain_run
+    assert code == 0, err
+    assert "preprocessing parameters from defaults (no manifest.json of the training data " \
+        "found)" in err  # fmt: skip
+    assert out.startswith(",".join(prediction.CSV_COLUMNS) + "\r\n")
+    rows = _csv_rows(out)
+    paths = sorted(workspace["images"].iterdir())
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    expected = workspace["model"].predict(_keras_inputs(paths), verbose=0)["score"].ravel()
+    _assert_rows_match([float(r["score"]) for r in rows], expected)
+
+
+def test_cutpoints_grade_the_scores_by_the_cut_points_given(workspace, plain_run, capsys):
+    """Cut points between the images' sorted scores: each image's grade is then its score's
+    rank, by hand; rounding would give other grades."""
+    scores = np.array([float(r["score"]) for r in _csv_rows(plain_run[1])])
+    low, mid, high = np.sort(scores)
+    cuts = [(low + mid) / 2, (mid + high) / 2, high + 1, high + 2]
+    ranks = np.argsort(np.argsort(scores)).tolist()
+    assert ranks != np.clip(np.floor(scores + 0.5), 0, 4).astype(int).tolist()  # not rounding's
+    code, out, err = _cli(
+        capsys, *_model_args(workspace), "--cutpoints", ",".join(f"{c:.6f}" for c in cuts),
+        workspace["images"],
+    )  # fmt: skip
+    assert code == 0, err
+    rows = _csv_rows(out)
+    assert [int(r["grade"]) for r in rows] == ranks
+    assert [float(r["score"]) for r in rows] == scores.tolist()  # only the grades change
+
+
+def test_tta_through_the_command_line_grades_the_mean_over_the_dihedral_views(workspace, capsys):
+    images = workspace["images"]
+    paths = sorted(images.iterdir())
+    x = _keras_inputs(paths)
+    plain = workspace["model"].predict(x, verbose=0)["score"].ravel()
+    code, out, err = _cli(capsys, *_model_args(workspace), "--tta", "dihedral", images)
+    assert code == 0, err
+    rows = _csv_rows(out)
+    score, probs = _dihedral_mean(workspace["model"], x)
+    _assert_rows_match([float(r["score"]) for r in rows], score)
+    got = [[float(r[f"p{k}"]) for k in range(5)] for r in rows]
+    np.testing.assert_allclose(got, probs, atol=ATOL)
+    assert np.abs(score - plain).min() > 10 * ATOL, (score, plain)
+
+
+def test_folders_are_searched_for_tif_and_bmp_photographs_too(workspace, capsys, tmp_path):
+    """One photograph saved lossless as PNG, TIFF and BMP (and a .TIF, upper case) in a folder
+    tree with files that are not images: every copy is found, and graded alike."""
+    bgr = _fundus(7)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    names = ["a.png", "b.tif", "c.tiff", "sub/d.bmp", "sub/e.TIF"]
+    for name in names:
+        assert cv2.imwrite(str(folder / name), bgr)
+    (folder / "notes.txt").write_text("not a photograph")
+    (folder / "sub" / "list.csv").write_text("a,b\n")
+    code, out, err = _cli(capsys, *_model_args(workspace), "--batch-size", "5", folder)
+    assert code == 0, err
+    rows = _csv_rows(out)
+    assert [r["path"] for r in rows] == [str(folder / n) for n in names]
+    assert [r["error"] for r in rows] == [""] * len(names)
+    scores = [float(r["score"]) for r in rows]
+    np.testing.assert_allclose(scores, scores[0], atol=2e-6)
 
 
 def test_predictor_refuses_bad_settings_naming_them(workspace):

@@ -14,8 +14,9 @@ M2CNN_SERVE_TOKEN; 16 characters at least): the page then asks for it once (kept
 API clients send `Authorization: Bearer TOKEN`. Without a token, only requests for a loopback
 name or the bound address are answered (--allowed-hosts adds names). Requests share a memory
 budget (--max-inflight-mb) and a queue (--max-queue); past either they get 503 with Retry-After.
---port 0 picks a free port; the line "serving on URL" says which. Plain HTTP: put a TLS proxy in
-front beyond a trusted network. Research use only, not a medical device.
+--port 0 picks a free port; the start-up line "serve.py: serving stage N on URL/ (Ctrl-C stops)"
+says which. Plain HTTP: put a TLS proxy in front beyond a trusted network. Research use only, not
+a medical device.
 Exit codes: 0 stopped, 1 failed to start, 2 usage (bad flag, no checkpoint, port taken),
 130 interrupted (Ctrl-C).
 """

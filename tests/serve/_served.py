@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _subprocess import kill_group
 
 from m2cnn_tf.preprocessing import PreprocessParams
 
@@ -26,6 +28,7 @@ MAX_BATCH = 2
 # Ours, for speed: Eq. (1) at 256 px instead of 720 (any value works; the manifest says which).
 PARAMS = PreprocessParams(rho=4.0, base_size=256)
 ROOT = Path(__file__).resolve().parents[2]
+FORMULA_NAME = "=cmd|' -C calc'!A0.jpg"  # issue 19's, with no '/' (a file name on disk)
 _STARTUP_SECONDS = 240
 
 
@@ -79,26 +82,40 @@ def start_server(
     env = {k: v for k, v in os.environ.items() if k != "M2CNN_SERVE_TOKEN"}
     env |= {"TF_CPP_MIN_LOG_LEVEL": "3", **({"M2CNN_SERVE_TOKEN": token} if token else {})}
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    deadline = time.monotonic() + _STARTUP_SECONDS
-    url = None
-    while url is None:
-        found = re.search(r"serving stage 1 on (http://\S+?)/? ", log.read_text(errors="replace"))
-        url = found and found.group(1)
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"serve.py did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    return process, Served(url, log)
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGINT)
+        process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        found = wait_for(
+            lambda: (
+                process.poll() is not None
+                or re.search(
+                    r"serving stage 1 on (http://\S+?)/? ", log.read_text(errors="replace")
+                )
+            ),
+            "serve.py to say where it serves",
+            seconds=_STARTUP_SECONDS,
+            pause=0.2,
+        )
+        if process.poll() is not None:
+            pytest.fail(f"serve.py did not start:\n{log.read_text(errors='replace')[-3000:]}")
+    except BaseException:
+        kill_group(process)
+        raise
+    return process, Served(found.group(1), log)
+
+
+def stop_server(process: subprocess.Popen) -> int:
+    """Ctrl-C (SIGINT to its process group, as a terminal sends it); its exit code. Whatever
+    is left of the group after a grace period (a liveness bound) is killed."""
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=60)
+        return process.returncode
+    finally:
+        kill_group(process)
 
 
 def serving(served: Served, token: str | None = TOKEN) -> dict:

@@ -1,22 +1,40 @@
-"""One grading server for the serve tests: a tiny model built in this session, served by a real
-`python serve.py` on a free loopback port, with a token; photographs good and bad.
+"""The serve tests' shared pieces: a tiny model built in this session, served by a real
+`python serve.py` on a free loopback port, with a token (and a second one, without, whose
+batches close only when full); photographs good and bad; predict.py's own CSV for them.
 
-The server runs with --max-batch 2: a request's two good photographs then go through the model
-in a call of the same shape as predict.py's batch of those two, so their numbers can be
-compared bit for bit (oneDNN's CPU kernels round differently for other batch shapes).
+The server runs with --max-batch 2 (every call padded to 2) and predict.py with --batch-size 2
+on files that make full pairs: every photograph goes through a model call of the same shape
+both ways, so their numbers are equal bit for bit, and equal as printed (oneDNN's CPU kernels
+round differently for other batch shapes, in the last bits).
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
 import keras
 import numpy as np
 import pytest
-from _served import PARAMS, SIZE, Served, png_claiming, start_server, stop_server
+from _served import (
+    FORMULA_NAME,
+    MAX_BATCH,
+    PARAMS,
+    ROOT,
+    SIZE,
+    Served,
+    png_claiming,
+    start_server,
+    stop_server,
+)
+from _subprocess import run_group
 from synthetic_fundus import fundus
 
 from m2cnn_tf.checkpoints import CONFIG, save_checkpoint, stage_dir
@@ -67,6 +85,7 @@ def photos(tmp_path_factory) -> dict[str, Path]:
         "good_png": _encode(".png", good[1]),
         "good_jpeg_2": _encode(".jpeg", good[2]),
         "good_png_2": _encode(".png", good[3]),
+        "formula": _encode(".jpeg", good[2]),  # a file named like a spreadsheet formula
         "grayscale": _encode(".jpeg", cv2.cvtColor(good[2], cv2.COLOR_BGR2GRAY)),
         "sixteen_bit": _encode(".png", good[3].astype(np.uint16) * 257),
         "truncated": jpeg[: len(jpeg) // 2],
@@ -75,6 +94,7 @@ def photos(tmp_path_factory) -> dict[str, Path]:
         "bomb": png_claiming(60_000, 60_000),
     }
     names = {"good_png": "1.png", "good_png_2": "3.png", "sixteen_bit": "16bit.png"}
+    names |= {"formula": FORMULA_NAME}
     names |= {"text": "notes.jpg", "empty": "empty.jpeg", "bomb": "bomb.png"}
     paths = {}
     for role, data in files.items():
@@ -96,26 +116,67 @@ def server(model_dir, tmp_path_factory) -> Served:
 
 
 @pytest.fixture(scope="session")
-def predict_rows(model_dir):
-    """predict.py's rows for a list of files: its own library path (load_stage, the
-    manifest's preprocessing parameters, Predictor with predict.py's defaults)."""
-    from m2cnn_tf import checkpoints, manifest, prediction
+def queue_server(model_dir, tmp_path_factory) -> Served:
+    """Without a token; a batch of 4 closes only when full (--max-wait-ms of ten minutes), so
+    what is queued stays queued until a test fills the batch; 4 images may wait. A test that
+    queues images fills the batch before it ends."""
+    log = tmp_path_factory.mktemp("queue") / "server.log"
+    process, served = start_server(
+        model_dir, log, "--max-batch", "4", "--max-wait-ms", "600000", "--max-queue", "4",
+        token=None,
+    )  # fmt: skip
+    yield served
+    stop_server(process)
 
-    model, _ = checkpoints.load_stage(model_dir, 1)
-    params, source = manifest.preprocess_params_for(model_dir, 1)
-    assert params == PARAMS and source.endswith("manifest.json")
-    predictor = prediction.Predictor(model, params)
 
-    def rows(paths: list[Path]) -> list[dict]:
-        return list(predictor.rows(paths))
+# The files predict.py grades once for the whole session, in an order that gives each model call
+# two graded photographs (the server's --max-batch, padded): bit-equal outputs need the same
+# batch shape. good_jpeg twice, so that the seven good photographs make full pairs.
+PREDICTED = (
+    "good_jpeg", "good_png", "good_jpeg_2", "good_png_2", "grayscale", "sixteen_bit", "formula",
+    "good_jpeg", "truncated", "text",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def predict_rows(model_dir, photos, tmp_path_factory):
+    """predict.py's own CLI, run once in its own process on the photographs (`PREDICTED`):
+    `predict_rows(paths)` its CSV rows for those paths (as text, as it wrote them),
+    `predict_rows.csv_text(paths)` its CSV's header and those rows' lines."""
+    out = tmp_path_factory.mktemp("predicted") / "predictions.csv"
+    argv = [
+        sys.executable, str(ROOT / "predict.py"), "--model-dir", str(model_dir), "--stage", "1",
+        "--batch-size", str(MAX_BATCH), "--out", str(out), *(str(photos[r]) for r in PREDICTED),
+    ]  # fmt: skip
+    started = time.monotonic()
+    done = run_group(
+        argv,
+        timeout=600,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    print(f"predict.py took {time.monotonic() - started:.1f} s")
+    assert done.returncode == 1, done.stderr[-3000:]  # 1: some files failed, as they should
+    assert f"preprocessing parameters from {model_dir.parent / 'data' / 'manifest.json'}" in (
+        done.stderr
+    )
+    text = out.read_bytes().decode()
+    header, *lines = text.split("\r\n")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert len(rows) == len(PREDICTED) and lines[-1] == ""
+    by_path = {r["path"]: (r, line) for r, line in zip(rows, lines, strict=False)}
+
+    def rows_for(paths: list[Path]) -> list[dict[str, str]]:
+        return [by_path[str(p)][0] for p in paths]
 
     def csv_text(paths: list[Path]) -> str:
-        out = io.StringIO()
-        prediction.write_rows(rows(paths), out)
-        return out.getvalue()
+        return "\r\n".join([header, *(by_path[str(p)][1] for p in paths), ""])
 
-    rows.csv_text = csv_text
-    return rows
+    rows_for.csv_text = csv_text
+    return rows_for
 
 
 def _encode(ext: str, image: np.ndarray) -> bytes:

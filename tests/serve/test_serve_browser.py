@@ -2,10 +2,10 @@
 
 Two good photographs and a broken one are uploaded, and a third good one whose name is a
 spreadsheet formula; four rows appear in #results (three graded, one with its error), a Grad-CAM
-view opens, and the downloaded CSV equals predict.py's for the same files, the formula name
-neutralised by the same rule. No request may leave the machine: the page works offline. The
-API docs render under their own Content-Security-Policy. With M2CNN_SCREENSHOT=docs/grader.png
-the page is also saved as that screenshot.
+view opens, and the downloaded CSV equals the one predict.py's CLI wrote for the same files,
+the formula name neutralised by the same rule. No request may leave the machine: the page works
+offline. The API docs render under their own Content-Security-Policy. With
+M2CNN_SCREENSHOT=docs/grader.png the page is also saved as that screenshot.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from urllib.parse import urlsplit
 
 import pytest
 from _required import skip_or_fail
-from _served import SIZE, TOKEN
+from _served import FORMULA_NAME, SIZE, TOKEN
 
 from m2cnn_tf.prediction import csv_text
-
-FORMULA_NAME = "=cmd|' -C calc'!A0.jpg"  # issue 19's, with no '/' (a file name on disk)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INSTALL = "apt-get install -y chromium"
@@ -61,16 +59,14 @@ def browser_page(server):
 
 
 def test_upload_photos_and_a_broken_one_view_gradcam_and_download_predict_py_csv(
-    server, photos, predict_rows, browser_page, tmp_path
+    server, photos, predict_rows, browser_page
 ):
     page, outside, sync_api = browser_page
     page.goto(f"{server.url}/?token={TOKEN}")  # stores the token in a cookie, back to /
     assert urlsplit(page.url).path == "/" and "token" not in page.url
     assert "research use only, not a medical device" in page.locator("#model").inner_text().lower()
 
-    formula = tmp_path / FORMULA_NAME
-    formula.write_bytes(photos["good_jpeg_2"].read_bytes())
-    paths = [photos["good_jpeg"], photos["good_png"], photos["truncated"], formula]
+    paths = [photos["good_jpeg"], photos["good_png"], photos["truncated"], photos["formula"]]
     page.set_input_files("#pick-files", [str(p) for p in paths])
     sync_api.expect(page.locator(FINISHED)).to_have_count(4)  # no eval: the page's CSP holds
     rows = page.locator("#results tbody tr")
@@ -81,7 +77,7 @@ def test_upload_photos_and_a_broken_one_view_gradcam_and_download_predict_py_csv
     expected = predict_rows(paths)
     for i in (0, 1, 3):
         grade_cell = rows.nth(i).locator("td.grade").inner_text()
-        assert grade_cell.startswith(str(expected[i]["grade"]))
+        assert grade_cell.startswith(expected[i]["grade"])
     if os.environ.get("M2CNN_SCREENSHOT"):
         page.screenshot(path=os.environ["M2CNN_SCREENSHOT"], full_page=True)
 

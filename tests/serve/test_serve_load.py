@@ -5,9 +5,10 @@ alone (micro-batching never changes a photograph's numbers)."""
 from __future__ import annotations
 
 import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
-from _served import upload
+from _served import MAX_BATCH, upload
 
 REQUESTS = 200
 CLIENTS = 16
@@ -52,4 +53,7 @@ def test_200_requests_from_16_clients_all_answered_and_equal_to_single_requests(
     images = after["images_graded"] - before["images_graded"]
     calls = after["model_calls"] - before["model_calls"]
     assert images == sum(alone[role]["error"] is None for role in plan)  # each once
-    assert calls < images  # photographs of different requests shared model calls
+    # Whatever the arrival times: no call held more than --max-batch images, none was empty.
+    # (That photographs of different requests share a call: test_serve_overload.py, on a
+    # server whose batches close only when full.)
+    assert math.ceil(images / MAX_BATCH) <= calls <= images

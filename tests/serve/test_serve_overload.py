@@ -3,9 +3,9 @@ answered 503 with Retry-After at once, never left waiting; a client that disconn
 queued images dropped before any model call; and 64 concurrent near-limit uploads keep the
 server's memory within its budget while every request it accepted is answered in full.
 
-Batches are held open on purpose (a long --max-wait-ms and a --max-batch larger than what is
-sent), so that what is queued stays queued until the test fills the batch: the checks wait for
-counters, never for time.
+Batches are held open on purpose (conftest's `queue_server`: a long --max-wait-ms and a
+--max-batch larger than what is sent), so that what is queued stays queued until the test fills
+the batch: the checks wait for counters, never for time.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from _attacks import connect
 from _served import (
     memory_kb,
@@ -29,18 +28,6 @@ from _served import (
 BUSY = ("the grading queue is full", "the server's memory budget is in use by other requests")
 BUDGET_MB = 64
 UPLOADS = 64
-
-
-@pytest.fixture(scope="module")
-def queue_server(model_dir, tmp_path_factory):
-    """A batch of 4 closes only when full (--max-wait-ms of ten minutes); 4 images may wait."""
-    log = tmp_path_factory.mktemp("queue") / "server.log"
-    process, served = start_server(
-        model_dir, log, "--max-batch", "4", "--max-wait-ms", "600000", "--max-queue", "4",
-        token=None,
-    )  # fmt: skip
-    yield served
-    stop_server(process)
 
 
 def _post(served, files):
