@@ -403,12 +403,12 @@ def _stand_in_model() -> keras.Model:
 
 
 def test_calibration_count_is_how_many_train_records_calibrate_int8(stage, tmp_path, monkeypatch):
-    """--calibration-count 20 of the 48 train records: 20 images reach the converter, and the
-    sidecar says 20; 100 asked of 48: all 48, the sidecar says so (and that 100 were asked),
-    and so does the export's log."""
+    """--calibration-count 20 of the 48 train records: 20 images calibrate the converter (the
+    quantization debugger sees the first 16 of them), and the sidecar says 20; 100 asked of 48:
+    all 48, the sidecar says so (and that 100 were asked), and so does the export's log."""
     model_dir = tmp_path / "model"
     save_checkpoint(_stand_in_model(), stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE})
-    fed: list[tuple] = []
+    fed: dict[int, list[tuple]] = {}  # the generator's records given -> the images it yielded
     original = export.representative_images
 
     def counted(chosen, log=print):
@@ -416,7 +416,7 @@ def test_calibration_count_is_how_many_train_records_calibrate_int8(stage, tmp_p
 
         def counting():
             for item in generate():
-                fed.append(item[0].shape)
+                fed.setdefault(len(chosen), []).append(item[0].shape)
                 yield item
 
         return counting
@@ -431,7 +431,9 @@ def test_calibration_count_is_how_many_train_records_calibrate_int8(stage, tmp_p
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             assert command.run(["export.py", *args]) == 0, err.getvalue()
-        assert fed == [(1, SIZE, SIZE, 3)] * used
+        debug = quantization.DEBUG_RECORDS
+        assert set(fed) == {used, debug}
+        assert fed[used] == [(1, SIZE, SIZE, 3)] * used
         calibration = checkpoints.read_sidecar(out)["calibration"]
         assert (calibration["count"], calibration["requested"]) == (used, asked)
         said = f"calibrating on {'all ' if used < asked else ''}{used} train records at {SIZE} px"
