@@ -754,6 +754,7 @@ def _resume_gives_the_reference(common, out, reference, capsys) -> None:
     assert m["shards"] == json.loads((reference / "manifest.json").read_text())["shards"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_real_conversion_with_130_in_one_line_no_worker_left_and_it_resumes(
     many, tmp_path, capsys
 ):
@@ -776,6 +777,7 @@ def test_ctrl_c_stops_a_real_conversion_with_130_in_one_line_no_worker_left_and_
     _resume_gives_the_reference(common, out, reference, capsys)
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_real_conversion_leaves_no_worker_and_it_resumes(many, tmp_path, capsys):
     common, reference = many
     out, log = tmp_path / "out", tmp_path / "log"

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from _subprocess import run_group
 
+pytestmark = pytest.mark.slow  # make test-quick leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (80, 352, 704)  # one per Multi-Cell path: small, medium, large
 

@@ -219,6 +219,7 @@ def _steps_done(run_dir: Path) -> int:
         return 0  # not there yet, or being replaced
 
 
+@pytest.mark.slow
 def test_a_miniature_of_every_experiment_is_bit_for_bit_repeatable_and_resumes_exactly(
     tmp_path, mini_data
 ):

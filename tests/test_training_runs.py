@@ -26,6 +26,8 @@ from _subprocess import ENV, ROOT, run_group, run_json_script, started
 from _tfrecords import grade_images, write_split
 from sklearn.metrics import cohen_kappa_score
 
+pytestmark = pytest.mark.slow  # make test-quick leaves these out
+
 SIZE = 80
 
 

@@ -21,6 +21,8 @@ from _served import FORMULA_NAME, SIZE, TOKEN
 
 from m2cnn_tf.prediction import csv_text
 
+pytestmark = pytest.mark.slow  # make test-quick leaves these out
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INSTALL = "apt-get install -y chromium"
 ARGS = [
