@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import keras
+import pytest
 from _served import PARAMS, SIZE, wait_for
 from _subprocess import ROOT, group_members, started
 
@@ -62,6 +64,7 @@ def _demo_folder(tmp_path: Path) -> tuple[Path, Path]:
     return demo, data
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_serve_serves_the_demo_stage_3_model_and_ctrl_c_stops_everything(tmp_path):
     """The served model is stage 3 of DEMO/models (its best.json's facts); SIGINT to make's
     group, as a terminal's Ctrl-C sends it, ends make with the interrupt and leaves no process."""
