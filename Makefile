@@ -111,8 +111,11 @@ demo-clean:
 # make paper-smoke (not in make test, ~20 min): the paper preset's M²CNN chain 224 -> 448 -> 720
 # for 2 steps per stage on the demo data: seconds per step, peak RSS, checkpoint size, and the
 # real train step's memory per image (docs/reproduce.md).
+# PAPER_SMOKE_FLAGS: more flags (tests/test_end_to_end.py: a tiny preset at small sizes).
+PAPER_SMOKE_FLAGS ?=
 paper-smoke: $(DEMO_DATA)/records/manifest.json
-	$(PY) benchmarks/paper_smoke.py --data $(DEMO_DATA)/records --out $(DEMO)/paper-smoke
+	$(PY) benchmarks/paper_smoke.py --data $(DEMO_DATA)/records --out $(DEMO)/paper-smoke \
+		$(PAPER_SMOKE_FLAGS)
 
 # make serve: the grader page and API (serve.py) on the stage-3 demo model, at
 # http://127.0.0.1:8000/; the demo recipe builds the model first if it is missing.

@@ -1,7 +1,7 @@
 """Paper scale on the CPU: the M²CNN chain with the paper preset, 224 -> 448 -> 720, 2 steps each.
 
     python benchmarks/paper_smoke.py [--data data/demo/records] [--out runs/paper-smoke]
-        [--batch 2] [--measure-only]
+        [--batch 2] [--measure-only] [--preset paper] [--sizes 224,448,720]
 
 Per stage it trains `train.py --stage N --preset paper --weights none` for 2 steps of the given
 batch on DATA (the demo records at 224/448/720: `make demo`'s first two steps), each stage in
@@ -13,8 +13,10 @@ its own process, and prints:
   the batch, from TensorFlow's allocator statistics (reproduce.footprint.measure, float32);
 - the GPU memory that reproduce.footprint derives for the protocol's batch with mixed precision.
 --measure-only skips the training and measures every (preset, size, Multi-Cell path) that
-footprint.MEASURED holds, printing its lines. Each measurement runs in its own process, so one
-stage's memory does not inflate the next. Not a test: expect 20-40 minutes on 2 cores.
+footprint.MEASURED holds, printing its lines. --preset and --sizes shrink the chain (a test runs
+it with the tiny preset on small records); the defaults are the paper's. Each measurement runs
+in its own process, so one stage's memory does not inflate the next. Not a test: expect 20-40
+minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -63,10 +65,14 @@ def measure(preset: str, size: int, multi_cell: bool, batch: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def train_stage(stage: int, data: str, out: str, batch: int) -> dict:
+def train_stage(
+    stage: int, data: str, out: str, batch: int, preset: str = "paper", size: int = 0
+) -> dict:
+    """train.py for 2 steps of stage `stage` (at `size` px, 0: the preset's size for it)."""
     command = [
         *(sys.executable, str(ROOT / "train.py"), "--stage", str(stage), "--data", data),
-        *("--model-dir", out, "--preset", "paper", "--weights", "none", "--epochs", "1"),
+        *("--model-dir", out, "--preset", preset, "--weights", "none", "--epochs", "1"),
+        *(("--image-size", str(size)) if size else ()),
         *("--steps-per-epoch", "2", "--batch-size", str(batch), "--seed", "0", "--noresume"),
     ]
     code, seconds, rss_mb, _ = _child(command)
@@ -82,7 +88,16 @@ def main() -> int:
     p.add_argument("--out", default="runs/paper-smoke")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--measure-only", action="store_true")
+    p.add_argument("--preset", default="paper", help="the presets of m2cnn_tf.config")
+    p.add_argument("--sizes", default=",".join(str(s) for _, s, _ in STAGES),
+                   help="stage 1, 2, 3 sizes (records at each in DATA/<size>/)")  # fmt: skip
     args = p.parse_args()
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes: not integers: {args.sizes}")
+    if len(sizes) != len(STAGES):
+        p.error(f"--sizes: need {len(STAGES)} sizes, got {args.sizes}")
     if args.measure_only:
         for preset, size, path in footprint.MEASURED:
             m = measure(preset, size, path != "small", 2)
@@ -95,9 +110,9 @@ def main() -> int:
     batch16 = protocol.TRAIN_SETTINGS["batch_size"].value
     head = f"stage  size  s/step (CPU, batch {args.batch})  peak RSS  best.keras  "
     print(f"{head}train step per image (fp32)  + fixed  GPU est. (batch {batch16}, mixed)")
-    for stage, size, _ in STAGES:
-        trained = train_stage(stage, args.data, args.out, args.batch)
-        m = measure("paper", size, True, args.batch)
+    for (stage, _, _), size in zip(STAGES, sizes, strict=True):
+        trained = train_stage(stage, args.data, args.out, args.batch, args.preset, size)
+        m = measure(args.preset, size, True, args.batch)
         found = footprint.Footprint(m["params"], m["per_image"], m["step_fixed"])
         gpu = tuple(b / footprint.GB for b in footprint.gpu_bytes(found, batch16, True))
         print(

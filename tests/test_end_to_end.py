@@ -9,6 +9,7 @@ exercised on each CI run. Learning itself is tested in test_training_runs.py.
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,3 +101,47 @@ def test_demo_clean_removes_the_run_and_the_demo_data(tmp_path):
     result = _make(tmp_path, "demo-clean")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_paper_smoke_trains_the_three_stage_chain_and_reports_each_stage(tmp_path):
+    """`make paper-smoke` shrunk through PAPER_SMOKE_FLAGS (tiny preset at SIZES) on records
+    written here: one table row per stage with its measurements, and the chain's checkpoints
+    (stage 3 carries the large cells) whose sizes the table reports."""
+    from _tfrecords import grade_images, write_split
+
+    data = tmp_path / "data"
+    records = data / "records"
+    for size in SIZES:
+        for split, grades in (("train", [0, 1, 2, 3]), ("val", [1, 4])):
+            write_split(records, size, split, grade_images(grades, size, seed=size), grades)
+    (data / "raw").mkdir()
+    (data / "raw" / "retinopathy_solution.csv").write_text("image,level\n")
+    (records / "manifest.json").write_text("{}")  # no counts: train.py reads the shards
+    for i, stamp in enumerate(
+        (data / "raw" / "retinopathy_solution.csv", records / "manifest.json")
+    ):
+        os.utime(stamp, (1_000_000 + i, 1_000_000 + i))  # make: the records are up to date
+
+    flags = f"--preset tiny --sizes {','.join(map(str, SIZES))}"
+    done = _make(tmp_path, "paper-smoke", PAPER_SMOKE_FLAGS=flags)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "data_prep" not in done.stdout and "--preset tiny" in done.stdout
+    row = re.compile(
+        r"^\s*(\d)\s+(\d+)\s+([\d.]+)\s+(\d+) MB\s+(\d+) MB\s+(\d+) MB\s+(\d+) MB\s+\S.*$", re.M
+    )
+    rows = row.findall(done.stdout)
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, SIZES[0]), (2, SIZES[1]), (3, SIZES[2])]
+    out = tmp_path / "run" / "paper-smoke"
+    per_image = []
+    for (stage, size, step_s, rss_mb, ckpt_mb, image_mb, _), path in zip(
+        rows, ("small", "medium", "large"), strict=True
+    ):
+        meta = json.loads((out / f"stage{stage}" / "best.json").read_text())
+        assert meta["stage"] == int(stage) and meta["resolution"] == int(size)
+        assert meta["preset"] == "tiny" and meta["multi_cell_path"] == path
+        best = out / f"stage{stage}" / "best.keras"
+        assert int(ckpt_mb) == round(best.stat().st_size / 1e6)
+        assert float(step_s) > 0 and int(rss_mb) > 100  # a TensorFlow process: > 100 MB
+        per_image.append(int(image_mb))
+    assert per_image == sorted(per_image) and per_image[-1] > 0  # grows with the image size

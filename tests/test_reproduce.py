@@ -378,3 +378,99 @@ def test_seeds_repeat_every_run_in_their_own_folders_and_the_hours_scale(tmp_pat
 
     assert total(three) == pytest.approx(3 * total(one))
     assert "(3 seeds)" in printed
+
+
+def test_missing_records_for_a_needed_size_is_a_one_line_usage_error_naming_it(tmp_path, capsys):
+    """Records at two of the three sizes: the run must stop before any training, exit 2, and
+    name the size that lacks them (not the ones that are there) and the tool that converts."""
+    data = tmp_path / "data"
+    for size in MINI_SIZES[:2]:
+        for split in ("train", "val", "test"):
+            write_split(data, size, split, grade_images([0, 1], size), [0, 1])
+    out = tmp_path / "o"
+    code, _, err = _reproduce(capsys, "--data", str(data), "--out", str(out), "--allow-cpu",
+                              "--sizes", ",".join(map(str, MINI_SIZES)))  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"reproduce.py: error: --data: no records {data.resolve()}/704/")
+    assert "more)" in err and "convert those sizes with data_prep" in err
+    assert "/80/" not in err and "/352/" not in err
+    assert not (out / "runs").exists()
+
+
+def _evaluation_on_disk(tmp_path: Path) -> tuple[reproduction.Plan, reproduction.PlannedEvaluation]:
+    """Fig. 4's plan, every run marked trained, every evaluation's checkpoint and report.json
+    on disk with the report the newer (all evaluated); returns the plan and one evaluation of a
+    last checkpoint (a best one may reuse the last one's report instead of evaluating)."""
+    options = Options(data=str(tmp_path / "d"), out=str(tmp_path / "o"), experiments=("fig4",),
+                      sizes=MINI_SIZES)  # fmt: skip
+    plan = reproduction.make_plan(options)
+    for run in plan.runs:
+        Path(run.model_dir).mkdir(parents=True, exist_ok=True)
+        reproduction_runs.save_state(run, {"done": True, "seconds": {}})
+    for e in plan.evaluations:
+        checkpoint = Path(plan.run(e.run, e.seed).checkpoint(e.checkpoint))
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"weights")
+        os.utime(checkpoint, (1_000_000, 1_000_000))
+        report = Path(e.out) / "report.json"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text("{}")
+        os.utime(report, (2_000_000, 2_000_000))
+    return plan, next(e for e in plan.evaluations if e.checkpoint == "last")
+
+
+def _count_evaluations(monkeypatch) -> list[str]:
+    """Replace the evaluation itself (TensorFlow's part) by a recorder of its `out` folders."""
+    from m2cnn_tf import evaluation
+
+    calls: list[str] = []
+
+    def fake(model_dir, stage, data_dir, split, out, **kwargs) -> None:
+        calls.append(str(out))
+
+    monkeypatch.setattr(evaluation, "run_evaluation", fake)
+    return calls
+
+
+def test_an_evaluation_is_redone_when_its_checkpoint_is_newer_than_its_report(
+    tmp_path, monkeypatch
+):
+    """evaluate() decides by mtimes: a report newer than its checkpoint is skipped, one older
+    (the run trained again after it was evaluated) or missing is evaluated again."""
+    plan, e = _evaluation_on_disk(tmp_path)
+    calls = _count_evaluations(monkeypatch)
+    checkpoint = Path(plan.run(e.run, e.seed).checkpoint(e.checkpoint))
+    report = Path(e.out) / "report.json"
+
+    assert reproduction_runs.evaluate(plan, e, log=lambda _: None) is False
+    os.utime(report, (1_000_000, 1_000_000))  # the same second as the checkpoint: up to date
+    assert reproduction_runs.evaluate(plan, e, log=lambda _: None) is False
+    assert calls == []
+    os.utime(checkpoint, (3_000_000, 3_000_000))
+    assert reproduction_runs.evaluate(plan, e, log=lambda _: None) is True
+    assert calls == [e.out]
+    report.unlink()
+    assert reproduction_runs.evaluate(plan, e, log=lambda _: None) is True
+    assert calls == [e.out, e.out]
+
+
+def test_carry_out_re_evaluates_only_the_run_whose_checkpoint_is_newer_than_its_report(
+    tmp_path, monkeypatch
+):
+    """The command's loop (runs.carry_out, trained runs skipped): with every report newer
+    nothing is evaluated; after one checkpoint changes, exactly its evaluations run again."""
+    plan, e = _evaluation_on_disk(tmp_path)
+    calls = _count_evaluations(monkeypatch)
+    logged: list[str] = []
+    assert reproduction_runs.carry_out(plan, gpus=0, log=logged.append) == {
+        "trained": 0, "evaluated": 0,
+    }  # fmt: skip
+    assert calls == [] and all("skipped" in line for line in logged)
+    checkpoint = Path(plan.run(e.run, e.seed).checkpoint(e.checkpoint))
+    os.utime(checkpoint, (3_000_000, 3_000_000))
+    again = [x.out for x in plan.evaluations
+             if (x.run, x.seed, x.checkpoint) == (e.run, e.seed, "last")]  # fmt: skip
+    assert reproduction_runs.carry_out(plan, gpus=0, log=logged.append) == {
+        "trained": 0, "evaluated": len(again),
+    }  # fmt: skip
+    assert sorted(calls) == sorted(again) and e.out in calls
