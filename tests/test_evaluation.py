@@ -20,10 +20,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _cutpoints import assert_a_fixed_point_of_the_coordinate_search, grades_by_hand, qwk
 from _reports import fake_report
 from _subprocess import run_group
 from _tfrecords import write_split
-from sklearn.metrics import cohen_kappa_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from m2cnn_tf import backends, calibration, evaluation, metrics, reports, tta
 from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
@@ -35,10 +36,6 @@ from m2cnn_tf.records import make_example
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 96
-
-
-def qwk(a, b) -> float:
-    return cohen_kappa_score(a, b, weights="quadratic", labels=list(range(5)))
 
 
 def _spread_heads(model, val_images: np.ndarray, seed: int = 0) -> None:
@@ -448,31 +445,11 @@ def _evaluate_cli(capsys, workspace, out: Path, *extra: str) -> tuple[dict, list
     return json.loads((out / "report.json").read_text()), _read_csv(out / "predictions.csv")
 
 
-def _grades_by_hand(scores, cutpoints) -> list[int]:
-    """A grade is the number of cut points its score reaches."""
-    return [int(sum(s >= c for c in cutpoints)) for s in scores]
-
-
 def _partners_by_hand(rows: list[dict[str, str]]) -> np.ndarray:
     """Each row's fellow eye (same patient, the other eye) from the CSV's columns, or itself."""
     where = {(r["patient"], r["eye"]): i for i, r in enumerate(rows)}
     other = {"left": "right", "right": "left"}
     return np.array([where.get((r["patient"], other[r["eye"]]), i) for i, r in enumerate(rows)])
-
-
-def _assert_a_fixed_point_of_the_coordinate_search(cutpoints, scores, grades) -> None:
-    """No cut point, moved alone to any midpoint between distinct scores within its neighbours,
-    raises scikit-learn's kappa: what the fit's coordinate search stops at."""
-    cuts = list(cutpoints)
-    best = qwk(grades, _grades_by_hand(scores, cuts))
-    distinct = np.unique(scores)
-    midpoints = (distinct[1:] + distinct[:-1]) / 2
-    for i in range(4):
-        lo = cuts[i - 1] if i else -np.inf
-        hi = cuts[i + 1] if i < 3 else np.inf
-        for m in midpoints[(midpoints > lo) & (midpoints < hi)]:
-            trial = [*cuts[:i], m, *cuts[i + 1 :]]
-            assert qwk(grades, _grades_by_hand(scores, trial)) <= best + 1e-12, (i, m)
 
 
 def test_tta_through_the_command_line_grades_the_test_split_by_the_mean_over_flips(
@@ -491,7 +468,7 @@ def test_tta_through_the_command_line_grades_the_test_split_by_the_mean_over_fli
     assert np.median(np.abs(score - plain)) > 1e-2  # TTA moved the scores
     truth = [int(r["grade"]) for r in rows]
     assert report["scores"]["kappa"] == pytest.approx(
-        qwk(truth, _grades_by_hand(got, (0.5, 1.5, 2.5, 3.5)))
+        qwk(truth, grades_by_hand(got, (0.5, 1.5, 2.5, 3.5)))
     )
 
 
@@ -508,11 +485,11 @@ def test_cutpoints_fitted_on_val_grade_the_test_split(workspace, val_plain, caps
     cuts = report["cutpoints"]
     np.testing.assert_allclose(cuts, calibration.fit_cutpoints(val_scores, val_grades), atol=1e-5)
     assert not np.allclose(cuts, [0.5, 1.5, 2.5, 3.5], atol=1e-3)
-    _assert_a_fixed_point_of_the_coordinate_search(cuts, val_scores, val_grades)
+    assert_a_fixed_point_of_the_coordinate_search(cuts, val_scores, val_grades)
     scores = [float(r["score"]) for r in rows]
-    by_hand = _grades_by_hand(scores, cuts)
+    by_hand = grades_by_hand(scores, cuts)
     assert [int(r["pred_score"]) for r in rows] == by_hand
-    assert by_hand != _grades_by_hand(scores, (0.5, 1.5, 2.5, 3.5))  # the fit changed grades
+    assert by_hand != grades_by_hand(scores, (0.5, 1.5, 2.5, 3.5))  # the fit changed grades
     truth = [int(r["grade"]) for r in rows]
     assert report["scores"]["kappa"] == pytest.approx(qwk(truth, by_hand), abs=1e-9)
 
@@ -542,7 +519,7 @@ def test_fit_and_per_patient_blend_eyes_then_fit_cut_points_on_the_blend(
     partner = _partners_by_hand(val)
     assert (partner != np.arange(len(val))).all()  # every val eye has its fellow
     w_score = _best_weight_by_hand(
-        lambda s: _grades_by_hand(s, (0.5, 1.5, 2.5, 3.5)), v_scores, partner, truth
+        lambda s: grades_by_hand(s, (0.5, 1.5, 2.5, 3.5)), v_scores, partner, truth
     )
     w_prob = _best_weight_by_hand(lambda p: np.argmax(p, axis=1), v_probs, partner, truth)
     report, rows = _evaluate_cli(
@@ -555,11 +532,11 @@ def test_fit_and_per_patient_blend_eyes_then_fit_cut_points_on_the_blend(
     blended_val = _blend(v_scores, partner, w_score)
     cuts = report["cutpoints"]
     np.testing.assert_allclose(cuts, calibration.fit_cutpoints(blended_val, truth), atol=1e-5)
-    _assert_a_fixed_point_of_the_coordinate_search(cuts, blended_val, truth)
+    assert_a_fixed_point_of_the_coordinate_search(cuts, blended_val, truth)
     own = np.array([float(r["score_own"]) for r in rows])
     expected = _blend(own, _partners_by_hand(rows), w_score)
     np.testing.assert_allclose([float(r["score"]) for r in rows], expected, atol=2e-6)
-    assert [int(r["pred_score"]) for r in rows] == _grades_by_hand(expected, cuts)
+    assert [int(r["pred_score"]) for r in rows] == grades_by_hand(expected, cuts)
 
 
 # ---------------------------------------------------------------------------------------------
