@@ -147,6 +147,7 @@ class KeepBest(keras.callbacks.Callback):
         super().__init__()
         self.net, self.directory, self.meta, self.best = net, directory, meta, best
         self.write, self.log, self.metric = write, log, metric
+        self.saved_epoch: int | None = None  # the 0-based epoch best.keras holds, if written now
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -160,6 +161,7 @@ class KeepBest(keras.callbacks.Callback):
         if self.write:
             meta = epoch_meta(self.meta, epoch, logs, self.metric)
             checkpoints.save_checkpoint(self.net, self.directory, meta, "best")
+            self.saved_epoch = epoch
             self.log(
                 f"\nepoch {epoch + 1}: val kappa ({metric_label(self.metric)}) {value:.4f}, "
                 f"new best -> {self.directory / checkpoints.BEST_MODEL}"
@@ -184,19 +186,24 @@ class KeepLast(keras.callbacks.Callback):
     The paper's runs are given by their step counts (Fig. 4: 448* is 224@20k + 12k steps), so
     the model a run of N steps stands for is its last, not the one selected on val. Written at
     the end of the final epoch (which always validates), so an interrupted run writes it when it
-    resumes and finishes.
+    resumes and finishes. When `keep_best` (which runs first) has just saved the same epoch, its
+    file is copied: the same weights, without serialising the model a second time.
     """
 
     def __init__(self, net: keras.Model, directory: Path, meta: dict[str, Any], epochs: int,
-                 write: bool, metric: str = "val_kappa_scores"):  # fmt: skip
+                 write: bool, metric: str = "val_kappa_scores",
+                 keep_best: KeepBest | None = None):  # fmt: skip
         super().__init__()
         self.net, self.directory, self.meta, self.epochs = net, directory, meta, epochs
-        self.write, self.metric = write, metric
+        self.write, self.metric, self.keep_best = write, metric, keep_best
 
     def on_epoch_end(self, epoch, logs=None):
         if self.write and epoch + 1 == self.epochs:
             meta = epoch_meta(self.meta, epoch, logs or {}, self.metric)
-            checkpoints.save_checkpoint(self.net, self.directory, meta, "last")
+            if self.keep_best is not None and self.keep_best.saved_epoch == epoch:
+                checkpoints.copy_checkpoint(self.directory, "best", "last", meta)
+            else:
+                checkpoints.save_checkpoint(self.net, self.directory, meta, "last")
 
 
 class EpochsCsv(keras.callbacks.CSVLogger):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,18 @@ def save_checkpoint(
     os.replace(tmp, target)
     atomic_write_json(directory / meta_name, meta)
     return target
+
+
+def copy_checkpoint(directory: str | Path, source: str, target: str, meta: dict[str, Any]) -> Path:
+    """`target`'s files as a copy of `source`'s model (the same weights) with its own metadata,
+    written as `save_checkpoint` writes them."""
+    directory = Path(directory)
+    name, meta_name = _names(target)
+    tmp = directory / f"tmp.{name}"
+    shutil.copyfile(directory / _names(source)[0], tmp)
+    os.replace(tmp, directory / name)
+    atomic_write_json(directory / meta_name, meta)
+    return directory / name
 
 
 def load_model(path: str | Path):

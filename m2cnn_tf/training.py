@@ -289,7 +289,7 @@ def make_callbacks(
     best = _previous_best(stage.directory, metric) if stage.resumed else None
     keep_best = KeepBest(trainer.net, stage.directory, meta, best, stage.chief, log, metric)
     epochs = config.optim.epochs
-    keep_last = KeepLast(trainer.net, stage.directory, meta, epochs, stage.chief, metric)
+    keep_last = KeepLast(trainer.net, stage.directory, meta, epochs, stage.chief, metric, keep_best)
     backup = Backup(
         str(stage.backup_dir),
         datasets.first_step,

@@ -385,6 +385,30 @@ def test_a_ctrl_c_during_the_last_step_is_reported_once_the_stage_is_complete(
     assert (tmp_path / "stage1" / "best.keras").is_file()
 
 
+def test_last_keras_is_the_final_weights_whether_copied_from_best_or_saved(tmp_path):
+    """KeepLast copies best.keras when KeepBest has just saved the same (final) epoch, and
+    saves the model itself when the best is an earlier epoch: either way last.keras holds the
+    weights after the final epoch, with last.json's own epoch."""
+    import keras
+
+    inputs = keras.Input((2,))
+    net = keras.Model(inputs, keras.layers.Dense(1, name="d")(inputs))
+    meta = {"stage": 1}
+    for final_val, copied in ((0.9, True), (0.1, False)):  # the final epoch best, or not
+        folder = tmp_path / str(copied)
+        keep_best = callbacks.KeepBest(net, folder, meta, None, True, log=lambda *_: None)
+        keep_last = callbacks.KeepLast(net, folder, meta, 2, True, keep_best=keep_best)
+        for epoch, val in enumerate((0.5, final_val)):
+            net.get_layer("d").set_weights([np.full((2, 1), epoch + 1.0), np.zeros(1)])
+            for callback in (keep_best, keep_last):
+                callback.on_epoch_end(epoch, {"val_kappa_scores": val})
+        best, last = (folder / f"{which}.keras" for which in ("best", "last"))
+        assert (best.read_bytes() == last.read_bytes()) is copied
+        np.testing.assert_array_equal(checkpoints.load_model(last).get_weights()[0], 2.0)
+        assert json.loads((folder / "last.json").read_text())["epoch"] == 2
+        assert json.loads((folder / "best.json").read_text())["epoch"] == (2 if copied else 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings: one declaration per field, flags derived from it, config.json old and new
 
@@ -648,7 +672,9 @@ class TwoRuns:
 
 
 # The tests of the two runs share them: one xdist worker (--dist loadgroup) builds them once.
-TWO_RUNS = pytest.mark.xdist_group("test_training_two_runs")
+# Slow: XLA compiles the train and validation steps (about half a minute of CPU).
+def TWO_RUNS(test):
+    return pytest.mark.slow(pytest.mark.xdist_group("test_training_two_runs")(test))
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,7 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     return data.tobytes()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (`make test`), every serve test goes to one worker: one server."""
     for item in items:
