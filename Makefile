@@ -21,12 +21,13 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
-# Two pytest workers (the tests are mostly single-threaded Python and TF start-up on 2 cores).
+# Two pytest workers (the tests are mostly single-threaded Python and TF start-up on 2 cores);
+# how they share the work: tests/_groups.py.
 test: lint
 	$(PY) -m pytest -n 2
 
-# The inner loop: everything but the tests marked slow (real multi-run training, the demo and
-# reproduce miniatures, the browser); CI runs them all.
+# The inner loop: everything but the tests marked slow (real multi-run training, XLA
+# compilation, the demo and reproduce miniatures, the browser); CI runs them all.
 test-quick: venv
 	$(PY) -m pytest -n 2 -m "not slow"
 

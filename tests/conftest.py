@@ -1,8 +1,6 @@
 """Shared test setup: quiet TensorFlow, and seed every fixture and test.
 
-Groups: under pytest-xdist (`make test`, `--dist loadgroup`) each worker builds its own copy of a
-module fixture, so the modules whose module fixtures build a model or an export run on one
-worker each, and build it once.
+Groups and order of the tests under pytest-xdist: tests/_groups.py.
 
 Seeds: pytest builds fixtures of a wider scope first, so a function-scoped seed would come
 after a module fixture had already built its model; here every scope is seeded before the
@@ -16,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import pytest
+from _groups import pytest_collection_modifyitems  # noqa: F401  (a hook)
 
 SEED = 1234
 
@@ -35,19 +34,3 @@ def _seed_and_policy():
     keras.utils.set_random_seed(SEED)
     yield
     keras.mixed_precision.set_global_policy("float32")
-
-
-# Modules whose module-scoped fixtures build models or LiteRT exports (seconds each).
-ONE_WORKER_MODULES = ("test_evaluation", "test_export", "test_model", "test_precision",
-                      "test_prediction")  # fmt: skip
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """The groups above; and the slow tests first, so that pytest-xdist, which hands out work
-    in this order, starts the longest early instead of leaving one to run alone at the end."""
-    for item in items:
-        name = item.path.stem
-        if name in ONE_WORKER_MODULES and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(name))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

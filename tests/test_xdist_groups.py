@@ -1,8 +1,7 @@
 """`make test`'s worker groups hold: a group's tests run on one pytest-xdist worker, so a module
-fixture that builds a model is built once (tests/conftest.py). pytest 9.2 silently undid this
+fixture that builds a model is built once (tests/_groups.py). pytest 9.2 silently undid this
 (pytest-dev/pytest-xdist#1386); requirements.txt pins a pytest under which it holds."""
 
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -23,13 +22,19 @@ def test_records_its_worker(i):
 """
 
 
-def test_a_groups_tests_run_on_one_worker_by_mark_and_by_conftest_module_list(tmp_path):
+def test_a_groups_tests_run_on_one_worker_by_mark_by_module_list_and_for_serve(tmp_path):
     project, out = tmp_path / "tests", tmp_path / "out"
-    project.mkdir(), out.mkdir()
-    shutil.copy(ROOT / "tests" / "conftest.py", project / "conftest.py")
+    (project / "serve").mkdir(parents=True), out.mkdir()
+    tests = str(ROOT / "tests")
+    (project / "conftest.py").write_text(  # the suite's hook, without its TensorFlow seeding
+        f"import sys\nsys.path.insert(0, {tests!r})\n"
+        "from _groups import pytest_collection_modifyitems  # noqa: F401\n"
+    )
     modules = {
         "test_marked": 'pytestmark = pytest.mark.xdist_group("marked")',
-        "test_export": "",  # one of conftest.ONE_WORKER_MODULES
+        "test_export": "",  # one of _groups.ONE_WORKER_MODULES
+        "serve/test_serve_a": "",  # tests/serve/: one group
+        "serve/test_serve_b": "",
         "test_free": "",
     }
     for name, mark in modules.items():
@@ -44,4 +49,28 @@ def test_a_groups_tests_run_on_one_worker_by_mark_and_by_conftest_module_list(tm
     for record in out.iterdir():
         workers[record.name.rsplit("-", 1)[0]].add(record.read_text())
     assert len(workers["test_marked"]) == 1 and len(workers["test_export"]) == 1, dict(workers)
+    serve = workers["test_serve_a"] | workers["test_serve_b"]
+    assert len(serve) == 1 and len(workers["test_serve_a"]) == 1, dict(workers)
     assert set().union(*workers.values()) == {"gw0", "gw1"}  # two workers ran, one a group each
+
+
+def test_the_slow_tests_are_handed_out_first(tmp_path):
+    """pytest-xdist hands out work in collection order: the slow tests go first, so that the
+    longest do not start last and run alone at the end."""
+    tests, order = str(ROOT / "tests"), tmp_path / "order.txt"
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {tests!r})\n"
+        "from _groups import pytest_collection_modifyitems  # noqa: F401\n"
+    )
+    for name, mark in (("test_a_fast", ""), ("test_z_slow", "pytestmark = pytest.mark.slow")):
+        (tmp_path / f"{name}.py").write_text(
+            f"import pytest\n{mark}\n\ndef test_runs():\n"
+            f"    with open({str(order)!r}, 'a') as f:\n        f.write('{name}\\n')\n"
+        )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "-n", "0",
+         "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
+        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert order.read_text().split() == ["test_z_slow", "test_a_fast"]

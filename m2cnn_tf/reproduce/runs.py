@@ -18,7 +18,6 @@ added to the time of the epochs before it. Time lost in an interrupted epoch is 
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import shutil
 import threading
@@ -51,8 +50,7 @@ def _in(name: str, call: Callable[[], Any]) -> Any:
     finally:
         import keras
 
-        keras.backend.clear_session()  # the next run builds its own graph
-        gc.collect()
+        keras.backend.clear_session()  # the next run builds its own graph; it runs gc.collect()
 
 
 def load_state(run: PlannedRun) -> dict[str, Any]:

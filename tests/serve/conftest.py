@@ -183,11 +183,3 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     ok, data = cv2.imencode(ext, image)
     assert ok
     return data.tobytes()
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test`), every serve test goes to one worker: one server."""
-    for item in items:
-        if "tests/serve/" in str(item.path).replace("\\", "/"):
-            item.add_marker(pytest.mark.xdist_group("serve"))
