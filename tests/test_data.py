@@ -220,8 +220,8 @@ def test_balance_resamples_a_skewed_split_toward_uniform(dataset):
         training=True,
         seed=0,
         settings=cfg,
-        start_step=3000,  # 30 epochs of 100 steps done: the weights have decayed to natural
-        steps_per_epoch=100,
+        start_step=300,  # 30 epochs of 10 steps done: the weights have decayed to natural
+        steps_per_epoch=10,
     )
     grades = np.concatenate([m["grade"].numpy() for _, m in later.take(60)])
     assert abs((grades == 0).mean() - 0.8) < 0.06

@@ -5,6 +5,7 @@ fixture that builds a model is built once (tests/_groups.py). pytest 9.2 silentl
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from _subprocess import ENV, ROOT
 
@@ -22,14 +23,25 @@ def test_records_its_worker(i):
 """
 
 
-def test_a_groups_tests_run_on_one_worker_by_mark_by_module_list_and_for_serve(tmp_path):
-    project, out = tmp_path / "tests", tmp_path / "out"
-    (project / "serve").mkdir(parents=True), out.mkdir()
+def _run_pytest(project: Path, workers: str) -> None:
+    """pytest with the suite's settings and tests/_groups.py's hook (without the TensorFlow
+    seeding of tests/conftest.py) on the test files in `project`."""
     tests = str(ROOT / "tests")
-    (project / "conftest.py").write_text(  # the suite's hook, without its TensorFlow seeding
+    (project / "conftest.py").write_text(
         f"import sys\nsys.path.insert(0, {tests!r})\n"
         "from _groups import pytest_collection_modifyitems  # noqa: F401\n"
     )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "-n", workers,
+         "-p", "no:cacheprovider", "--rootdir", str(project), str(project)],
+        capture_output=True, text=True, env=ENV, cwd=project, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_a_groups_tests_run_on_one_worker_by_mark_by_module_list_and_for_serve(tmp_path):
+    project, out = tmp_path / "tests", tmp_path / "out"
+    (project / "serve").mkdir(parents=True), out.mkdir()
     modules = {
         "test_marked": 'pytestmark = pytest.mark.xdist_group("marked")',
         "test_export": "",  # one of _groups.ONE_WORKER_MODULES
@@ -39,12 +51,7 @@ def test_a_groups_tests_run_on_one_worker_by_mark_by_module_list_and_for_serve(t
     }
     for name, mark in modules.items():
         (project / f"{name}.py").write_text(RECORD.format(mark=mark, out=str(out)))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "-n", "2",
-         "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(project)],
-        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
+    _run_pytest(project, "2")
     workers = defaultdict(set)
     for record in out.iterdir():
         workers[record.name.rsplit("-", 1)[0]].add(record.read_text())
@@ -57,20 +64,12 @@ def test_a_groups_tests_run_on_one_worker_by_mark_by_module_list_and_for_serve(t
 def test_the_slow_tests_are_handed_out_first(tmp_path):
     """pytest-xdist hands out work in collection order: the slow tests go first, so that the
     longest do not start last and run alone at the end."""
-    tests, order = str(ROOT / "tests"), tmp_path / "order.txt"
-    (tmp_path / "conftest.py").write_text(
-        f"import sys\nsys.path.insert(0, {tests!r})\n"
-        "from _groups import pytest_collection_modifyitems  # noqa: F401\n"
-    )
+    project, order = tmp_path / "tests", tmp_path / "order.txt"
+    project.mkdir()
     for name, mark in (("test_a_fast", ""), ("test_z_slow", "pytestmark = pytest.mark.slow")):
-        (tmp_path / f"{name}.py").write_text(
+        (project / f"{name}.py").write_text(
             f"import pytest\n{mark}\n\ndef test_runs():\n"
             f"    with open({str(order)!r}, 'a') as f:\n        f.write('{name}\\n')\n"
         )
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "-n", "0",
-         "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
-        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
+    _run_pytest(project, "0")
     assert order.read_text().split() == ["test_z_slow", "test_a_fast"]
