@@ -132,27 +132,27 @@ def save_checkpoint(
     model, directory: str | Path, meta: dict[str, Any], which: str = "best"
 ) -> Path:
     """Write the model then its metadata, each under a temporary name first: never half a file."""
+    return _write(directory, which, meta, model.save)
+
+
+def copy_checkpoint(directory: str | Path, source: str, target: str, meta: dict[str, Any]) -> Path:
+    """`target` as a copy of `source`'s model file (the same weights) with its own metadata,
+    written as `save_checkpoint` writes."""
+    model_file = Path(directory) / _names(source)[0]
+    return _write(directory, target, meta, lambda tmp: shutil.copyfile(model_file, tmp))
+
+
+def _write(directory: str | Path, which: str, meta: dict[str, Any], write_model) -> Path:
+    """`write_model(tmp)`, then tmp renamed to `which`'s model file, then its metadata."""
     name, meta_name = _names(which)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / name
     tmp = directory / f"tmp.{name}"  # Keras wants the .keras suffix
-    model.save(tmp)
+    write_model(tmp)
     os.replace(tmp, target)
     atomic_write_json(directory / meta_name, meta)
     return target
-
-
-def copy_checkpoint(directory: str | Path, source: str, target: str, meta: dict[str, Any]) -> Path:
-    """`target`'s files as a copy of `source`'s model (the same weights) with its own metadata,
-    written as `save_checkpoint` writes them."""
-    directory = Path(directory)
-    name, meta_name = _names(target)
-    tmp = directory / f"tmp.{name}"
-    shutil.copyfile(directory / _names(source)[0], tmp)
-    os.replace(tmp, directory / name)
-    atomic_write_json(directory / meta_name, meta)
-    return directory / name
 
 
 def load_model(path: str | Path):

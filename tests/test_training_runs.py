@@ -123,16 +123,19 @@ def twice(records_dir, tmp_path_factory) -> list[Path]:
     """Two model folders: stage 1 once, in a fresh process, and copied into the second; then
     a chained stage 2 in each, each in a fresh process. Stage 1's own repeatability is the
     kill/resume test's: its three processes end at the first folder's stage 1, bit for bit."""
-    folders = [tmp_path_factory.mktemp(name) for name in ("first", "second")]
-    for folder, stages in zip(folders, (("1", "2"), ("2",)), strict=True):
-        if stages == ("2",):
-            shutil.copytree(folders[0] / "stage1", folder / "stage1")
-        for stage in stages:
-            cmd = _train_cmd(records_dir, folder, *DETERMINISTIC)
-            cmd[cmd.index("--stage") + 1] = stage
-            done = run_group(cmd, env=ENV, stdout=PIPE, stderr=PIPE, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
-    return folders
+
+    def train(folder: Path, stage: str) -> None:
+        cmd = _train_cmd(records_dir, folder, *DETERMINISTIC)
+        cmd[cmd.index("--stage") + 1] = stage
+        done = run_group(cmd, env=ENV, stdout=PIPE, stderr=PIPE, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    first, second = (tmp_path_factory.mktemp(name) for name in ("first", "second"))
+    train(first, "1")
+    shutil.copytree(first / "stage1", second / "stage1")
+    for folder in (first, second):
+        train(folder, "2")
+    return [first, second]
 
 
 # The tests that read `twice` run on one xdist worker (--dist loadgroup): it is built once.

@@ -7,7 +7,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from _subprocess import ENV, ROOT
+from _subprocess import ENV, ROOT, run_group
 
 RECORD = """
 import os
@@ -31,10 +31,11 @@ def _run_pytest(project: Path, workers: str) -> None:
         f"import sys\nsys.path.insert(0, {tests!r})\n"
         "from _groups import pytest_collection_modifyitems  # noqa: F401\n"
     )
-    done = subprocess.run(
+    done = run_group(  # its group killed afterwards: the xdist workers too
         [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "-n", workers,
          "-p", "no:cacheprovider", "--rootdir", str(project), str(project)],
-        capture_output=True, text=True, env=ENV, cwd=project, timeout=300,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=project,
+        timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:]
 
