@@ -29,9 +29,13 @@ class Backup(keras.callbacks.BackupAndRestore):
     an optimizer's counter, which a skipped mixed-precision step does not advance).
     """
 
-    def __init__(self, backup_dir: str, first_step: int = 0, **kwargs):
+    def __init__(self, backup_dir: str, first_step: int = 0, first_epoch: int = 0, **kwargs):
         super().__init__(backup_dir, **kwargs)
         self.steps = first_step
+        # The epoch a backup records before this fit's first on_epoch_begin: a Ctrl-C raised
+        # there (DeferInterrupt runs first) would otherwise record Keras's initial 0, and the
+        # resumed run would train its epochs again from the first.
+        self._current_epoch = first_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch

@@ -293,6 +293,7 @@ def make_callbacks(
     backup = Backup(
         str(stage.backup_dir),
         datasets.first_step,
+        stage.start_epoch,
         save_freq=config.runtime.backup_steps or "epoch",
         double_checkpoint=True,
         delete_checkpoint=False,

@@ -35,7 +35,7 @@ from m2cnn_tf.config import (
     OptimConfig,
     RuntimeConfig,
 )
-from m2cnn_tf.errors import UsageError
+from m2cnn_tf.errors import Interrupted, UsageError
 from m2cnn_tf.model import backbone_layer_names, build_m2cnn
 from m2cnn_tf.train_step import TrainingError, TwoRateTrainer, make_optimizer
 
@@ -383,6 +383,27 @@ def test_a_ctrl_c_during_the_last_step_is_reported_once_the_stage_is_complete(
     assert result["interrupted"]
     assert (tmp_path / "stage1" / "last.keras").is_file()
     assert (tmp_path / "stage1" / "best.keras").is_file()
+
+
+def test_a_ctrl_c_before_the_first_epoch_of_a_resumed_fit_keeps_the_epoch_it_resumes_at(
+    tmp_path, records_dir, monkeypatch
+):
+    """A run carried on for more epochs (reproduce's longer Fig. 4 runs) and stopped as its fit
+    begins, before its first epoch: the backup used to record Keras's initial epoch 0, so the
+    resumed run trained every epoch again."""
+    quiet = {"log": lambda *_: None}
+    training.run(_config(records_dir, tmp_path, steps_per_epoch=1), **quiet)  # epoch 1 of 1
+
+    class CtrlCAtTrainBegin(callbacks.DeferInterrupt):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            os.kill(os.getpid(), signal.SIGINT)  # raised at the next epoch's begin
+
+    monkeypatch.setattr(training, "DeferInterrupt", CtrlCAtTrainBegin)
+    with pytest.raises(Interrupted):
+        training.run(_config(records_dir, tmp_path, steps_per_epoch=1, epochs=3), **quiet)
+    meta = json.loads((tmp_path / "stage1" / "backup" / "training_metadata.json").read_text())
+    assert (meta["epoch"], meta["steps"]) == (1, 1)
 
 
 def test_last_keras_is_the_final_weights_whether_copied_from_best_or_saved(tmp_path):
