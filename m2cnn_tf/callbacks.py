@@ -36,6 +36,11 @@ class Backup(keras.callbacks.BackupAndRestore):
         # there (DeferInterrupt runs first) would otherwise record Keras's initial 0, and the
         # resumed run would train its epochs again from the first.
         self._current_epoch = first_epoch
+        self.restored = False  # whether the model holds the backup's state (or a fresh start)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.restored = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
@@ -63,7 +68,9 @@ class DeferInterrupt(keras.callbacks.Callback):
     Python raises KeyboardInterrupt wherever the main thread happens to be, and inside TF's
     tracing or a callback whose exceptions are ignored it can be lost, so the run went on. The
     handler only records the request; the next batch raises it from the fit loop, and
-    `training.fit` saves the state. A second Ctrl-C stops at once.
+    `training.fit` saves the state. A second Ctrl-C stops at once. `training.fit` installs the
+    handler before Keras's fit: fit builds its callbacks first (TensorBoard writes its first
+    file then), and a Ctrl-C there must wait until the backup has restored the state too.
     """
 
     def __init__(self):
@@ -76,7 +83,7 @@ class DeferInterrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
         self.pending = True
 
-    def on_train_begin(self, logs=None):
+    def install(self) -> None:
         main = threading.current_thread() is threading.main_thread()
         if main and self._previous is None:  # once, over the fits of one run
             self._previous = signal.signal(signal.SIGINT, self._handler)

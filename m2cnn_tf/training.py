@@ -348,6 +348,7 @@ def fit(
         "verbose": 1 if stage.chief else 2,
     }
     done = datasets.first_step - stage.start_epoch * datasets.steps
+    callbacks.interrupt.install()
     try:
         if 0 < done < datasets.steps:  # finish the interrupted epoch first
             log(f"resuming epoch {stage.start_epoch + 1} after its step {done}: its "
@@ -366,10 +367,13 @@ def fit(
         return trainer.fit(train, initial_epoch=first, epochs=optim.epochs,
                            steps_per_epoch=datasets.steps, **common)  # fmt: skip
     except KeyboardInterrupt:
-        callbacks.backup._save_model()  # weights, optimizer state and the exact step, now
-        raise Interrupted(
-            f"interrupted; state saved in {stage.backup_dir}; rerun the same command to resume"
-        ) from None
+        # A second Ctrl-C can land before the backup has restored the model: its weights are
+        # then not the run's, and the backup on disk already holds every step trained.
+        saved = callbacks.backup.restored
+        if saved:
+            callbacks.backup._save_model()  # weights, optimizer state and the exact step, now
+        where = f"state saved in {stage.backup_dir}" if saved else "before its first step"
+        raise Interrupted(f"interrupted; {where}; rerun the same command to resume") from None
     except tf.errors.ResourceExhaustedError:
         batch = optim.batch_size
         raise TrainingError(

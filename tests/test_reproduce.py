@@ -219,12 +219,17 @@ def _kill(process: subprocess.Popen) -> None:
 
 
 def _stop_and_resume(out: Path, flags: list[str], logs: Path) -> None:
-    """1. Ctrl-C inside 224@60k, as soon as it starts as a copy of 224@20k's folder: while it
-    builds its model or traces its first step (a step is too short a window to aim at).
+    """1. Ctrl-C inside 224@60k, a copy of 224@20k's folder carried on, as its fit begins: when
+    TensorBoard writes a file the copy did not bring (a step is too short a window to aim at).
     2. The same command resumes: the finished runs are skipped, the stopped one trains again."""
     a = _start(flags, logs / "stopped.log")
+    copied, events = (
+        out / "runs" / r / "stage1" / "tensorboard" / "train" for r in ("mt224", "mt224_60k")
+    )
     try:
-        while not (out / "runs" / "mt224_60k").is_dir() and a.poll() is None:
+        while a.poll() is None and not (
+            {p.name for p in events.glob("events.*")} - {p.name for p in copied.glob("events.*")}
+        ):
             time.sleep(0.05)
         os.kill(a.pid, signal.SIGINT)
     finally:

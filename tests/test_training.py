@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -349,14 +350,14 @@ def test_out_of_memory_stops_in_one_line_suggesting_a_smaller_batch_size(
 def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
     callback = callbacks.DeferInterrupt()
     previous = signal.getsignal(signal.SIGINT)
-    callback.on_train_begin()
+    callback.install()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised: the step goes on
         assert callback.pending
         with pytest.raises(KeyboardInterrupt):
             callback.on_train_batch_begin(1)
         assert signal.getsignal(signal.SIGINT) is previous
-        callback.on_train_begin()
+        callback.install()
         with pytest.raises(KeyboardInterrupt):  # the impatient second Ctrl-C
             os.kill(os.getpid(), signal.SIGINT)
             deadline = time.monotonic() + 30  # the handler runs at once; this guards a hang
@@ -385,25 +386,43 @@ def test_a_ctrl_c_during_the_last_step_is_reported_once_the_stage_is_complete(
     assert (tmp_path / "stage1" / "best.keras").is_file()
 
 
-def test_a_ctrl_c_before_the_first_epoch_of_a_resumed_fit_keeps_the_epoch_it_resumes_at(
-    tmp_path, records_dir, monkeypatch
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory, records_dir) -> Path:
+    """A stage 1 of one epoch (one step), for runs carried on from it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    training.run(_config(records_dir, out, steps_per_epoch=1), log=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("ctrl_c", [1, 2], ids=["once", "twice"])
+def test_a_ctrl_c_as_a_resumed_fit_builds_its_callbacks_keeps_the_state_it_resumes_from(
+    tmp_path, records_dir, one_epoch_run, monkeypatch, ctrl_c
 ):
-    """A run carried on for more epochs (reproduce's longer Fig. 4 runs) and stopped as its fit
-    begins, before its first epoch: the backup used to record Keras's initial epoch 0, so the
-    resumed run trained every epoch again."""
-    quiet = {"log": lambda *_: None}
-    training.run(_config(records_dir, tmp_path, steps_per_epoch=1), **quiet)  # epoch 1 of 1
+    """A run carried on for more epochs (reproduce's longer Fig. 4 runs), stopped as Keras's
+    fit builds its callbacks: TensorBoard's set_model writes its first file there, before the
+    backup's. Once: it waits for the first epoch, and the backup still says epoch 1 (it used to
+    record Keras's initial 0, so the resumed run trained every epoch again; and with the handler
+    installed in on_train_begin the Ctrl-C was raised at once and saving a backup without a
+    model ended in a traceback). Twice: it stops at once, and the backup on disk is kept."""
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
+    backup = tmp_path / "stage1" / "backup"
+    before = {p.name: p.read_bytes() for p in backup.rglob("*") if p.is_file()}
 
-    class CtrlCAtTrainBegin(callbacks.DeferInterrupt):
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            os.kill(os.getpid(), signal.SIGINT)  # raised at the next epoch's begin
+    class CtrlCInSetModel(callbacks.TensorBoard):
+        def set_model(self, model):
+            super().set_model(model)
+            for _ in range(ctrl_c):
+                os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(training, "DeferInterrupt", CtrlCAtTrainBegin)
-    with pytest.raises(Interrupted):
-        training.run(_config(records_dir, tmp_path, steps_per_epoch=1, epochs=3), **quiet)
-    meta = json.loads((tmp_path / "stage1" / "backup" / "training_metadata.json").read_text())
+    monkeypatch.setattr(training, "TensorBoard", CtrlCInSetModel)
+    config = _config(records_dir, tmp_path, steps_per_epoch=1, epochs=3)
+    said = "state saved in" if ctrl_c == 1 else "before its first step"
+    with pytest.raises(Interrupted, match=said):
+        training.run(config, log=lambda *_: None)
+    meta = json.loads((backup / "training_metadata.json").read_text())
     assert (meta["epoch"], meta["steps"]) == (1, 1)
+    if ctrl_c == 2:
+        assert {p.name: p.read_bytes() for p in backup.rglob("*") if p.is_file()} == before
 
 
 def test_last_keras_is_the_final_weights_whether_copied_from_best_or_saved(tmp_path):
