@@ -15,8 +15,9 @@ its own process, and prints:
 --measure-only skips the training and measures every (preset, size, Multi-Cell path) that
 footprint.MEASURED holds, printing its lines. --preset and --sizes shrink the chain (a test runs
 it with the tiny preset on small records); the defaults are the paper's. Each measurement runs
-in its own process, so one stage's memory does not inflate the next. Not a test: expect 20-40
-minutes on 2 cores.
+after the training, all in one process of their own (TensorFlow starts once): each reads the
+allocator's peak above what was in use before its step, so one measurement does not inflate the
+next. Not a test: expect 20-40 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from m2cnn_tf.reproduce import footprint, protocol  # noqa: E402  (after sys.path)
 
 STAGES = ((1, 224, "small"), (2, 448, "medium"), (3, 720, "large"))
+# argv: batch, then (preset, size, multi_cell 0/1) triples; one JSON line per triple.
 MEASURE = (
-    "import json, sys, time; from m2cnn_tf.reproduce import footprint; "
-    "p, s, mc, b = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4]); "
-    "f, sec = footprint.measure(p, s, mc, (b // 2 or 1, b)); "
-    "print(json.dumps({'params': f.params, 'per_image': f.per_image, "
-    "'step_fixed': f.step_fixed, 'seconds_per_step': sec}))"
+    "import json, sys; from m2cnn_tf.reproduce import footprint; b = int(sys.argv[1]); "
+    "specs = [sys.argv[i:i + 3] for i in range(2, len(sys.argv), 3)]\n"
+    "for p, s, mc in specs:\n"
+    "    f, sec = footprint.measure(p, int(s), mc == '1', (b // 2 or 1, b))\n"
+    "    print(json.dumps({'params': f.params, 'per_image': f.per_image, "
+    "'step_fixed': f.step_fixed, 'seconds_per_step': sec}), flush=True)"
 )
 
 
@@ -56,13 +59,13 @@ def _child(command: list[str]) -> tuple[int, float, float, str]:
     return proc.returncode, time.monotonic() - start, usage.ru_maxrss / 1024, out
 
 
-def measure(preset: str, size: int, multi_cell: bool, batch: int) -> dict:
-    code, _, _, out = _child(
-        [sys.executable, "-c", MEASURE, preset, str(size), "1" if multi_cell else "0", str(batch)]
-    )
+def measure(specs: list[tuple[str, int, bool]], batch: int) -> list[dict]:
+    """footprint.measure of each (preset, size, Multi-Cell) in one child process, in order."""
+    args = [str(v) for p, size, mc in specs for v in (p, size, "1" if mc else "0")]
+    code, _, _, out = _child([sys.executable, "-c", MEASURE, str(batch), *args])
     if code != 0:
-        raise SystemExit(f"paper_smoke: measuring {preset} {size} failed (exit {code})")
-    return json.loads(out.strip().splitlines()[-1])
+        raise SystemExit(f"paper_smoke: measuring {specs} failed (exit {code})")
+    return [json.loads(line) for line in out.strip().splitlines()[-len(specs) :]]
 
 
 def train_stage(
@@ -99,8 +102,8 @@ def main() -> int:
     if len(sizes) != len(STAGES):
         p.error(f"--sizes: need {len(STAGES)} sizes, got {args.sizes}")
     if args.measure_only:
-        for preset, size, path in footprint.MEASURED:
-            m = measure(preset, size, path != "small", 2)
+        specs = [(p, size, path != "small") for p, size, path in footprint.MEASURED]
+        for (preset, size, path), m in zip(footprint.MEASURED, measure(specs, 2), strict=True):
             print(
                 f'    ("{preset}", {size}, "{path}"): Footprint({m["params"]:_}, '
                 f"{m['per_image'] / 1e6:.1f} * MB, {m['step_fixed'] / 1e6:.1f} * MB),",
@@ -110,14 +113,17 @@ def main() -> int:
     batch16 = protocol.TRAIN_SETTINGS["batch_size"].value
     head = f"stage  size  s/step (CPU, batch {args.batch})  peak RSS  best.keras  "
     print(f"{head}train step per image (fp32)  + fixed  GPU est. (batch {batch16}, mixed)")
-    for (stage, _, _), size in zip(STAGES, sizes, strict=True):
-        trained = train_stage(stage, args.data, args.out, args.batch, args.preset, size)
-        m = measure(args.preset, size, True, args.batch)
+    trained = [
+        train_stage(stage, args.data, args.out, args.batch, args.preset, size)
+        for (stage, _, _), size in zip(STAGES, sizes, strict=True)
+    ]
+    measured = measure([(args.preset, size, True) for size in sizes], args.batch)
+    for (stage, _, _), size, t, m in zip(STAGES, sizes, trained, measured, strict=True):
         found = footprint.Footprint(m["params"], m["per_image"], m["step_fixed"])
         gpu = tuple(b / footprint.GB for b in footprint.gpu_bytes(found, batch16, True))
         print(
             f"{stage:5d}  {size:4d}  {m['seconds_per_step']:21.2f}  "
-            f"{trained['peak_rss_mb']:6.0f} MB  {trained['checkpoint_mb']:7.0f} MB  "
+            f"{t['peak_rss_mb']:6.0f} MB  {t['checkpoint_mb']:7.0f} MB  "
             f"{m['per_image'] / 1e6:23.0f} MB  {m['step_fixed'] / 1e6:4.0f} MB  "
             f"{footprint.describe_gb(gpu)}",
             flush=True,
