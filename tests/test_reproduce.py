@@ -5,8 +5,8 @@ not derived from m2cnn_tf/reproduce/protocol.py. The miniature trains every run 
 Table III and Fig. 4 with the tiny preset at 80/352/704 px (one per Multi-Cell path) for a step
 or three each: every experiment straight through; then Fig. 4's six runs (`--experiments fig4`)
 in a second folder that starts with copies of its two BaseNet runs (224@20k, 448@20k), so that
-the M²CNN run 448*@32k trains again from the copy of 224@20k, and 224@60k trains again on from
-it, stopped by a real Ctrl-C and resumed (at this scale the other two longer runs round to
+the M²CNN run 448*@32k trains again from the copy of 224@20k, and 224@60k carries that copy
+on again, stopped by a real Ctrl-C and resumed (at this scale the other two longer runs round to
 their source's step count: copies). Every prediction of the second folder (all six evaluated
 again) must be the same bytes as the first's, and so must Fig. 4's tables and the weights of
 the runs trained again (deterministic runs, exact resume); a rerun then only rebuilds the

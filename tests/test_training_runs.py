@@ -354,8 +354,8 @@ def _val_kappa(model_path_or_model, data_dir, size):
 
 def test_stage_one_on_the_demo_data_learns(tmp_path):
     """demo → data_prep.kaggle → train.py: val kappa clearly above the untrained model's.
-    At 96 px (docs/training.md's run is at 128) the 6 epochs reach val kappa ~0.92 here too, in
-    half the time; at 4 epochs it reaches only ~0.7-0.8, too close to the bound below."""
+    96 px (docs/training.md's run is at 128): 6 epochs reach val kappa ~0.92 in half the time
+    of 128 px; 4 epochs reach only ~0.7-0.8, too close to the bound below."""
     size = 96
     run_group(
         [
