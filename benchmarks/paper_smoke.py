@@ -48,10 +48,10 @@ MEASURE = (
 )
 
 
-def _child(command: list[str]) -> tuple[int, float, float, str]:
+def _child(command: list[str], **env_vars: str) -> tuple[int, float, float, str]:
     """Run a child process: (exit code, wall seconds, peak RSS in MB, its stdout)."""
     start = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_vars}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
@@ -60,9 +60,14 @@ def _child(command: list[str]) -> tuple[int, float, float, str]:
 
 
 def measure(specs: list[tuple[str, int, bool]], batch: int) -> list[dict]:
-    """footprint.measure of each (preset, size, Multi-Cell) in one child process, in order."""
+    """footprint.measure of each (preset, size, Multi-Cell) in one child process, in order.
+
+    With oneDNN on: its CPU allocator keeps the statistics `measure` reads. TensorFlow turns
+    oneDNN on by itself only on CPUs with AVX512_VNNI, AVX512_BF16 or AMX (where MEASURED was
+    taken); on others (AVX2, say) the default allocator keeps none."""
     args = [str(v) for p, size, mc in specs for v in (p, size, "1" if mc else "0")]
-    code, _, _, out = _child([sys.executable, "-c", MEASURE, str(batch), *args])
+    command = [sys.executable, "-c", MEASURE, str(batch), *args]
+    code, _, _, out = _child(command, TF_ENABLE_ONEDNN_OPTS="1")
     if code != 0:
         raise SystemExit(f"paper_smoke: measuring {specs} failed (exit {code})")
     return [json.loads(line) for line in out.strip().splitlines()[-len(specs) :]]

@@ -18,6 +18,7 @@ from keras import ops
 from m2cnn_tf import augmentation
 from m2cnn_tf.config import NUM_CLASSES, OBJECTIVES, OPTIMIZERS, AugmentConfig, unknown_choice
 from m2cnn_tf.errors import RunFailed
+from m2cnn_tf.fused_adam import FusedAdam
 from m2cnn_tf.losses import TERMS, objective_loss, regularized_variables
 from m2cnn_tf.metrics import DEFAULT_CUTPOINTS
 from m2cnn_tf.model import split_lr_groups
@@ -94,9 +95,10 @@ class QuadraticKappa(keras.metrics.Metric):
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     """Adam by default: the paper names none; Adam is robust to the 10× LR gap between groups and
     is what fine-tuning recipes for IRv2 on Kaggle DR used. L_reg lives in the loss (Eq. (4)),
-    so no optimizer applies decoupled weight decay."""
+    so no optimizer applies decoupled weight decay. Adam's update runs as one fused kernel per
+    variable (`fused_adam`): the same update, in half the tracing."""
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return FusedAdam(learning_rate)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate)
     if name == "momentum":

@@ -123,14 +123,37 @@ SYNC_BN_SCRIPT = textwrap.dedent(
             "saved_mean": bn.moving_mean.numpy().tolist(),
         }
 
+    def adam_weights(adam):
+        # Each replica's copy of every weight after three two-rate Adam steps.
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            x = inputs = keras.Input((6, 6, 3))
+            x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="c")(x))
+            net = keras.Model(inputs, {"logits": keras.layers.Dense(5, name="logits")(x),
+                                       "score": keras.layers.Dense(1, name="score")(x)})
+            trainer = TwoRateTrainer(net, ["c"], weight_decay=0.0)
+            trainer.compile_two_rates(adam(1e-3), adam(1e-2), mixed_precision=False,
+                                      jit_compile=False)
+        trainer.fit(ds, epochs=1, steps_per_epoch=3, verbose=0)
+        local = strategy.experimental_local_results
+        return [[v.numpy().tolist() for v in local(w.value)] for w in net.trainable_weights]
+
     print(json.dumps({"images": images.tolist(), "on": moving_statistics(True),
-                      "off": moving_statistics(False)}))
+                      "off": moving_statistics(False),
+                      "fused_adam": adam_weights(lambda lr: make_optimizer("adam", lr)),
+                      "keras_adam": adam_weights(keras.optimizers.Adam)}))
     """
 )
 
 
-def test_synchronised_bn_uses_the_global_batch_and_unsynchronised_each_replicas_half():
-    result = run_json_script(SYNC_BN_SCRIPT, timeout=300)
+@pytest.fixture(scope="module")
+def mirrored() -> dict:
+    """SYNC_BN_SCRIPT's results: one process for the module's tests under MirroredStrategy."""
+    return run_json_script(SYNC_BN_SCRIPT, timeout=300)
+
+
+def test_synchronised_bn_uses_the_global_batch_and_unsynchronised_each_replicas_half(mirrored):
+    result = mirrored
     images = np.asarray(result["images"])
     axes = (0, 1, 2)
     whole_mean, whole_var = images.mean(axes), images.var(axes)  # Keras: biased variance
@@ -145,3 +168,14 @@ def test_synchronised_bn_uses_the_global_batch_and_unsynchronised_each_replicas_
         np.testing.assert_allclose(result["off"]["mean"][k], half.mean(axes), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(result["off"]["var"][k], half.var(axes), rtol=1e-4, atol=1e-5)
     assert np.abs(np.asarray(result["off"]["saved_mean"]) - whole_mean).min() > 0.5
+
+
+def test_fused_adam_under_mirrored_strategy_updates_every_replicas_copy_as_keras_adam(mirrored):
+    """The fused kernel runs once per replica's copy (`extended.update`): both copies stay
+    equal and both moved as Keras's own Adam moves them."""
+    fused, reference = mirrored["fused_adam"], mirrored["keras_adam"]
+    assert len(fused) == len(reference) == 6  # conv, logits and score: kernels and biases
+    for copies, expected in zip(fused, reference, strict=True):
+        np.testing.assert_array_equal(copies[0], copies[1])
+        for copy in copies:
+            np.testing.assert_allclose(copy, expected[0], rtol=0, atol=1e-6)

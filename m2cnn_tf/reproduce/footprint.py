@@ -2,7 +2,8 @@
 
 Memory. `measure` runs the real train step (forward in training mode, Eq. (4)'s loss, the
 gradients of every trainable variable) of the real Keras graph on the CPU at two batch sizes
-and reads TensorFlow's own allocator statistics (`tf.config.experimental.get_memory_info`):
+and reads TensorFlow's own allocator statistics (`tf.config.experimental.get_memory_info`,
+kept by oneDNN's CPU allocator: `benchmarks/paper_smoke.py` turns oneDNN on to measure):
 the peak grows by `per_image` bytes per image, on top of `step_fixed` bytes (gradients and
 buffers that do not grow with the batch). `MEASURED` holds those figures, measured by
 `benchmarks/paper_smoke.py` in float32 on the CPU. A GPU estimate is derived from them:
@@ -98,7 +99,13 @@ def measure(
         images = tf.random.uniform([batch, size, size, 3], -1.0, 1.0)
         grades = tf.zeros([batch], tf.int32)
         step(images, grades)  # trace (the first batch), and let the allocator settle
-        tf.config.experimental.reset_memory_stats("CPU:0")
+        try:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+        except ValueError:
+            raise RuntimeError(
+                "footprint.measure needs the CPU allocator's statistics, which TensorFlow keeps "
+                "with oneDNN on: set TF_ENABLE_ONEDNN_OPTS=1 before it starts"
+            ) from None
         before = tf.config.experimental.get_memory_info("CPU:0")["current"]
         start = time.perf_counter()
         grads = step(images, grades)

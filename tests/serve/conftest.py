@@ -4,8 +4,10 @@ batches close only when full); photographs good and bad; predict.py's own CSV fo
 
 The server runs with --max-batch 2 (every call padded to 2) and predict.py with --batch-size 2
 on files that make full pairs: every photograph goes through a model call of the same shape
-both ways, so their numbers are equal bit for bit, and equal as printed (oneDNN's CPU kernels
-round differently for other batch shapes, in the last bits).
+both ways, so under oneDNN their numbers are equal bit for bit, and equal as printed (oneDNN's
+CPU kernels round differently for other batch shapes, in the last bits). Under TensorFlow's
+Eigen kernels (CPUs without AVX512_VNNI, AVX512_BF16 or AMX) a photograph's place in the call
+can change its last bits too: the tests that compare numbers allow `_served.PLACE_ROUNDING`.
 """
 
 from __future__ import annotations

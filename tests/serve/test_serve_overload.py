@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from _attacks import connect
 from _served import (
+    assert_same_result,
     memory_kb,
     reset_peak,
     serving,
@@ -24,6 +25,9 @@ from _served import (
     upload_bytes,
     wait_for,
 )
+from _subprocess import run_json_script
+
+from m2cnn_tf.commands import serve as serve_command
 
 BUSY = ("the grading queue is full", "the server's memory budget is in use by other requests")
 BUDGET_MB = 64
@@ -122,7 +126,8 @@ def test_64_near_limit_uploads_stay_within_the_memory_budget(model_dir, photos, 
         assert len(accepted) + len(refused) == UPLOADS, statuses
         assert accepted and refused, statuses
         for reply in accepted:
-            assert reply.json()["results"] == [alone]
+            (result,) = reply.json()["results"]
+            assert_same_result(result, alone)
         for reply in refused:
             assert reply.json()["detail"].startswith(BUSY)
             assert int(reply.headers["retry-after"]) >= 1
@@ -136,3 +141,33 @@ def test_64_near_limit_uploads_stay_within_the_memory_budget(model_dir, photos, 
         _graded(_post(served, upload([photos["good_jpeg"]])), 1)
     finally:
         stop_server(process)
+
+
+# Eight threads each allocate (50 KB: under the mmap threshold, so from an arena) and stay alive
+# until all have (an exiting thread's arena is handed to the next), then glibc's own malloc_info
+# counts the arenas; with and without serve.py's cap, in fresh processes.
+ARENAS_SCRIPT = """
+import ctypes, json, os, tempfile, threading
+from m2cnn_tf.commands import serve
+capped = CAP and serve.limit_malloc_arenas()
+hold, together = [], threading.Barrier(8)
+def allocate():
+    hold.append(bytearray(50_000))
+    together.wait()
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+path = os.path.join(tempfile.mkdtemp(), "malloc_info.xml")
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(f)); libc.fclose(ctypes.c_void_p(f))
+print(json.dumps({"capped": capped, "arenas": open(path).read().count("<heap nr=")}))
+"""
+
+
+def test_the_server_caps_glibcs_malloc_arenas_that_threads_would_multiply():
+    capped = run_json_script(f"CAP = True\n{ARENAS_SCRIPT}", timeout=120)
+    free = run_json_script(f"CAP = False\n{ARENAS_SCRIPT}", timeout=120)
+    assert capped == {"capped": True, "arenas": serve_command.MALLOC_ARENAS}
+    assert free["arenas"] > serve_command.MALLOC_ARENAS  # what the cap prevents
