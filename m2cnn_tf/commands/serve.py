@@ -198,7 +198,7 @@ def _body(rest: list[str]) -> int | None:
 # arena keeps what it once held. The model's activations, allocated by whichever TensorFlow
 # thread runs each op, then spread over arenas and the resident size creeps up call by call,
 # past --max-inflight-mb's accounting. Measured with tests/serve's 64 near-limit uploads (AMD EPYC,
-# TensorFlow's Eigen kernels): the peak grew by 29-38 MB with two arenas, 45-66 MB without.
+# TensorFlow's Eigen kernels): the peak grew by 29-38 MB with two arenas, 45-70 MB without.
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
