@@ -207,7 +207,7 @@ def _start(flags: list[str], log: Path) -> subprocess.Popen:
         )  # fmt: skip
 
 
-def _wait(process: subprocess.Popen, log: Path, timeout: float = 540) -> int:
+def _wait(process: subprocess.Popen, log: Path, timeout: float = 900) -> int:
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -254,6 +254,9 @@ def _done(run_dir: Path) -> bool:
     return state.is_file() and json.loads(state.read_text())["done"]
 
 
+# A guard against hangs, not a speed check: the whole test took 383 s on an AVX-512 CPU (oneDNN)
+# and 539 s on an AVX2 one (Eigen kernels), too close to the suite's 600 s per test.
+@pytest.mark.timeout(1500)
 @pytest.mark.slow
 def test_a_miniature_of_every_experiment_is_bit_for_bit_repeatable_and_resumes_exactly(
     tmp_path, mini_data
