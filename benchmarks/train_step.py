@@ -3,7 +3,7 @@
 Same model (tiny preset, to stay quick on a CPU), same in-memory batch, no augmentation, so
 only the step differs:
   single  keras `Model.compile(Adam, CE + MSE)` + `fit` on the functional M²CNN;
-  two     `TwoRateTrainer` (Adam at LR1 for the BaseNet, Adam at LR2 for the rest, one
+  two     `TwoRateTrainer` (fused Adam at LR1 for the BaseNet and at LR2 for the rest, one
           gradient computation, plus L_reg of Eq. (4) that the single variant does not compute).
 Reports the median seconds per step over several timed epochs and their ratio (target ≤ 1.05).
 

@@ -205,7 +205,7 @@ _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """Cap glibc's malloc arenas for this process (threads that allocate later share them);
-    False where the C library is not glibc, whose allocators need no cap."""
+    False where the C library is not glibc (no mallopt to call)."""
     import ctypes
 
     try:
