@@ -14,7 +14,7 @@ its own process, and prints:
 - the GPU memory that reproduce.footprint derives for the protocol's batch with mixed precision.
 --measure-only skips the training and measures every (preset, size, Multi-Cell path) that
 footprint.MEASURED holds, printing its lines. --preset and --sizes shrink the chain (a test runs
-it with the tiny preset on small records); the defaults are the paper's. Each measurement runs
+it with the nano preset on small records); the defaults are the paper's. Each measurement runs
 after the training, all in one process of their own (TensorFlow starts once): each reads the
 allocator's peak above what was in use before its step, so one measurement does not inflate the
 next. Not a test: expect 20-40 minutes on 2 cores.

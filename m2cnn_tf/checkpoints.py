@@ -159,7 +159,7 @@ def load_model(path: str | Path):
     """Load a `.keras` checkpoint in safe mode, without its optimizer state."""
     import keras
 
-    from m2cnn_tf import cells  # noqa: F401  (registers ResidualScale for deserialisation)
+    from m2cnn_tf import cells  # noqa: F401  (registers its layers for deserialisation)
 
     path = Path(path)
     if not path.is_file():

@@ -51,22 +51,23 @@ class WeightsUnavailable(UsageError):
 
 def _backbone(x, preset):
     """Inception-ResNet-v2 up to conv_7b_ac, with N1/N2/N_C repeats (Fig. 2, 'BaseNet')."""
-    x = cells.stem(x)
+    width = preset.width
+    x = cells.stem(x, width)
     for i in range(1, preset.n1 + 1):
-        x = cells.inception_resnet_block(x, "block35", f"block35_{i}")
-    x = cells.reduction_a(x)
+        x = cells.inception_resnet_block(x, "block35", f"block35_{i}", width=width)
+    x = cells.reduction_a(x, width=width)
     for i in range(1, preset.n2 + 1):
-        x = cells.inception_resnet_block(x, "block17", f"block17_{i}")
-    x = cells.reduction_b(x, "mixed_7a")
-    x = cells.cell_c_stack(x, preset.n_c, "block8")
-    return cells.conv2d_bn(x, 1536, 1, "conv_7b")
+        x = cells.inception_resnet_block(x, "block17", f"block17_{i}", width=width)
+    x = cells.reduction_b(x, "mixed_7a", width)
+    x = cells.cell_c_stack(x, preset.n_c, "block8", width)
+    return cells.conv2d_bn(x, cells.widths(width)(1536), 1, "conv_7b")
 
 
-def _multi_cell_group(x, prefix: str, count: int):
+def _multi_cell_group(x, prefix: str, count: int, width: float):
     """§II-C Medial/large image cells: Reduction Cell-B, `count` Normal Cell-C, 1x1 to 1536."""
-    x = cells.reduction_b(x, f"{prefix}_reduction_b")
-    x = cells.cell_c_stack(x, count, f"{prefix}_block8")
-    return cells.conv2d_bn(x, 1536, 1, f"{prefix}_conv")
+    x = cells.reduction_b(x, f"{prefix}_reduction_b", width)
+    x = cells.cell_c_stack(x, count, f"{prefix}_block8", width)
+    return cells.conv2d_bn(x, cells.widths(width)(1536), 1, f"{prefix}_conv")
 
 
 def _init_group_near_identity(model: keras.Model, prefix: str, count: int) -> None:
@@ -121,7 +122,7 @@ def build_m2cnn(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = _backbone(inputs, p)
     for prefix, count in groups:
-        x = _multi_cell_group(x, prefix, count)
+        x = _multi_cell_group(x, prefix, count, p.width)
     x = layers.GlobalAveragePooling2D(name=POOL)(x)
     # §II-B Multi-Task: a 5-way classification head (CE, Eq. (2)) and a regression head (MSE,
     # Eq. (3)). float32 so losses stay exact under a mixed-precision policy.
@@ -137,6 +138,12 @@ def build_m2cnn(
             _init_group_near_identity(model, prefix, count)
     set_batchnorm(model, momentum=bn_momentum, synchronized=sync_bn)
     if weights is not None and weights != "none":
+        if p.width != 1:
+            raise UsageError(
+                f"the {preset} preset's widths fit no Inception-ResNet-v2 weights; use weights "
+                "none",
+                setting="weights",
+            )
         load_backbone_weights(model, weights, preset=preset)
     return model
 

@@ -2,8 +2,8 @@
 
 `make demo` itself takes ~12 minutes; this runs the same steps (data_prep.demo ->
 data_prep.kaggle -> train.py stages 1-3 -> evaluate.py -> predict.py --gradcam -> compare) with
-small images and one short epoch per stage, so every CLI and every hand-over between them is
-exercised on each CI run. Learning itself is tested in test_training_runs.py.
+the nano preset, small images and one short epoch per stage, so every CLI and every hand-over
+between them is exercised on each CI run. Learning itself is tested in test_training_runs.py.
 """
 
 import json
@@ -30,6 +30,7 @@ def _make(tmp_path: Path, *targets: str, **overrides: str) -> subprocess.Complet
         "DEMO": str(tmp_path / "run"),
         "DEMO_DATA": str(tmp_path / "data"),
         "DEMO_GEN": "--per-grade 3 --eval-per-grade 2 --width 320",
+        "DEMO_TRAIN": "--preset nano --seed 0 --deterministic",
         "DEMO_SIZES": ",".join(map(str, SIZES)),
         "DEMO_STAGE1": f"--weights none --epochs 1 --batch-size 4 --image-size {SIZES[0]}",
         "DEMO_STAGE2": f"--epochs 1 --batch-size 2 --steps-per-epoch 2 --image-size {SIZES[1]}",
@@ -105,7 +106,7 @@ def test_demo_clean_removes_the_run_and_the_demo_data(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_paper_smoke_trains_the_three_stage_chain_and_reports_each_stage(tmp_path):
-    """`make paper-smoke` shrunk through PAPER_SMOKE_FLAGS (tiny preset at SIZES) on records
+    """`make paper-smoke` shrunk through PAPER_SMOKE_FLAGS (the nano preset at SIZES) on records
     written here: one table row per stage with its measurements, and the chain's checkpoints
     (stage 3 carries the large cells) whose sizes the table reports."""
     from _tfrecords import grade_images, write_split
@@ -123,10 +124,10 @@ def test_make_paper_smoke_trains_the_three_stage_chain_and_reports_each_stage(tm
     ):
         os.utime(stamp, (1_000_000 + i, 1_000_000 + i))  # make: the records are up to date
 
-    flags = f"--preset tiny --sizes {','.join(map(str, SIZES))}"
+    flags = f"--preset nano --sizes {','.join(map(str, SIZES))}"
     done = _make(tmp_path, "paper-smoke", PAPER_SMOKE_FLAGS=flags)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "data_prep" not in done.stdout and "--preset tiny" in done.stdout
+    assert "data_prep" not in done.stdout and "--preset nano" in done.stdout
     row = re.compile(
         r"^\s*(\d)\s+(\d+)\s+([\d.]+)\s+(\d+) MB\s+(\d+) MB\s+(-?\d+) MB\s+(-?\d+) MB\s+\S.*$", re.M
     )
@@ -140,7 +141,7 @@ def test_make_paper_smoke_trains_the_three_stage_chain_and_reports_each_stage(tm
     ):
         meta = json.loads((out / f"stage{stage}" / "best.json").read_text())
         assert meta["stage"] == int(stage) and meta["resolution"] == int(size)
-        assert meta["preset"] == "tiny" and meta["multi_cell_path"] == path
+        assert meta["preset"] == "nano" and meta["multi_cell_path"] == path
         best = out / f"stage{stage}" / "best.keras"
         assert int(ckpt_mb) == round(best.stat().st_size / 1e6)
         assert float(step_s) > 0 and int(rss_mb) > 100  # a TensorFlow process: > 100 MB

@@ -2,7 +2,7 @@
 
 The expected inits and step counts are written out by hand from §III-A, Table II/III and Fig. 4,
 not derived from m2cnn_tf/reproduce/protocol.py. The miniature trains every run of Table II,
-Table III and Fig. 4 with the tiny preset at 80/352/704 px (one per Multi-Cell path) for a step
+Table III and Fig. 4 with the nano preset at 80/352/704 px (one per Multi-Cell path) for a step
 or three each: every experiment straight through; then Fig. 4's six runs (`--experiments fig4`)
 in a second folder that starts with copies of its two BaseNet runs (224@20k, 448@20k), so that
 the M²CNN run 448*@32k trains again from the copy of 224@20k, and 224@60k carries that copy
@@ -263,7 +263,7 @@ def test_a_miniature_of_every_experiment_is_bit_for_bit_repeatable_and_resumes_e
 ):
     def flags(out: Path, *more: str) -> list[str]:
         return [
-            *("--data", str(mini_data), "--out", str(out), "--preset", "tiny"),
+            *("--data", str(mini_data), "--out", str(out), "--preset", "nano"),
             *("--weights", "none", "--sizes", ",".join(map(str, MINI_SIZES))),
             *("--steps-scale", "0.00005", "--batch-size", "2", "--allow-cpu", *more),
         ]

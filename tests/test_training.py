@@ -494,7 +494,7 @@ def test_documented_flags_keep_their_names_and_defaults():
     assert flags["strategy"].parser.enum_values == ["default", "mirrored", "multiworker"]
     assert flags["loss"].parser.enum_values == ["multitask", "ce", "mse"]
     assert flags["augment-on"].parser.enum_values == ["step", "pipeline"]
-    assert flags["preset"].parser.enum_values == ["paper", "tiny"]
+    assert flags["preset"].parser.enum_values == ["paper", "tiny", "nano"]
 
 
 def test_every_setting_but_the_class_count_is_a_flag_with_its_help():
@@ -723,7 +723,7 @@ def two_runs(records_dir, tmp_path_factory) -> TwoRuns:
     stray file in its backup, --noresume --backup-steps 1 --strategy mirrored for 2 epochs of
     2 steps, watching its backups and its strategy."""
     model_dir = tmp_path_factory.mktemp("two_runs")
-    common = [*RUN, *BASE, "--seed", "0"]
+    common = [*RUN, *BASE, "--preset", "nano", "--seed", "0"]
     common = [a.format(data=records_dir, dir=model_dir) for a in common]
     stage = model_dir / "stage1"
     xla = _train([*common, "--xla", "--epochs", "1", "--steps-per-epoch", "1"])

@@ -1,7 +1,7 @@
 """Reproduce the paper: every run of Table II, Table III and Fig. 4, then the comparison report.
 
     python reproduce.py --data DATA --out OUT [--experiments table2,table3,fig4]
-        [--preset paper|tiny] [--batch-size N] [--steps-scale F] [--weights imagenet|none|PATH]
+        [--preset paper|tiny|nano] [--batch-size N] [--steps-scale F] [--weights imagenet|none|PATH]
         [--sizes 224,448,720] [--ablation-init imagenet|stage] [--checkpoint last|best]
         [--seeds N] [--allow-cpu] [--dry-run]
 
@@ -26,7 +26,7 @@ import sys
 from absl import flags
 
 from m2cnn_tf import cli, common
-from m2cnn_tf.config import PRESETS
+from m2cnn_tf.config import PRESET_HELP, PRESETS
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.reproduce import plan as planning
 from m2cnn_tf.reproduce import protocol
@@ -44,7 +44,7 @@ flags.DEFINE_enum(
     "preset",
     Options.preset,
     list(PRESETS),
-    "Block counts: paper (§III-A) or tiny (CPU miniatures).",
+    PRESET_HELP,
     **_F,
 )
 flags.DEFINE_integer(

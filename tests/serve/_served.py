@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import io
 import os
 import re
 import signal
@@ -62,6 +64,23 @@ def assert_printed_as(value: float, printed: str) -> None:
         assert abs(value - float(printed)) <= 5e-7 + PLACE_ROUNDING * (1 + abs(value)), printed
     else:
         assert f"{value:.6f}" == printed
+
+
+def assert_same_csv(got: str, want: str) -> None:
+    """Two prediction CSVs: the same text under oneDNN; elsewhere the same lines and cells, each
+    number printed with six decimals equal give or take PLACE_ROUNDING (one printed digit)."""
+    if not PLACE_ROUNDING:
+        assert got == want
+        return
+    assert got.count("\r\n") == want.count("\r\n")
+    rows = [list(csv.reader(io.StringIO(text, newline=""))) for text in (got, want)]
+    assert [len(r) for r in rows[0]] == [len(r) for r in rows[1]] and rows[0][0] == rows[1][0]
+    for ours, theirs in zip(rows[0][1:], rows[1][1:], strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            if a != b:
+                assert abs(float(a) - float(b)) <= 1e-6 + PLACE_ROUNDING * (1 + abs(float(b))), (
+                    ours, theirs,
+                )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

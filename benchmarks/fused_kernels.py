@@ -1,12 +1,15 @@
-"""The train step with the fused Adam (m2cnn_tf/fused_adam.py) against Keras's own Adam.
+"""The train step with our fused kernels against Keras's own layers: Adam
+(m2cnn_tf/fused_adam.py) and BatchNormalization (m2cnn_tf/fused_batchnorm.py).
 
-Same model, batch and two-rate train step; only the optimizer class differs. Each variant runs
-in a fresh process (a process traces a model once, as each train.py run does), the two
-alternating, `--repeats` times each. Prints, per variant, the ops in the traced step, the
-seconds to trace and run the first step, and the median seconds per step after it; then the
-fused/Keras ratios of the medians.
+Same model, batch and two-rate train step; three variants: `keras` (Keras's Adam and
+BatchNormalization), `fused_adam` (the fused Adam, Keras's BatchNormalization) and `fused`
+(both fused: what train.py runs). Each variant runs in a fresh process (a process traces a
+model once, as each train.py run does), the three alternating, `--repeats` times each. Prints,
+per variant, the ops in the traced step, the seconds to trace and run the first step, and the
+median seconds per step after it; then the ratios of the medians.
 
-    python benchmarks/fused_adam.py [--size 80] [--batch 2] [--steps 10] [--repeats 2]
+    python benchmarks/fused_kernels.py [--preset tiny] [--size 80] [--batch 2] [--steps 10]
+        [--repeats 2]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-VARIANTS = ("keras", "fused")
+VARIANTS = ("keras", "fused_adam", "fused")
 
 
 def measure(variant: str, preset: str, size: int, batch: int, steps: int) -> dict:
@@ -32,9 +35,12 @@ def measure(variant: str, preset: str, size: int, batch: int, steps: int) -> dic
     import numpy as np
     import tensorflow as tf
 
+    from m2cnn_tf import fused_batchnorm
     from m2cnn_tf.model import backbone_layer_names, build_m2cnn
     from m2cnn_tf.train_step import TwoRateTrainer, make_optimizer
 
+    if variant != "fused":  # Keras's own BatchNormalization in every conv2d_bn
+        fused_batchnorm.BatchNormalization = keras.layers.BatchNormalization
     keras.utils.set_random_seed(0)
     net = build_m2cnn(size, preset=preset)
     trainer = TwoRateTrainer(net, backbone_layer_names(net), weight_decay=4e-5)
@@ -80,15 +86,16 @@ def main() -> int:
             )  # fmt: skip
             results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{args.preset}, {args.size} px, batch {args.batch}, {args.repeats} processes each")
-    print(f"{'adam':<6} {'ops':>7} {'trace + first step (s)':>23} {'s/step':>8}")
+    print(f"{'variant':<10} {'ops':>7} {'trace + first step (s)':>23} {'s/step':>8}")
     medians = {}
     for variant, runs in results.items():
         medians[variant] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         m = medians[variant]
-        print(f"{variant:<6} {m['ops']:>7.0f} {m['first']:>23.2f} {m['step']:>8.3f}")
-    ratio = {k: medians["fused"][k] / medians["keras"][k] for k in medians["keras"]}
-    print(f"fused/keras: ops {ratio['ops']:.2f}×, trace + first step {ratio['first']:.2f}×, "
-          f"step {ratio['step']:.2f}×")  # fmt: skip
+        print(f"{variant:<10} {m['ops']:>7.0f} {m['first']:>23.2f} {m['step']:>8.3f}")
+    for a, b in (("fused_adam", "keras"), ("fused", "fused_adam"), ("fused", "keras")):
+        ratio = {k: medians[a][k] / medians[b][k] for k in medians[b]}
+        print(f"{a}/{b}: ops {ratio['ops']:.2f}×, trace + first step {ratio['first']:.2f}×, "
+              f"step {ratio['step']:.2f}×")  # fmt: skip
     return 0
 
 
