@@ -138,12 +138,6 @@ def build_m2cnn(
             _init_group_near_identity(model, prefix, count)
     set_batchnorm(model, momentum=bn_momentum, synchronized=sync_bn)
     if weights is not None and weights != "none":
-        if p.width != 1:
-            raise UsageError(
-                f"the {preset} preset's widths fit no Inception-ResNet-v2 weights; use weights "
-                "none",
-                setting="weights",
-            )
         load_backbone_weights(model, weights, preset=preset)
     return model
 
@@ -214,9 +208,13 @@ def load_backbone_weights(model: keras.Model, weights: str, *, preset: str = "pa
     Keras's notop `.h5` (and a `.weights.h5` saved from Keras's IRv2) key layers by position,
     not by our names, so the file is first loaded into a reference BaseNet at the paper's
     counts (the same graph as Keras's IRv2), then copied by name: a `tiny` model gets the first
-    blocks of every stack.
+    blocks of every stack. A preset of another width (nano) fits none: refused.
     """
-
+    if get_preset(preset).width != 1:
+        raise WeightsUnavailable(
+            f"the {preset} preset's widths fit no Inception-ResNet-v2 weights; use weights none",
+            setting="weights",
+        )
     if weights == "imagenet":
         weights = resolve_imagenet_weights()
     path = Path(weights)

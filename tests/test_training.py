@@ -253,6 +253,7 @@ RUN = ("--stage", "1", "--data", "{data}", "--model-dir", "{dir}")
         ((*RUN, *BASE, "--batch-size", "64"), "--batch-size: batch size 64 is larger than the"),
         (("--stage", "2", "--data", "{data}", "--model-dir", "{dir}", *BASE), "no checkpoint for"),
         ((*RUN, *BASE, "--weights", "/no.h5"), "--weights: weights file not found"),
+        ((*RUN, *BASE, "--preset", "nano", "--weights", "imagenet"), "--weights: the nano preset"),
         ((*RUN, "--augment=maybe"), "--augment"),
         ((*RUN, "--augment", "maybe"), "unexpected arguments: maybe"),
         # `--augment none` parses (the batch is what is wrong here), and so do the old forms.
