@@ -88,8 +88,8 @@ PRESETS: dict[str, Preset] = {
     # Every count 1: the same graph shape at a fraction of the cost, for CPU tests and the demo.
     "tiny": Preset("tiny", n1=1, n2=1, n_c=1, n3=1, n4=1),
     # Ours, for the tests' whole-pipeline runs (the demo and reproduce miniatures, the
-    # training-run checks): tiny's graph at a quarter of every width, 1/16 of its arithmetic
-    # and weights, so 704 px runs cost what 176 px ones do. No ImageNet weights fit it.
+    # training-run checks): tiny's graph at a quarter of every width, about 1/16 of its
+    # multiply-adds and weights. No ImageNet weights fit it.
     "nano": Preset("nano", n1=1, n2=1, n_c=1, n3=1, n4=1, width=0.25),
 }
 

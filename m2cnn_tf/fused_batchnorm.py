@@ -45,12 +45,11 @@ class BatchNormalization(layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, "float32")  # as Keras: BN computes in float32 under mixed precision
         channels = self.moving_mean.shape[0]
-        ones, zeros = tf.ones([channels], "float32"), tf.zeros([channels], "float32")
         empty = tf.zeros([0], "float32")  # population statistics: for inference only
         y, mean, corrected, _, _, _ = tf.raw_ops.FusedBatchNormV3(
             x=x,
-            scale=tf.cast(self.gamma, "float32") if self.scale else ones,
-            offset=tf.cast(self.beta, "float32") if self.center else zeros,
+            scale=tf.cast(self.gamma, "float32") if self.scale else tf.ones([channels]),
+            offset=tf.cast(self.beta, "float32") if self.center else tf.zeros([channels]),
             mean=empty,
             variance=empty,
             epsilon=self.epsilon,

@@ -52,21 +52,21 @@ class WeightsUnavailable(UsageError):
 def _backbone(x, preset):
     """Inception-ResNet-v2 up to conv_7b_ac, with N1/N2/N_C repeats (Fig. 2, 'BaseNet')."""
     width = preset.width
-    x = cells.stem(x, width)
+    x = cells.stem(x, width=width)
     for i in range(1, preset.n1 + 1):
         x = cells.inception_resnet_block(x, "block35", f"block35_{i}", width=width)
     x = cells.reduction_a(x, width=width)
     for i in range(1, preset.n2 + 1):
         x = cells.inception_resnet_block(x, "block17", f"block17_{i}", width=width)
-    x = cells.reduction_b(x, "mixed_7a", width)
-    x = cells.cell_c_stack(x, preset.n_c, "block8", width)
+    x = cells.reduction_b(x, "mixed_7a", width=width)
+    x = cells.cell_c_stack(x, preset.n_c, "block8", width=width)
     return cells.conv2d_bn(x, cells.widths(width)(1536), 1, "conv_7b")
 
 
 def _multi_cell_group(x, prefix: str, count: int, width: float):
     """§II-C Medial/large image cells: Reduction Cell-B, `count` Normal Cell-C, 1x1 to 1536."""
-    x = cells.reduction_b(x, f"{prefix}_reduction_b", width)
-    x = cells.cell_c_stack(x, count, f"{prefix}_block8", width)
+    x = cells.reduction_b(x, f"{prefix}_reduction_b", width=width)
+    x = cells.cell_c_stack(x, count, f"{prefix}_block8", width=width)
     return cells.conv2d_bn(x, cells.widths(width)(1536), 1, f"{prefix}_conv")
 
 
