@@ -26,8 +26,9 @@ lint: venv
 test: lint
 	$(PY) -m pytest -n 2
 
-# The inner loop: everything but the tests marked slow (real multi-run training, XLA
-# compilation, the demo and reproduce miniatures, the browser); CI runs them all.
+# The inner loop: everything but the tests marked slow (real training runs, XLA compilation,
+# the miniatures, LiteRT conversions, the paper preset's IRv2, servers of their own: any test
+# that took 5 s or more); CI runs them all.
 test-quick: venv
 	$(PY) -m pytest -n 2 -m "not slow"
 

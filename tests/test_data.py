@@ -203,6 +203,7 @@ def test_balance_weights_decay_from_uniform_to_natural():
     np.testing.assert_allclose(data.balance_weights(counts, 200, 0.5), natural, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_balance_resamples_a_skewed_split_toward_uniform(dataset):
     out = dataset[0]
     cfg = DataConfig(balance=True, balance_decay=0.5)

@@ -152,6 +152,7 @@ def mirrored() -> dict:
     return run_json_script(SYNC_BN_SCRIPT, timeout=300)
 
 
+@pytest.mark.slow
 def test_synchronised_bn_uses_the_global_batch_and_unsynchronised_each_replicas_half(mirrored):
     result = mirrored
     images = np.asarray(result["images"])
@@ -170,6 +171,7 @@ def test_synchronised_bn_uses_the_global_batch_and_unsynchronised_each_replicas_
     assert np.abs(np.asarray(result["off"]["saved_mean"]) - whole_mean).min() > 0.5
 
 
+@pytest.mark.slow
 def test_fused_adam_under_mirrored_strategy_updates_every_replicas_copy_as_keras_adam(mirrored):
     """The fused kernel runs once per replica's copy (`extended.update`): both copies stay
     equal and both moved as Keras's own Adam moves them."""

@@ -115,6 +115,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_report_kappa_equals_sklearn_on_predictions_csv(workspace):
     out = workspace["root"] / "report_test"
     report = evaluation.run_evaluation(
@@ -194,6 +195,7 @@ def test_the_roc_plot_draws_each_ways_curve(tmp_path):
     assert near_left_or_top.mean() > 0.8 and near_right_or_bottom.mean() > 0.8
 
 
+@pytest.mark.slow
 def test_model_pass_matches_keras_predict_in_record_order(workspace, val_plain):
     out, _ = val_plain
     rows = _read_csv(out / "predictions.csv")
@@ -205,6 +207,7 @@ def test_model_pass_matches_keras_predict_in_record_order(workspace, val_plain):
     assert rows[0]["id"] == "100_left" and rows[0]["patient"] == "100" and rows[1]["eye"] == "right"
 
 
+@pytest.mark.slow
 def test_report_with_cutpoints_fitted_on_val_scores_at_least_rounding_on_val(workspace, val_plain):
     _, plain = val_plain
     fit = evaluation.run_evaluation(
@@ -295,6 +298,7 @@ def _reference_mean(model, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndar
     return probs, np.mean([o["score"].ravel() for o in outs], axis=0)
 
 
+@pytest.mark.slow
 def test_tta_equals_the_mean_over_numpy_flips_and_rotations(workspace):
     model = workspace["model"]
     x = workspace["test"][0][:3].astype(np.float32) / 127.5 - 1
@@ -410,6 +414,7 @@ def test_min_kappa_gate_passes_at_exactly_the_bar_and_fails_just_below(tmp_path,
     assert code == 1 and "check: kappa from scores undefined < -1.0 (FAIL)" in out
 
 
+@pytest.mark.slow
 def test_min_kappa_gate_after_an_evaluation_checks_its_report(tmp_path, workspace, capsys):
     common = [
         "--model-dir", workspace["model_dir"], "--stage", "1", "--data", workspace["data"],
@@ -452,6 +457,7 @@ def _partners_by_hand(rows: list[dict[str, str]]) -> np.ndarray:
     return np.array([where.get((r["patient"], other[r["eye"]]), i) for i, r in enumerate(rows)])
 
 
+@pytest.mark.slow
 def test_tta_through_the_command_line_grades_the_test_split_by_the_mean_over_flips(
     workspace, capsys, tmp_path
 ):
@@ -472,6 +478,7 @@ def test_tta_through_the_command_line_grades_the_test_split_by_the_mean_over_fli
     )
 
 
+@pytest.mark.slow
 def test_cutpoints_fitted_on_val_grade_the_test_split(workspace, val_plain, capsys, tmp_path):
     """--thresholds fit on the test split: the cut points are fitted on val (redone from val's
     predictions.csv: calibration's fit, and a scan with scikit-learn around its result) and
@@ -504,6 +511,7 @@ def _best_weight_by_hand(grade, values, partner, truth) -> float:
     return float(np.argmax(np.round(kappas, 12))) / 100
 
 
+@pytest.mark.slow
 def test_fit_and_per_patient_blend_eyes_then_fit_cut_points_on_the_blend(
     workspace, val_plain, capsys, tmp_path
 ):
@@ -555,6 +563,7 @@ def _data_with_manifest(workspace, target: Path, manifest: dict) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_evaluate_warns_in_one_line_when_the_split_lacks_images_its_source_lists(
     tmp_path, workspace, capsys
 ):
@@ -616,6 +625,7 @@ def test_a_complete_split_gives_no_warning_and_an_older_manifest_still_counts(tm
     assert len(lines) == 1 and lines[0].startswith("warning: evaluated 3 test images")
 
 
+@pytest.mark.slow
 def test_checkpoint_last_evaluates_the_weights_after_the_final_step(workspace, tmp_path):
     """A stage whose last checkpoint is another model than its best: `checkpoint="last"`
     grades with last.keras (kappa from its own predictions, by sklearn) and says so."""

@@ -139,6 +139,7 @@ def _one_line_error(capsys, args: list[str]) -> str:
 
 
 @pytest.mark.parametrize("quantize, tolerance", [("none", 1e-4), ("float16", 1e-2)])
+@pytest.mark.slow
 def test_float_exports_give_the_keras_scores_within_tolerance(stage, quantize, tolerance):
     out = _litert(stage, quantize).predict(stage["images"])
     diff = np.abs(out["score"] - stage["keras"]["score"])
@@ -162,6 +163,7 @@ def _agreement(stage, out: dict[str, np.ndarray]) -> tuple[float, float, float]:
     )
 
 
+@pytest.mark.slow
 def test_int8_export_gives_the_keras_grade_on_97_percent_and_its_kappa_within_0_02(stage):
     reference = scores_to_grades(stage["keras"]["score"][:, 0])
     assert len(set(reference.tolist())) >= 4  # the scores span the cut points: agreement can fail
@@ -174,6 +176,7 @@ def test_int8_export_gives_the_keras_grade_on_97_percent_and_its_kappa_within_0_
     assert kappa_gap <= 0.02
 
 
+@pytest.mark.slow
 def test_int8_scores_beyond_the_calibration_images_are_not_clipped(stage):
     """The heads and outputs stay float: an eye brighter than any calibration image (its score
     above theirs, as the demo's test scores reached 7.6 where its calibration stopped at 3.6)
@@ -191,6 +194,7 @@ def test_int8_scores_beyond_the_calibration_images_are_not_clipped(stage):
     np.testing.assert_allclose(got, want, atol=0.15)
 
 
+@pytest.mark.slow
 def test_every_layer_int8_loses_grades_on_this_model(stage, tmp_path):
     """What the default export fixes, shown on the same model: with the projection in int8
     (`--keep-float none`, the export before issue 21) the grades drift. Without this, the test
@@ -222,6 +226,7 @@ def _with_int8_projection(model: keras.Model) -> keras.Model:
     return clone
 
 
+@pytest.mark.slow
 def test_dynamic_range_export_loses_what_the_int8_projection_weights_lose(stage):
     """Why dynamic range is no better than full int8 (docs/quantization.md): its error is that
     of the projection's int8 weights alone, reproduced in Keras with nothing else quantised."""
@@ -235,6 +240,7 @@ def test_dynamic_range_export_loses_what_the_int8_projection_weights_lose(stage)
     assert to_rounded < 0.5 * to_keras
 
 
+@pytest.mark.slow
 def test_litert_answers_any_batch_size_alike(stage):
     backend = _litert(stage, "int8")
     whole = backend.predict(stage["images"])
@@ -244,6 +250,7 @@ def test_litert_answers_any_batch_size_alike(stage):
     np.testing.assert_allclose(seven["logits"], whole["logits"][3:10], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_savedmodel_export_serves_the_keras_outputs_with_its_sidecar_inside(stage, capsys):
     out = stage["root"] / "served"
     assert command.run(["export.py", f"--model-dir={stage['model_dir']}", "--stage=1",
@@ -268,6 +275,7 @@ def _predict_csv(stage, photos: Path, out: Path, *extra: str) -> list[dict[str, 
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_predict_with_the_float32_litert_backend_writes_the_keras_csv(stage, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -288,6 +296,7 @@ def test_predict_with_the_float32_litert_backend_writes_the_keras_csv(stage, tmp
     assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 6
 
 
+@pytest.mark.slow
 def test_predict_with_the_litert_backend_never_imports_tensorflow(stage, tmp_path):
     """A fresh process: the LiteRT path of predict.py grades without loading TensorFlow (or
     Keras), which alone takes seconds to import; the same run with Keras does load it."""
@@ -313,6 +322,7 @@ def test_predict_with_the_litert_backend_never_imports_tensorflow(stage, tmp_pat
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.slow
 def test_evaluate_with_the_litert_backend_reports_beside_the_keras_kappa(stage, tmp_path, quantize):
     path, _ = _export(stage, quantize)
     reports = {}
@@ -347,6 +357,7 @@ def test_evaluate_with_the_litert_backend_reports_beside_the_keras_kappa(stage, 
 # The sidecar and the default file
 
 
+@pytest.mark.slow
 def test_sidecar_records_source_stage_size_quantisation_calibration_and_preprocessing(stage):
     path, log = _export(stage, "int8")
     sidecar = json.loads(path.with_suffix(".json").read_text())
@@ -362,6 +373,7 @@ def test_sidecar_records_source_stage_size_quantisation_calibration_and_preproce
     assert sidecar["preprocessing"]["source"].endswith("manifest.json")
 
 
+@pytest.mark.slow
 def test_int8_sidecar_says_which_layers_stayed_float_and_why(stage):
     path, log = _export(stage, "int8")
     int8 = checkpoints.read_sidecar(path)["int8"]
@@ -402,6 +414,7 @@ def _stand_in_model() -> keras.Model:
     return keras.Model(inputs, heads)
 
 
+@pytest.mark.slow
 def test_calibration_count_is_how_many_train_records_calibrate_int8(stage, tmp_path, monkeypatch):
     """--calibration-count 20 of the 48 train records: 20 images calibrate the converter (the
     quantization debugger sees the first 16 of them), and the sidecar says 20; 100 asked of 48:
@@ -440,6 +453,7 @@ def test_calibration_count_is_how_many_train_records_calibrate_int8(stage, tmp_p
         assert said + (f" ({asked} wanted)" if used < asked else "") in err.getvalue()
 
 
+@pytest.mark.slow
 def test_litert_backend_without_a_file_takes_the_stages_fastest_export(stage):
     _export(stage, "none")
     _export(stage, "int8")
@@ -560,6 +574,7 @@ def _int8_with(capsys, stage, data: Path, *extra: str) -> str:
     return _one_line_error(capsys, args)
 
 
+@pytest.mark.slow
 def test_calibration_data_of_another_size_says_which_and_how_many(capsys, stage, tmp_path):
     write_split(tmp_path, 64, "train", grade_images([0] * 20, 64), [0] * 20)
     err = _int8_with(capsys, stage, tmp_path)

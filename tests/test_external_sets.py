@@ -336,6 +336,7 @@ def _evaluate(model: Path, data: Path, split: str, out: Path) -> None:
     assert evaluate_cmd.run([*argv, "--split", split, "--out", str(out), "--bootstrap", "20"]) == 0
 
 
+@pytest.mark.slow
 def test_the_operating_point_comes_from_the_development_val_split_and_is_applied_unchanged(
     tmp_path, capsys
 ):

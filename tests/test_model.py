@@ -47,12 +47,19 @@ def _features(model):
     return keras.Model(model.input, model.get_layer(m2.BACKBONE_OUTPUT).output)
 
 
+def _run(model, x):
+    """The model's inference pass, eagerly: `predict` would first trace the model (seconds for
+    IRv2) to compute the same layers once."""
+    return keras.tree.map_structure(np.asarray, model(x, training=False))
+
+
+@pytest.mark.slow
 def test_backbone_at_paper_counts_is_keras_inception_resnet_v2(keras_irv2):
     ours = _features(build_m2cnn(PROBE, preset="paper"))
     assert ours.count_params() == keras_irv2.count_params() == KERAS_IRV2_PARAMS
     ours.set_weights(keras_irv2.get_weights())
     x = np.random.default_rng(0).uniform(-1, 1, (2, PROBE, PROBE, 3)).astype("float32")
-    diff = np.abs(ours.predict(x, verbose=0) - keras_irv2.predict(x, verbose=0)).max()
+    diff = np.abs(_run(ours, x) - _run(keras_irv2, x)).max()
     assert diff < 1e-4
 
 
@@ -74,6 +81,7 @@ def test_multi_cell_switch_follows_the_resolution(size, medium, large):
     assert ("large_reduction_b" in names) is large
 
 
+@pytest.mark.slow
 def test_paper_preset_has_the_papers_block_counts():
     names = [layer.name for layer in build_m2cnn(720, preset="paper").layers]
 
@@ -112,23 +120,24 @@ def test_model_is_one_flat_graph_with_float32_heads_under_mixed_precision():
 
 
 @pytest.mark.parametrize("kind", ["legacy", "modern"])
+@pytest.mark.slow
 def test_backbone_weights_load_from_a_local_keras_file(kind, keras_irv2, keras_weight_files):
     model = build_m2cnn(PROBE, weights=str(keras_weight_files[kind]), preset="paper")
     x = np.random.default_rng(1).uniform(-1, 1, (1, PROBE, PROBE, 3)).astype("float32")
-    diff = np.abs(_features(model).predict(x, verbose=0) - keras_irv2.predict(x, verbose=0))
+    diff = np.abs(_run(_features(model), x) - _run(keras_irv2, x))
     assert diff.max() < 1e-4
 
 
-def test_stage1_groups_imagenet_backbone_at_lr1_and_heads_at_lr2(keras_weight_files):
+@pytest.mark.slow
+def test_stage1_groups_imagenet_backbone_at_lr1_and_heads_at_lr2(keras_irv2, keras_weight_files):
     model = build_m2cnn(224, preset="tiny")
     loaded = m2.load_backbone_weights(model, str(keras_weight_files["legacy"]), preset="tiny")
     assert loaded == backbone_layer_names(model)
-    # tiny takes the first block of each stack from the paper-count file
-    ref = keras.applications.InceptionResNetV2(include_top=False, weights=None)
-    ref.load_weights(str(keras_weight_files["legacy"]))
+    # tiny takes the first block of each stack from the paper-count file (written from
+    # keras_irv2, whose own layer is the reference)
     np.testing.assert_array_equal(
         model.get_layer("block17_1_conv").get_weights()[0],
-        ref.get_layer("block17_1_conv").get_weights()[0],
+        keras_irv2.get_layer("block17_1_conv").get_weights()[0],
     )
     old, new = split_lr_groups(model, loaded)
     assert sorted(v.path for v in new) == sorted(
@@ -167,6 +176,7 @@ def test_offline_imagenet_download_fails_with_one_actionable_line(monkeypatch, t
 
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")  # the foreign file, as intended
+@pytest.mark.slow
 def test_missing_or_foreign_weights_file_is_a_one_line_error(tmp_path):
     with pytest.raises(WeightsUnavailable, match="not found"):
         build_m2cnn(96, weights=str(tmp_path / "nope.h5"), preset="tiny")
@@ -178,18 +188,18 @@ def test_missing_or_foreign_weights_file_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trips_in_safe_mode(tmp_path):
     model = build_m2cnn(96, preset="tiny")
     save_checkpoint(model, stage_dir(tmp_path, 1), {"stage": 1})
     loaded, meta = load_stage(tmp_path, 1)
     x = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype("float32")
     for key in ("logits", "score"):
-        np.testing.assert_allclose(
-            loaded.predict(x, verbose=0)[key], model.predict(x, verbose=0)[key], atol=1e-6
-        )
+        np.testing.assert_allclose(_run(loaded, x)[key], _run(model, x)[key], atol=1e-6)
     assert meta == {"stage": 1}
 
 
+@pytest.mark.slow
 def test_new_cells_start_as_a_max_pool_of_the_features_the_heads_know():
     stage2 = build_m2cnn(448, preset="tiny")  # cell_init="identity" by default
     probe = keras.Model(
@@ -197,7 +207,7 @@ def test_new_cells_start_as_a_max_pool_of_the_features_the_heads_know():
         [stage2.get_layer("conv_7b_ac").output, stage2.get_layer("avg_pool").input],
     )
     x = np.random.default_rng(3).uniform(-1, 1, (1, 448, 448, 3)).astype("float32")
-    before, after = probe.predict(x, verbose=0)
+    before, after = _run(probe, x)
     # Reference: a plain 3x3/2 'valid' max-pool in numpy, then inference-mode BN with its
     # initial statistics (mean 0, variance 1, epsilon 1e-3), then ReLU (a no-op here).
     side = (before.shape[1] - 3) // 2 + 1
@@ -227,6 +237,7 @@ def test_random_cell_init_keeps_keras_default_initialisers():
     assert projection.std() == pytest.approx(np.sqrt(2 / (fan_in + fan_out)), rel=0.01)
 
 
+@pytest.mark.slow
 def test_bn_momentum_is_set_on_every_batchnorm_and_survives_saving(tmp_path):
     model = build_m2cnn(96, preset="tiny", bn_momentum=0.9)
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -247,6 +258,7 @@ def _norms(model) -> list:
     return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
 
 
+@pytest.mark.slow
 def test_sync_bn_defaults_to_on_with_more_than_one_replica_and_can_be_turned_off():
     def synchronised(settings, replicas):
         net = m2.build_from_settings(96, settings, replicas)
@@ -258,6 +270,7 @@ def test_sync_bn_defaults_to_on_with_more_than_one_replica_and_can_be_turned_off
     assert synchronised(ModelConfig(preset="tiny", sync_bn=True), 1) == {True}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_synchronised_bn_loads_in_safe_mode_and_transfers_by_name(tmp_path):
     model = build_m2cnn(96, preset="tiny", sync_bn=True)
     rng = np.random.default_rng(4)
@@ -270,9 +283,7 @@ def test_a_checkpoint_with_synchronised_bn_loads_in_safe_mode_and_transfers_by_n
     assert all(layer.synchronized for layer in _norms(loaded))
     x = rng.uniform(-1, 1, (2, 96, 96, 3)).astype("float32")
     for key in ("logits", "score"):
-        np.testing.assert_allclose(
-            loaded.predict(x, verbose=0)[key], model.predict(x, verbose=0)[key], atol=1e-6
-        )
+        np.testing.assert_allclose(_run(loaded, x)[key], _run(model, x)[key], atol=1e-6)
     # Stage transfer into a model built without synchronisation (one device) copies everything.
     plain = build_m2cnn(96, preset="tiny")
     copied = copy_weights_by_name(loaded, plain)

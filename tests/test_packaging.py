@@ -8,6 +8,8 @@ import sysconfig
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,7 @@ def test_project_dependencies_are_the_runtime_pins_of_requirements_txt():
     assert sorted(_project()["dependencies"]) == sorted(runtime)
 
 
+@pytest.mark.slow
 def test_pip_install_no_deps_gives_working_commands_outside_the_source_tree(tmp_path):
     """A fresh venv that sees the pinned requirements (through a .pth file pointing at this
     interpreter's site-packages) takes `pip install --no-deps .`; each m2cnn-* command then

@@ -69,6 +69,7 @@ def test_bfloat16_is_refused_where_the_cpu_lacks_it_unless_forced(tmp_path):
         backends.check_precision("float16")
 
 
+@pytest.mark.slow
 def test_bfloat16_model_computes_in_bfloat16_but_the_pooling_and_heads(model_dir):
     model = backends.load_keras(model_dir, 1).model
     clone = backends.bfloat16_model(model)
@@ -80,6 +81,7 @@ def test_bfloat16_model_computes_in_bfloat16_but_the_pooling_and_heads(model_dir
         np.testing.assert_array_equal(mine, theirs)
 
 
+@pytest.mark.slow
 def test_bfloat16_backend_gives_the_float32_outputs_to_bfloat16_precision(model_dir):
     """Each head is a dot product of 1536 pooled features: bfloat16 features (8-bit mantissa,
     random-sign rounding through the network) move it by a small fraction of the sum of its
@@ -111,6 +113,7 @@ def _one_line(capsys, code: int, prog: str) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 def test_predict_and_evaluate_refuse_bfloat16_in_one_line_where_the_cpu_lacks_it(
     model_dir, tmp_path, monkeypatch, capsys
 ):

@@ -102,6 +102,7 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_predict_arrays_identical_to_data_prep_with_the_manifest_params(workspace, tmp_path):
     # Training data made with non-default Eq. (1) constants; the stage's config.json points there.
     params = PreprocessParams(alpha=3.0, beta=-3.0, rho=6.0, base_size=256)
@@ -139,6 +140,7 @@ def test_predict_arrays_identical_to_data_prep_with_the_manifest_params(workspac
     assert not np.array_equal(default, expected[0])
 
 
+@pytest.mark.slow
 def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(workspace, capsys):
     root = workspace["root"]
     bad = root / "bad"
@@ -198,6 +200,7 @@ def test_bad_files_get_error_rows_and_nonzero_exit_while_the_rest_is_predicted(w
         assert (panel[SIZE:] == 255).all(axis=-1).mean() > 0.8  # the caption's white bar
 
 
+@pytest.mark.slow
 def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
     rng = np.random.default_rng(0)
     arrays = {f"f{i}": rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8) for i in range(9)}
@@ -227,6 +230,7 @@ def test_stream_keeps_input_order_and_never_reads_far_ahead(workspace):
     _assert_rows_match(got, expected)
 
 
+@pytest.mark.slow
 def test_savedmodel_reload_outputs_equal_the_keras_model(workspace, tmp_path):
     model = workspace["model"]
     export = export_saved_model(model, tmp_path / "export")
@@ -355,6 +359,7 @@ def _dihedral_mean(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return score, np.mean([tf.nn.softmax(o["logits"]).numpy() for o in outs], axis=0)
 
 
+@pytest.mark.slow
 def test_dihedral_tta_grades_the_mean_over_numpy_rotations_and_mirrors(workspace):
     model = workspace["model"]
     rng = np.random.default_rng(3)
@@ -432,6 +437,7 @@ def test_cutpoints_grade_the_scores_by_the_cut_points_given(workspace, plain_run
     assert [float(r["score"]) for r in rows] == scores.tolist()  # only the grades change
 
 
+@pytest.mark.slow
 def test_tta_through_the_command_line_grades_the_mean_over_the_dihedral_views(workspace, capsys):
     images = workspace["images"]
     paths = sorted(images.iterdir())

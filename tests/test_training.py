@@ -182,6 +182,7 @@ def test_keep_best_judges_a_ce_run_by_probabilities_and_others_by_scores(tmp_pat
         assert (meta["epoch"], meta["best_metric"], meta["loss"]) == (best_epoch, metric, loss)
 
 
+@pytest.mark.slow
 def test_stage_two_without_multi_cell_loads_all_of_stage_one_and_builds_no_cells(tmp_path):
     stage1 = build_m2cnn(SIZE, preset="tiny")
     checkpoints.save_checkpoint(stage1, checkpoints.stage_dir(tmp_path, 1), {"stage": 1})
@@ -200,6 +201,7 @@ def test_stage_two_without_multi_cell_loads_all_of_stage_one_and_builds_no_cells
     assert with_cells.resolved_multi_cell_path() == "medium"
 
 
+@pytest.mark.slow
 def test_stage_two_loads_stage_one_by_name_and_shape_into_the_lr1_group(tmp_path, capsys):
     stage1 = build_m2cnn(SIZE, preset="tiny")
     rng = np.random.default_rng(3)
@@ -284,6 +286,7 @@ def _config(records_dir, model_dir, **optim) -> Config:
     )
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_naming_the_step(tmp_path, records_dir):
     config = _config(records_dir, tmp_path, optimizer="sgd", lr_new=1e35, steps_per_epoch=4)
     with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step [2-4] ") as err:
@@ -369,6 +372,7 @@ def test_ctrl_c_takes_effect_at_the_next_batch_and_a_second_one_at_once():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_during_the_last_step_is_reported_once_the_stage_is_complete(
     tmp_path, records_dir, monkeypatch
 ):
@@ -396,6 +400,7 @@ def one_epoch_run(tmp_path_factory, records_dir) -> Path:
 
 
 @pytest.mark.parametrize("ctrl_c", [1, 2], ids=["once", "twice"])
+@pytest.mark.slow
 def test_a_ctrl_c_as_a_resumed_fit_builds_its_callbacks_keeps_the_state_it_resumes_from(
     tmp_path, records_dir, one_epoch_run, monkeypatch, ctrl_c
 ):
@@ -426,6 +431,7 @@ def test_a_ctrl_c_as_a_resumed_fit_builds_its_callbacks_keeps_the_state_it_resum
         assert {p.name: p.read_bytes() for p in backup.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_last_keras_is_the_final_weights_whether_copied_from_best_or_saved(tmp_path):
     """KeepLast copies best.keras when KeepBest has just saved the same (final) epoch, and
     saves the model itself when the best is an earlier epoch: either way last.keras holds the

@@ -7,6 +7,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from _subprocess import ENV, ROOT, run_group
 
 RECORD = """
@@ -40,6 +41,7 @@ def _run_pytest(project: Path, workers: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_a_groups_tests_run_on_one_worker_by_mark_by_module_list_and_for_serve(tmp_path):
     project, out = tmp_path / "tests", tmp_path / "out"
     (project / "serve").mkdir(parents=True), out.mkdir()

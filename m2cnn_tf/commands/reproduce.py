@@ -157,6 +157,7 @@ def _body(rest: list[str]) -> int:
     where = f"{len(gpus)} GPU(s)" if gpus else "CPU only (--allow-cpu)"
     print(f"reproduce.py: {where}; settings for this machine: {extra}", flush=True)
     planning.save_plan(plan)
+    runs.freeze_imports()
     done = runs.carry_out(plan, gpus=len(gpus))
     paths = report.build(plan)
     print(

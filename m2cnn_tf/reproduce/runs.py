@@ -18,6 +18,7 @@ added to the time of the epochs before it. Time lost in an interrupted epoch is 
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import shutil
 import threading
@@ -51,6 +52,21 @@ def _in(name: str, call: Callable[[], Any]) -> Any:
         import keras
 
         keras.backend.clear_session()  # the next run builds its own graph; it runs gc.collect()
+
+
+def freeze_imports() -> None:
+    """Take what the imports made (TensorFlow's and Keras's ~400,000 objects, alive as long as
+    the process) out of the collector's sight, so that the full collection `clear_session` runs
+    after every run and evaluation scans only what the runs leave. Measured in the tests'
+    miniature reproduction: its 29 `clear_session` calls took 12 s instead of 21. Called once by
+    the command, before the first run, so that nothing a run makes is frozen (a frozen cycle is
+    never freed)."""
+    import keras  # noqa: F401  (TensorFlow and Keras, if not yet loaded)
+
+    from m2cnn_tf import evaluation, training  # noqa: F401  (the modules the runs load)
+
+    gc.collect()
+    gc.freeze()
 
 
 def load_state(run: PlannedRun) -> dict[str, Any]:

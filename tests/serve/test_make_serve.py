@@ -65,6 +65,7 @@ def _demo_folder(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.slow
 def test_make_serve_serves_the_demo_stage_3_model_and_ctrl_c_stops_everything(tmp_path):
     """The served model is stage 3 of DEMO/models (its best.json's facts); SIGINT to make's
     group, as a terminal's Ctrl-C sends it, ends make with the interrupt and leaves no process."""

@@ -269,6 +269,7 @@ def test_uploads_and_the_token_never_reach_the_log(server, photos, tmp_path):
         assert marker not in log
 
 
+@pytest.mark.slow
 def test_healthz_answers_while_a_request_is_being_graded(queue_server, photos, predict_rows):
     """On the server whose batches close only when full (4): a request's three photographs wait
     in the queue, its grading under way by the server's own counters, while /healthz answers;

@@ -73,6 +73,7 @@ def _grade(served: Served, paths: list[Path], **params) -> list[dict]:
     return reply.json()["results"]
 
 
+@pytest.mark.slow
 def test_the_token_given_as_a_flag_is_the_one_required(flagged, photos):
     served = flagged.get()
     files = upload([photos["good_jpeg"]])
@@ -86,6 +87,7 @@ def test_the_token_given_as_a_flag_is_the_one_required(flagged, photos):
         assert client.post("/v1/grade", files=files).json()["results"][0]["error"] is None
 
 
+@pytest.mark.slow
 def test_cutpoints_grade_each_score_by_the_cut_points_given(flagged, photos):
     served = flagged.get()
     results = _grade(served, [photos[r] for r in ROLES])
@@ -101,6 +103,7 @@ def test_cutpoints_grade_each_score_by_the_cut_points_given(flagged, photos):
         assert client.get("/v1/model").json()["cutpoints"] == list(CUTPOINTS)
 
 
+@pytest.mark.slow
 def test_data_gives_the_preprocessing_parameters_of_its_manifest(flagged, photos):
     """The model's input (the Grad-CAM panel's left half) is exactly preprocess_file's with the
     --data manifest's parameters, not with those of the model's own training data."""
@@ -120,6 +123,7 @@ def test_data_gives_the_preprocessing_parameters_of_its_manifest(flagged, photos
         assert not np.array_equal(left, default)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_serve_py_with_exit_130_and_frees_its_port(flagged):
     served = flagged.get()
     host, port = served.url.removeprefix("http://").rsplit(":", 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from _served import start_server, stop_server, upload
 
 from m2cnn_tf.commands import export as export_cmd
@@ -23,6 +24,7 @@ def tensorflow_mapped(pid: int) -> list[str]:
     return sorted(p for p in paths if "/tensorflow/" in p or "libtensorflow" in p)
 
 
+@pytest.mark.slow
 def test_the_litert_grader_answers_without_ever_loading_tensorflow(
     model_dir, photos, predict_rows, tmp_path
 ):

@@ -9,12 +9,14 @@ import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from _served import MAX_BATCH, assert_same_result, upload
 
 REQUESTS = 200
 CLIENTS = 16
 
 
+@pytest.mark.slow
 def test_200_requests_from_16_clients_all_answered_and_equal_to_single_requests(server, photos):
     roles = ["good_jpeg", "good_png", "good_jpeg_2", "good_png_2", "grayscale", "truncated"]
     alone = {}

@@ -34,6 +34,7 @@ def _still_grades(served, photos) -> None:
     assert reply.status_code == 200 and reply.json()["results"][0]["error"] is None
 
 
+@pytest.mark.slow
 def test_only_its_own_host_names_are_answered(open_server, photos):
     port = open_server.url.rsplit(":", 1)[1]
     with open_server.client(token=None) as client:
@@ -55,6 +56,7 @@ def test_only_its_own_host_names_are_answered(open_server, photos):
     _still_grades(open_server, photos)
 
 
+@pytest.mark.slow
 def test_another_sites_page_cannot_post(open_server, photos):
     port = open_server.url.rsplit(":", 1)[1]
     files = upload([photos["good_jpeg"]])
@@ -72,6 +74,7 @@ def test_another_sites_page_cannot_post(open_server, photos):
     _still_grades(open_server, photos)
 
 
+@pytest.mark.slow
 def test_slow_heads_and_silent_connections_are_closed(open_server, photos):
     """Issue 19's case: 64 connections sending their head a byte at a time and 16 sending
     nothing; each is answered 408 (or, having sent nothing, closed) soon after its second."""
@@ -92,6 +95,7 @@ def test_slow_heads_and_silent_connections_are_closed(open_server, photos):
     _still_grades(open_server, photos)
 
 
+@pytest.mark.slow
 def test_a_body_that_trickles_is_cut_off(open_server, photos):
     sock = connect(open_server.url)
     try:
@@ -108,6 +112,7 @@ def test_a_body_that_trickles_is_cut_off(open_server, photos):
     _still_grades(open_server, photos)
 
 
+@pytest.mark.slow
 def test_kept_alive_connections_are_closed_when_idle_or_slow(open_server, photos):
     idle, slow = connect(open_server.url), connect(open_server.url)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from _attacks import connect
 from _served import (
     assert_same_result,
@@ -46,6 +47,7 @@ def _graded(reply, count: int) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 def test_past_the_queue_bound_a_request_gets_503_with_retry_after(queue_server, photos):
     before = serving(queue_server, token=None)
     with ThreadPoolExecutor(1) as pool:
@@ -63,6 +65,7 @@ def test_past_the_queue_bound_a_request_gets_503_with_retry_after(queue_server, 
     assert after["refused_busy"] - before["refused_busy"] == 1
 
 
+@pytest.mark.slow
 def test_a_disconnected_clients_queued_images_never_reach_the_model(queue_server, photos):
     before = serving(queue_server, token=None)
     boundary = "b0undary"
@@ -93,6 +96,7 @@ def test_a_disconnected_clients_queued_images_never_reach_the_model(queue_server
     assert after["model_calls"] - before["model_calls"] == 1
 
 
+@pytest.mark.slow
 def test_64_near_limit_uploads_stay_within_the_memory_budget(model_dir, photos, tmp_path):
     """--max-upload-mb 1 and --max-inflight-mb 64: 64 clients send a 1 MB photograph at once
     (a JPEG with a camera's trailer of zeros) while the first batch is held open. The server's
