@@ -64,15 +64,17 @@ def test_a_groups_tests_run_on_one_worker_by_mark_by_module_list_and_for_serve(t
     assert set().union(*workers.values()) == {"gw0", "gw1"}  # two workers ran, one a group each
 
 
-def test_the_slow_tests_are_handed_out_first(tmp_path):
-    """pytest-xdist hands out work in collection order: the slow tests go first, so that the
+def test_the_slow_tests_are_handed_out_first_the_longest_modules_before_the_others(tmp_path):
+    """pytest-xdist hands out work in collection order: the slow tests go first, those of
+    `_groups.LONGEST_FIRST` (test_training_runs is one) before the other slow ones, so that the
     longest do not start last and run alone at the end."""
     project, order = tmp_path / "tests", tmp_path / "order.txt"
     project.mkdir()
-    for name, mark in (("test_a_fast", ""), ("test_z_slow", "pytestmark = pytest.mark.slow")):
+    slow = "pytestmark = pytest.mark.slow"
+    for name, mark in (("test_a_fast", ""), ("test_b_slow", slow), ("test_training_runs", slow)):
         (project / f"{name}.py").write_text(
             f"import pytest\n{mark}\n\ndef test_runs():\n"
             f"    with open({str(order)!r}, 'a') as f:\n        f.write('{name}\\n')\n"
         )
     _run_pytest(project, "0")
-    assert order.read_text().split() == ["test_z_slow", "test_a_fast"]
+    assert order.read_text().split() == ["test_training_runs", "test_b_slow", "test_a_fast"]
