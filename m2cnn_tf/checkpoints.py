@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,32 @@ def load_model(path: str | Path):
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # corrupt zip, foreign or unsafe content
+        raise CheckpointMissing(f"cannot load checkpoint {path}: {err}") from None
+
+
+def architecture(path: str | Path) -> str | None:
+    """The network a `.keras` checkpoint holds, as comparable text: its config.json without
+    Keras's `shared_object_id`s (the ids of the Python objects that layers shared when it was
+    saved, which differ between two saves of one architecture). None when it cannot be read."""
+
+    def without_ids(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: without_ids(v) for k, v in node.items() if k != "shared_object_id"}
+        return [without_ids(v) for v in node] if isinstance(node, list) else node
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None  # load_model says what is wrong with it
+    return json.dumps(without_ids(config), sort_keys=True)
+
+
+def load_weights(model, path: str | Path) -> None:
+    """A `.keras` checkpoint's weights into `model`, built from the same architecture."""
+    try:
+        model.load_weights(path)
+    except Exception as err:  # corrupt weights, or another architecture after all
         raise CheckpointMissing(f"cannot load checkpoint {path}: {err}") from None
 
 

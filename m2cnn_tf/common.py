@@ -3,6 +3,7 @@ the versions recorded with every artefact, and the names every part agrees on.""
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import json
 import math
@@ -30,6 +31,22 @@ _PACKAGES = ("tensorflow", "keras", "numpy", "opencv-python-headless", "pillow")
 # once, a kernel finds the thread pool busy and splits its sums differently. TensorFlow reads
 # this variable when it starts, so it is set before the first import.
 INTER_OP_THREADS = "TF_NUM_INTEROP_THREADS"
+
+
+def freeze_imports() -> None:
+    """Take the objects alive now out of the cyclic collector's sight, once per process.
+
+    Called by each TensorFlow command once its modules are imported and before it builds
+    anything: TensorFlow's and Keras's ~400,000 import-time objects live as long as the process,
+    yet every full collection scans them (Keras's `clear_session` runs one), and so does the
+    last one at exit. Measured here (2 cores): `import keras` then exit took 1.3 s less, and
+    reproduce.py's 29 `clear_session` calls 12 s instead of 21. What the command makes later
+    is still collected. Once per process (nothing frozen yet), so that a command called from
+    other code (the tests, a notebook) freezes that code's objects at most once."""
+    if gc.get_freeze_count():
+        return
+    gc.collect()
+    gc.freeze()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

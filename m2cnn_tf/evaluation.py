@@ -170,16 +170,19 @@ def run_evaluation(
     force_precision: bool = False,
     checkpoint: str = "best",
     log=print,
+    models: backends.KerasModels | None = None,
 ) -> dict[str, Any]:
     """Evaluate a stage's best (or last) checkpoint (on `backend`: the Keras model, or its
     LiteRT export) on a split, write the report files into `out_dir` and return report.json's
-    content; warnings go through `log`."""
+    content; warnings go through `log`. `models`: built Keras models to load the checkpoint
+    into (reproduce.py's evaluations)."""
     check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"must be positive, got {batch_size}", setting="batch_size")
     runtime = backends.load_backend(
         backend, model_dir=model_dir, stage=stage, litert_model=litert_model, threads=threads,
         precision=precision, force_precision=force_precision, checkpoint=checkpoint,
+        models=models,
     )  # fmt: skip
     call, image_size, _ = backends.runtime_of(runtime)
     preds, shards = predict_split(call, data_dir, image_size, split, tta=tta, batch_size=batch_size)

@@ -28,6 +28,12 @@ import keras
 import pytest
 from _groups import pytest_collection_modifyitems  # noqa: F401  (a hook)
 
+from m2cnn_tf import common
+
+# TensorFlow's and Keras's import-time objects out of the collector's sight, as the commands do:
+# done here, so a command the tests call in this process does not freeze the tests' objects.
+common.freeze_imports()
+
 SEED = 1234
 
 

@@ -61,10 +61,10 @@ def _image(rng: np.random.Generator, grade: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A tiny stage-1 checkpoint with spread-out heads, and val/test TFRecords (PNG, 96 px)."""
+    """A nano stage-1 checkpoint with spread-out heads, and val/test TFRecords (PNG, 96 px)."""
     root = tmp_path_factory.mktemp("eval")
-    keras.utils.set_random_seed(5)  # a module fixture: its own seed, whatever ran before
-    model = build_m2cnn(SIZE, preset="tiny")
+    keras.utils.set_random_seed(6)  # a module fixture: its own seed, whatever ran before
+    model = build_m2cnn(SIZE, preset="nano")
     rng = np.random.default_rng(7)
     splits = {}
     for split, n in (("val", 40), ("test", 30)):
@@ -76,7 +76,7 @@ def workspace(tmp_path_factory):
     _spread_heads(model, splits["val"][0])
     model_dir = root / "model"
     save_checkpoint(
-        model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "tiny"}
+        model, stage_dir(model_dir, 1), {"stage": 1, "resolution": SIZE, "preset": "nano"}
     )
     data = root / "data"
     (data / str(SIZE)).mkdir(parents=True)
@@ -625,37 +625,73 @@ def test_a_complete_split_gives_no_warning_and_an_older_manifest_still_counts(tm
     assert len(lines) == 1 and lines[0].startswith("warning: evaluated 3 test images")
 
 
-@pytest.mark.slow
-def test_checkpoint_last_evaluates_the_weights_after_the_final_step(workspace, tmp_path):
-    """A stage whose last checkpoint is another model than its best: `checkpoint="last"`
-    grades with last.keras (kappa from its own predictions, by sklearn) and says so."""
-    model_dir = tmp_path / "m"
+@pytest.fixture(scope="module")
+def best_and_last(workspace, tmp_path_factory):
+    """A nano stage whose last checkpoint is another model than its best (other heads), each
+    evaluated on test from a fresh load: {"model_dir", "out": {which: folder}, "reports"}."""
+    root = tmp_path_factory.mktemp("best_and_last")
+    model_dir = root / "m"
     for which, seed in (("best", 0), ("last", 5)):
-        model = build_m2cnn(SIZE, preset="tiny")
+        model = build_m2cnn(SIZE, preset="nano")
         _spread_heads(model, workspace["val"][0], seed=seed)
         meta = {
             "stage": 1,
             "resolution": SIZE,
-            "preset": "tiny",
+            "preset": "nano",
             "epoch": 3 if which == "best" else 6,
         }
         save_checkpoint(model, stage_dir(model_dir, 1), meta, which)
+    out = {which: root / which for which in ("best", "last")}
     reports = {
         which: evaluation.run_evaluation(
-            model_dir, 1, workspace["data"], "test", tmp_path / which, n_boot=10, checkpoint=which
+            model_dir, 1, workspace["data"], "test", out[which], n_boot=10, checkpoint=which
         )
-        for which in ("best", "last")
+        for which in out
     }
+    return {"model_dir": model_dir, "out": out, "reports": reports}
+
+
+@pytest.mark.slow
+def test_checkpoint_last_evaluates_the_weights_after_the_final_step(
+    workspace, best_and_last, tmp_path
+):
+    """`checkpoint="last"` grades with last.keras (kappa from its own predictions, by sklearn)
+    and says so."""
+    reports = best_and_last["reports"]
     assert reports["last"]["checkpoint"]["which"] == "last"
     assert reports["last"]["checkpoint"]["path"].endswith("stage1/last.keras")
     assert reports["last"]["checkpoint"]["meta"]["epoch"] == 6
-    rows = list(csv.DictReader((tmp_path / "last" / "predictions.csv").open()))
+    rows = list(csv.DictReader((best_and_last["out"]["last"] / "predictions.csv").open()))
     expected = qwk([int(r["grade"]) for r in rows], [int(r["pred_score"]) for r in rows])
     assert reports["last"]["scores"]["kappa"] == pytest.approx(expected)
     assert reports["last"]["scores"]["kappa"] != reports["best"]["scores"]["kappa"]
     with pytest.raises(UsageError, match="LiteRT export is made from the best") as err:
         evaluation.run_evaluation(
-            model_dir, 1, workspace["data"], "test", tmp_path / "x", backend="litert",
-            checkpoint="last",
+            best_and_last["model_dir"], 1, workspace["data"], "test", tmp_path / "x",
+            backend="litert", checkpoint="last",
         )  # fmt: skip
     assert err.value.setting == "checkpoint"
+
+
+@pytest.mark.slow
+def test_built_models_take_each_checkpoints_weights_and_grade_as_a_fresh_load(
+    workspace, best_and_last, tmp_path, monkeypatch
+):
+    """reproduce.py's evaluations through one `KerasModels`: best, last, then best again, of
+    one architecture, build the network once, and each writes the predictions that loading its
+    checkpoint afresh wrote, byte for byte."""
+    from m2cnn_tf import checkpoints
+
+    fresh = {w: (d / "predictions.csv").read_bytes() for w, d in best_and_last["out"].items()}
+    assert fresh["best"] != fresh["last"]
+    built = []
+    load_model = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda p: built.append(p) or load_model(p))
+    models = backends.KerasModels()
+    for i, which in enumerate(("best", "last", "best")):
+        evaluation.run_evaluation(
+            best_and_last["model_dir"], 1, workspace["data"], "test", tmp_path / str(i),
+            n_boot=10, checkpoint=which, models=models,
+        )  # fmt: skip
+        assert (tmp_path / str(i) / "predictions.csv").read_bytes() == fresh[which], (i, which)
+    assert len(built) == 1

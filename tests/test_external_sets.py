@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from _subprocess import ENV, ROOT
 from sklearn.metrics import roc_auc_score, roc_curve
 from synthetic_fundus import write_fundus
 
@@ -25,6 +22,7 @@ from data_prep import aptos, cli, ddr, idrid, messidor2
 from m2cnn_tf import calibration, records
 from m2cnn_tf.calibration import OperatingRule
 from m2cnn_tf.commands import evaluate as evaluate_cmd
+from m2cnn_tf.commands import train as train_cmd
 from m2cnn_tf.manifest import completeness
 
 SIZE = 80  # the smallest IRv2 takes is 75
@@ -346,12 +344,10 @@ def test_the_operating_point_comes_from_the_development_val_split_and_is_applied
     idrid_tree(tmp_path / "idrid")
     assert convert(ddr, "--ddr-dir", tmp_path / "ddr", tmp_path / "ddr_out") == 0
     assert convert(idrid, "--idrid-dir", tmp_path / "idrid", tmp_path / "idrid_out") == 0
-    train = [sys.executable, str(ROOT / "train.py"), "--stage", "1", "--data"]
-    train += [str(tmp_path / "ddr_out"), "--model-dir", str(tmp_path / "model")]
-    train += ["--image-size", str(SIZE), "--preset", "tiny", "--weights", "none"]
-    train += ["--batch-size", "4", "--epochs", "1", "--seed", "0"]
-    done = subprocess.run(train, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
+    train = ["train.py", "--stage", "1", "--data", str(tmp_path / "ddr_out")]
+    train += ["--model-dir", str(tmp_path / "model"), "--image-size", str(SIZE)]
+    train += ["--preset", "tiny", "--weights", "none", "--batch-size", "4", "--epochs", "1"]
+    assert train_cmd.run([*train, "--seed", "0"]) == 0, capsys.readouterr().err[-2000:]
     dev, ext = tmp_path / "dev_val", tmp_path / "idrid_test"
     _evaluate(tmp_path / "model", tmp_path / "ddr_out", "val", dev)
     _evaluate(tmp_path / "model", tmp_path / "idrid_out", "test", ext)

@@ -25,7 +25,7 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import calibration, checkpoints, cli
+from m2cnn_tf import calibration, checkpoints, cli, common
 from m2cnn_tf.calibration import OPERATING_POINT_HELP, OperatingRule, parse_operating_point
 from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
@@ -110,6 +110,7 @@ def _evaluate() -> dict:
     """Evaluate the stage, print its tables, return its report."""
     from m2cnn_tf import evaluation, reports
 
+    common.freeze_imports()
     report = evaluation.run_evaluation(
         FLAGS["model-dir"].value,
         FLAGS.stage,

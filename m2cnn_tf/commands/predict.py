@@ -20,7 +20,7 @@ from typing import TextIO
 
 from absl import flags
 
-from m2cnn_tf import cli
+from m2cnn_tf import cli, common
 from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
 
@@ -95,6 +95,7 @@ def _body(rest: list[str]) -> int:
     backend = backends.load_backend(
         FLAGS.backend, model_dir=model_dir, stage=stage, **model_flags.backend_options(FLAGS)
     )
+    common.freeze_imports()
     return _grade(backend, rest, cutpoints)
 
 

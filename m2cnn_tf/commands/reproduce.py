@@ -157,7 +157,9 @@ def _body(rest: list[str]) -> int:
     where = f"{len(gpus)} GPU(s)" if gpus else "CPU only (--allow-cpu)"
     print(f"reproduce.py: {where}; settings for this machine: {extra}", flush=True)
     planning.save_plan(plan)
-    runs.freeze_imports()
+    from m2cnn_tf import evaluation, training  # noqa: F401  (what the runs load)
+
+    common.freeze_imports()
     done = runs.carry_out(plan, gpus=len(gpus))
     paths = report.build(plan)
     print(

@@ -33,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags
 
-from m2cnn_tf import cli
+from m2cnn_tf import cli, common
 from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import RunFailed, UsageError
 
@@ -263,6 +263,7 @@ def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None
         cutpoints=cutpoints, max_batch=max_batch, max_decode_bytes=slot,
         **model_flags.backend_options(FLAGS),
     )  # fmt: skip
+    common.freeze_imports()  # the model and the imports live as long as the server
     print(f"{PROG}: preprocessing parameters from {grader.params_source}", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     settings = ServeSettings(

@@ -49,6 +49,8 @@ def _body(rest: list[str]) -> None:
     from m2cnn_tf import distribution, training
     from m2cnn_tf.callbacks import metric_label
 
+    common.freeze_imports()
+
     runtime = settings.runtime
     for line in distribution.describe_devices(runtime.strategy, runtime.mixed_precision):
         print(line, flush=True)

@@ -18,7 +18,6 @@ added to the time of the epochs before it. Time lost in an interrupted epoch is 
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import shutil
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from m2cnn_tf import checkpoints
+from m2cnn_tf.backends import KerasModels
 from m2cnn_tf.common import atomic_write_json
 from m2cnn_tf.errors import Interrupted, M2cnnError, RunFailed
 from m2cnn_tf.reports import REPORT
@@ -52,21 +52,6 @@ def _in(name: str, call: Callable[[], Any]) -> Any:
         import keras
 
         keras.backend.clear_session()  # the next run builds its own graph; it runs gc.collect()
-
-
-def freeze_imports() -> None:
-    """Take what the imports made (TensorFlow's and Keras's ~400,000 objects, alive as long as
-    the process) out of the collector's sight, so that the full collection `clear_session` runs
-    after every run and evaluation scans only what the runs leave. Measured in the tests'
-    miniature reproduction: its 29 `clear_session` calls took 12 s instead of 21. Called once by
-    the command, before the first run, so that nothing a run makes is frozen (a frozen cycle is
-    never freed)."""
-    import keras  # noqa: F401  (TensorFlow and Keras, if not yet loaded)
-
-    from m2cnn_tf import evaluation, training  # noqa: F401  (the modules the runs load)
-
-    gc.collect()
-    gc.freeze()
 
 
 def load_state(run: PlannedRun) -> dict[str, Any]:
@@ -177,9 +162,11 @@ def train(plan: Plan, run: PlannedRun, *, gpus: int, log: Log, tag: str = "") ->
     return True
 
 
-def evaluate(plan: Plan, evaluation: PlannedEvaluation, *, log: Log) -> bool:
+def evaluate(
+    plan: Plan, evaluation: PlannedEvaluation, *, log: Log, models: KerasModels | None = None
+) -> bool:
     """Evaluate unless its report is newer than the checkpoint it evaluates; True when it ran
-    now."""
+    now. `models`: the Keras models built by the evaluations before it, to load into."""
     e = evaluation
     what = f"{plan.run(e.run, e.seed).label} on {e.split} ({e.checkpoint})"
     report = Path(e.out) / REPORT
@@ -197,7 +184,7 @@ def evaluate(plan: Plan, evaluation: PlannedEvaluation, *, log: Log) -> bool:
         f"evaluating {what}",
         lambda: evaluating.run_evaluation(
             e.model_dir, e.stage, e.data, e.split, e.out, fit_thresholds=e.thresholds == "fit",
-            tta=e.tta, n_boot=e.bootstrap, checkpoint=e.checkpoint, log=log,
+            tta=e.tta, n_boot=e.bootstrap, checkpoint=e.checkpoint, log=log, models=models,
         ),
     )  # fmt: skip
     return True
@@ -234,6 +221,7 @@ def carry_out(plan: Plan, *, gpus: int, log: Log = print) -> dict[str, int]:
         runs = [r for r in plan.runs if r.seed == seed]
         for i, run in enumerate(runs, 1):
             done["trained"] += train(plan, run, gpus=gpus, log=log, tag=f"[{i}/{len(runs)}] ")
+        models = KerasModels()  # one network built per architecture, not per checkpoint
         for evaluation in (e for e in plan.evaluations if e.seed == seed):
-            done["evaluated"] += evaluate(plan, evaluation, log=log)
+            done["evaluated"] += evaluate(plan, evaluation, log=log, models=models)
     return done

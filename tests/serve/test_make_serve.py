@@ -2,7 +2,7 @@
 Ctrl-C stops make and the server with nothing left behind.
 
 The demo folder is built by hand, each step's file older than the next, so make finds the chain
-up to date and trains nothing: a tiny stage-3 model (and a stage-1 one beside it, with other
+up to date and trains nothing: a nano stage-3 model (and a stage-1 one beside it, with other
 facts, which a recipe serving the wrong stage would show), the data manifest the grader reads
 its preprocessing from, and the .done stamps.
 """
@@ -34,7 +34,7 @@ STAGE1_META = {"stage": 1, "epoch": 2, "val_kappa_scores": 0.1234}
 
 
 def _demo_folder(tmp_path: Path) -> tuple[Path, Path]:
-    """DEMO and DEMO_DATA as `make demo` leaves them, with tiny models; make's chain of stamps
+    """DEMO and DEMO_DATA as `make demo` leaves them, with nano models; make's chain of stamps
     (raw CSV -> records manifest -> stage1/2/3.done) in increasing mtime order."""
     demo, data = tmp_path / "demo", tmp_path / "data"
     records = data / "records"
@@ -49,8 +49,8 @@ def _demo_folder(tmp_path: Path) -> tuple[Path, Path]:
     models = demo / "models"
     keras.utils.set_random_seed(3)
     for meta in (STAGE1_META, STAGE3_META):
-        model = build_m2cnn(SIZE, preset="tiny")
-        facts = {**meta, "resolution": SIZE, "preset": "tiny"}
+        model = build_m2cnn(SIZE, preset="nano")
+        facts = {**meta, "resolution": SIZE, "preset": "nano"}
         facts |= {"multi_cell_path": multi_cell_path(SIZE), "best_metric": "val_kappa_scores"}
         save_checkpoint(model, stage_dir(models, meta["stage"]), facts)
         (stage_dir(models, meta["stage"]) / CONFIG).write_text(json.dumps({"data": str(records)}))
