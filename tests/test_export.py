@@ -106,18 +106,38 @@ def stage(tmp_path_factory):
 
 
 def _export(stage, quantize: str) -> tuple[Path, str]:
-    """The stage's LiteRT export with `quantize` through the CLI, made once per module."""
-    if quantize not in stage["exports"]:
+    """The stage's LiteRT export with `quantize` (its path, and what the command printed),
+    all four quantisations made at the first call by one run of the CLI."""
+    if not stage["exports"]:
         args = [f"--model-dir={stage['model_dir']}", "--stage=1", "--format=litert"]
-        args.append(f"--quantize={quantize}")
-        if quantize == "int8":
-            args.append(f"--calibration={stage['data']}")
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
+        args += [f"--quantize={','.join(QUANTIZATIONS)}", f"--calibration={stage['data']}"]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             assert command.run(["export.py", *args]) == 0
-        path = backends.default_litert_path(stage["model_dir"], 1, quantize)
-        stage["exports"][quantize] = (path, err.getvalue())
-    return stage["exports"][quantize]
+        stage["printed"] = out.getvalue()
+        for q in QUANTIZATIONS:
+            stage["exports"][q] = (backends.default_litert_path(stage["model_dir"], 1, q), err)
+    path, err = stage["exports"][quantize]
+    return path, err.getvalue()
+
+
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+
+
+def test_several_quantisations_from_one_run_each_at_its_default_path_with_its_sidecar(stage):
+    """`--quantize none,float16,dynamic,int8`: four files, each with its own sidecar and
+    printed line, in the order asked; only int8 is calibrated."""
+    paths = [_export(stage, q)[0] for q in QUANTIZATIONS]
+    assert len(set(paths)) == 4 and all(p.is_file() for p in paths)
+    for q, path in zip(QUANTIZATIONS, paths, strict=True):
+        sidecar = checkpoints.read_sidecar(path)
+        assert sidecar["quantization"] == q and sidecar["file"]["bytes"] == path.stat().st_size
+        assert (sidecar["calibration"] is not None) == (q == "int8"), q
+    printed = stage["printed"].splitlines()
+    assert [line.split(" model written to ")[0] for line in printed] == [
+        f"LiteRT {q}" for q in QUANTIZATIONS
+    ]
+    assert [Path(line.split(" to ")[1].split(",")[0]) for line in printed] == paths
 
 
 def _litert(stage, quantize: str, **kw) -> backends.Backend:
@@ -556,6 +576,9 @@ def test_help_and_a_bad_flag_value(capsys):
         (["--format=litert", "--out=m.json"], "--out: m.json would be taken for a sidecar"),
         (["--format=litert", "--keep-float=none"], "--keep-float: which layers stay float is"),
         (["--quantize=none"], "--format: is required"),
+        (["--format=litert", "--quantize=none,float16", "--out=m.tflite"], "--out: one path for 2"),
+        (["--format=litert", "--quantize=none,none"], "--quantize: named twice in none,none"),
+        (["--format=savedmodel", "--quantize=none,float16"], "--quantize: a SavedModel is"),
     ],
 )
 def test_bad_requests_are_one_line_usage_errors(capsys, stage, extra, message):

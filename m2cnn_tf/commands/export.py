@@ -1,7 +1,7 @@
 """Export a trained stage as a deployable model: a TF SavedModel or a LiteRT (.tflite) file.
 
     python export.py --model-dir DIR --stage N --format savedmodel|litert
-        [--quantize none|float16|dynamic|int8] [--calibration DATA] [--out PATH]
+        [--quantize none|float16|dynamic|int8[,...]] [--calibration DATA] [--out PATH]
         [--calibration-count N] [--keep-float auto|none]
 
 LiteRT quantisations: none (float32), float16 (half the size, float32 speed), dynamic (int8
@@ -12,9 +12,11 @@ layer's int8 error on the calibration records, and the layers where it is far ab
 with the heads, stay float, so the grades stay Keras's; --keep-float none makes every layer
 int8 (the full-integer model, int8 input and output). The default output is
 DIR/stageN/export/savedmodel or DIR/stageN/export/model_<float32|float16|dynamic|int8>.tflite,
-where predict.py and evaluate.py look for it. A JSON sidecar beside the file (inside the
-SavedModel folder) records the source checkpoint, stage, size, quantisation, calibration count,
-the layers kept in float and why, and the preprocessing parameters.
+where predict.py and evaluate.py look for it; several quantisations (`--quantize none,int8`)
+are converted from one load of the checkpoint and one SavedModel, each to its default path. A
+JSON sidecar beside the file (inside the SavedModel folder) records the source checkpoint,
+stage, size, quantisation, calibration count, the layers kept in float and why, and the
+preprocessing parameters.
 Exit codes: 0 done, 1 failed, 2 usage, 130 interrupted.
 """
 
@@ -35,11 +37,17 @@ PROG = "export.py"
 FLAGS = flags.FlagValues()
 model_flags.define_stage(FLAGS, "Stage whose best checkpoint to export (1, 2 or 3).")
 flags.DEFINE_enum("format", None, checkpoints.FORMATS, "What to write.", flag_values=FLAGS)
-flags.DEFINE_enum(
+flags.DEFINE_list(
     "quantize",
-    "none",
-    checkpoints.QUANTIZATIONS,
-    "LiteRT quantisation (litert only).",
+    ["none"],
+    f"LiteRT quantisation (litert only): {'|'.join(checkpoints.QUANTIZATIONS)}, or several "
+    "separated by commas, each written to its default path from one load of the checkpoint.",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "quantize",
+    lambda chosen: bool(chosen) and set(chosen) <= set(checkpoints.QUANTIZATIONS),
+    f"value should be one or more of {'|'.join(checkpoints.QUANTIZATIONS)}, separated by commas",
     flag_values=FLAGS,
 )
 flags.DEFINE_string(
@@ -65,7 +73,7 @@ def _body(rest: list[str]) -> int | None:
         if FLAGS[name].value is None:
             raise UsageError("is required", setting=name.replace("-", "_"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    path = export.export_stage(
+    paths = export.export_stages(
         FLAGS["model-dir"].value,
         FLAGS.stage,
         fmt=FLAGS.format,
@@ -76,16 +84,17 @@ def _body(rest: list[str]) -> int | None:
         out=FLAGS.out,
         log=lambda line: print(line, file=sys.stderr),
     )
-    sidecar = checkpoints.read_sidecar(path)
-    what = FLAGS.format if FLAGS.format == "savedmodel" else f"LiteRT {FLAGS.quantize}"
-    size = f", {sidecar['file']['bytes'] / 1e6:.1f} MB" if sidecar["file"] else ""
-    calibrated = sidecar["calibration"]
-    note = f", calibrated on {calibrated['count']} records" if calibrated else ""
-    if sidecar.get("int8") and sidecar["int8"]["kept_float_ops"]:
-        kept = [k["layer"] for k in sidecar["int8"]["kept_float"]]
-        note += f", float: {', '.join(kept) or 'no layer'} and the heads"
-    print(f"{what} model written to {path}{size}{note} in {sidecar['export_seconds']} s; "
-          f"sidecar {checkpoints.sidecar_path(path)}")  # fmt: skip
+    for path in paths:
+        sidecar = checkpoints.read_sidecar(path)
+        what = "savedmodel" if FLAGS.format == "savedmodel" else f"LiteRT {sidecar['quantization']}"
+        size = f", {sidecar['file']['bytes'] / 1e6:.1f} MB" if sidecar["file"] else ""
+        calibrated = sidecar["calibration"]
+        note = f", calibrated on {calibrated['count']} records" if calibrated else ""
+        if sidecar.get("int8") and sidecar["int8"]["kept_float_ops"]:
+            kept = [k["layer"] for k in sidecar["int8"]["kept_float"]]
+            note += f", float: {', '.join(kept) or 'no layer'} and the heads"
+        print(f"{what} model written to {path}{size}{note} in {sidecar['export_seconds']} s; "
+              f"sidecar {checkpoints.sidecar_path(path)}")  # fmt: skip
     return None
 
 
