@@ -346,7 +346,7 @@ def test_the_operating_point_comes_from_the_development_val_split_and_is_applied
     assert convert(idrid, "--idrid-dir", tmp_path / "idrid", tmp_path / "idrid_out") == 0
     train = ["train.py", "--stage", "1", "--data", str(tmp_path / "ddr_out")]
     train += ["--model-dir", str(tmp_path / "model"), "--image-size", str(SIZE)]
-    train += ["--preset", "tiny", "--weights", "none", "--batch-size", "4", "--epochs", "1"]
+    train += ["--preset", "nano", "--weights", "none", "--batch-size", "4", "--epochs", "1"]
     assert train_cmd.run([*train, "--seed", "0"]) == 0, capsys.readouterr().err[-2000:]
     dev, ext = tmp_path / "dev_val", tmp_path / "idrid_test"
     _evaluate(tmp_path / "model", tmp_path / "ddr_out", "val", dev)
