@@ -253,8 +253,7 @@ def export_stages(
     size = int(model.input_shape[1])
     chosen = calibration_records(calibration, size, calibration_count, log) if calibration else []
     params, params_source = manifest.preprocess_params_for(model_dir, stage)
-    for path in outs:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    outs[0].parent.mkdir(parents=True, exist_ok=True)  # the default paths share one folder
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=outs[0].parent, prefix=".export-") as tmp:
         saved = export_saved_model(model, Path(tmp) / "savedmodel")

@@ -33,7 +33,7 @@ from synthetic_fundus import fundus
 
 from m2cnn_tf import backends, checkpoints, cli, export, quantization
 from m2cnn_tf import model as model_module
-from m2cnn_tf.checkpoints import save_checkpoint, stage_dir
+from m2cnn_tf.checkpoints import QUANTIZATIONS, save_checkpoint, stage_dir
 from m2cnn_tf.commands import evaluate as evaluate_cmd
 from m2cnn_tf.commands import export as command
 from m2cnn_tf.commands import predict as predict_cmd
@@ -119,9 +119,6 @@ def _export(stage, quantize: str) -> tuple[Path, str]:
             stage["exports"][q] = (backends.default_litert_path(stage["model_dir"], 1, q), err)
     path, err = stage["exports"][quantize]
     return path, err.getvalue()
-
-
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 
 
 def test_several_quantisations_from_one_run_each_at_its_default_path_with_its_sidecar(stage):
@@ -565,6 +562,8 @@ def test_help_and_a_bad_flag_value(capsys):
     assert command.run(["export.py", "--help"]) == 0
     assert "--calibration-count" in capsys.readouterr().out
     assert "--quantize" in _one_line_error(capsys, ["--quantize=int4"])
+    assert "--quantize" in _one_line_error(capsys, ["--quantize=none,int4"])
+    assert "--quantize" in _one_line_error(capsys, ["--quantize="])
 
 
 @pytest.mark.parametrize(
