@@ -28,31 +28,51 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # 28 s with one, at the same CPU time (docs/development.md).
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
-import keras
 import pytest
 from _groups import pytest_collection_modifyitems  # noqa: F401  (a hook)
-
-from m2cnn_tf import common
-
-# TensorFlow's and Keras's import-time objects out of the collector's sight, as the commands do:
-# done here, so a command the tests call in this process does not freeze the tests' objects.
-common.freeze_imports()
 
 SEED = 1234
 
 
+def _hands_out_tests_only(config: pytest.Config) -> bool:
+    """pytest-xdist's controller: it starts the workers and hands them tests, runs none."""
+    return not hasattr(config, "workerinput") and bool(config.getoption("numprocesses", None))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In each process that runs tests: TensorFlow's and Keras's import-time objects out of the
+    collector's sight, as the commands do; done here, so that a command the tests call in this
+    process does not freeze the tests' objects. The controller never loads TensorFlow: it did
+    for this module, 4-5 s before any worker started (docs/development.md)."""
+    if _hands_out_tests_only(config):
+        return
+    import keras  # noqa: F401  (TensorFlow with it)
+
+    from m2cnn_tf import common
+
+    common.freeze_imports()
+
+
+def _seed() -> None:
+    import keras
+
+    keras.utils.set_random_seed(SEED)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _seed_session():
-    keras.utils.set_random_seed(SEED)
+    _seed()
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _seed_module():
-    keras.utils.set_random_seed(SEED)
+    _seed()
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_policy():
-    keras.utils.set_random_seed(SEED)
+    _seed()
     yield
+    import keras
+
     keras.mixed_precision.set_global_policy("float32")

@@ -341,21 +341,17 @@ def test_predict_with_the_litert_backend_never_imports_tensorflow(stage, tmp_pat
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 @pytest.mark.slow
 def test_evaluate_with_the_litert_backend_reports_beside_the_keras_kappa(stage, tmp_path, quantize):
+    def evaluated(out: Path, *extra: str) -> dict:
+        argv = [f"--model-dir={stage['model_dir']}", "--stage=1", f"--data={stage['data']}",
+                "--split=test", f"--out={out}", "--bootstrap=20", *extra]  # fmt: skip
+        assert evaluate_cmd.run(["evaluate.py", *argv]) == 0
+        return json.loads((out / "report.json").read_text())
+
     path, _ = _export(stage, quantize)
-    reports = {}
-    for name, extra in (("keras", []), (quantize, ["--backend=litert", f"--litert-model={path}"])):
-        out = tmp_path / name
-        argv = [
-            "evaluate.py",
-            f"--model-dir={stage['model_dir']}",
-            "--stage=1",
-            f"--data={stage['data']}",
-            "--split=test",
-            f"--out={out}",
-            "--bootstrap=20",
-        ]
-        assert evaluate_cmd.run([*argv, *extra]) == 0  # fmt: skip
-        reports[name] = json.loads((out / "report.json").read_text())
+    if "keras_report" not in stage:  # the same Keras evaluation for every quantisation
+        stage["keras_report"] = evaluated(stage["root"] / "keras_report")
+    reports = {"keras": stage["keras_report"]}
+    reports[quantize] = evaluated(tmp_path / quantize, "--backend=litert", f"--litert-model={path}")
     keras_kappa, lite_kappa = (reports[n]["scores"]["kappa"] for n in ("keras", quantize))
     keras_prob, lite_prob = (reports[n]["prob"]["kappa"] for n in ("keras", quantize))
     print(f"test kappa from scores / prob.: keras {keras_kappa:.4f} / {keras_prob:.4f}, "

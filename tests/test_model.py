@@ -119,13 +119,22 @@ def test_model_is_one_flat_graph_with_float32_heads_under_mixed_precision():
     assert model.get_layer("conv_7b").compute_dtype == "float16"
 
 
+@pytest.fixture(scope="module")
+def keras_irv2_on_an_image(keras_irv2) -> tuple[np.ndarray, np.ndarray]:
+    """An image and Keras's IRv2 features of it: the reference both weight files are checked
+    against (an eager IRv2 pass takes about a second)."""
+    x = np.random.default_rng(1).uniform(-1, 1, (1, PROBE, PROBE, 3)).astype("float32")
+    return x, _run(keras_irv2, x)
+
+
 @pytest.mark.parametrize("kind", ["legacy", "modern"])
 @pytest.mark.slow
-def test_backbone_weights_load_from_a_local_keras_file(kind, keras_irv2, keras_weight_files):
+def test_backbone_weights_load_from_a_local_keras_file(
+    kind, keras_irv2_on_an_image, keras_weight_files
+):
     model = build_m2cnn(PROBE, weights=str(keras_weight_files[kind]), preset="paper")
-    x = np.random.default_rng(1).uniform(-1, 1, (1, PROBE, PROBE, 3)).astype("float32")
-    diff = np.abs(_run(_features(model), x) - _run(keras_irv2, x))
-    assert diff.max() < 1e-4
+    x, reference = keras_irv2_on_an_image
+    assert np.abs(_run(_features(model), x) - reference).max() < 1e-4
 
 
 @pytest.mark.slow

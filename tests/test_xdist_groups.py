@@ -2,6 +2,7 @@
 fixture that builds a model is built once (tests/_groups.py). pytest 9.2 silently undid this
 (pytest-dev/pytest-xdist#1386); requirements.txt pins a pytest under which it holds."""
 
+import json
 import subprocess
 import sys
 from collections import defaultdict
@@ -78,3 +79,40 @@ def test_the_slow_tests_are_handed_out_first_the_longest_modules_before_the_othe
         )
     _run_pytest(project, "0")
     assert order.read_text().split() == ["test_training_runs", "test_b_slow", "test_a_fast"]
+
+
+CONFIGURE = """
+import json, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+import conftest
+from m2cnn_tf import common
+
+frozen = []
+common.freeze_imports = lambda: frozen.append(True)
+
+class Controller:  # pytest -n 2: hands out tests
+    def getoption(self, name, default=None):
+        return 2 if name == "numprocesses" else default
+
+class Worker(Controller):  # pytest-xdist's workers carry their input
+    workerinput = {{"workerid": "gw0"}}
+
+conftest.pytest_configure(Controller())
+found = {{"tensorflow": "tensorflow" in sys.modules, "keras": "keras" in sys.modules,
+          "frozen": len(frozen)}}
+sys.modules["keras"] = type(sys)("keras")  # a worker's import, without its seconds
+conftest.pytest_configure(Worker())
+print(json.dumps({{**found, "worker_frozen": len(frozen)}}))
+"""
+
+
+def test_the_controller_never_loads_tensorflow_and_each_worker_freezes_its_imports():
+    """pytest-xdist's controller loads tests/conftest.py but runs no test: TensorFlow there
+    only delayed the workers' start by its import (4-5 s); each worker still freezes its
+    import-time objects once (common.freeze_imports)."""
+    script = CONFIGURE.format(tests=str(ROOT / "tests"), root=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"tensorflow": False, "keras": False, "frozen": 0, "worker_frozen": 1}
