@@ -2,14 +2,13 @@
 fixture that builds a model is built once (tests/_groups.py). pytest 9.2 silently undid this
 (pytest-dev/pytest-xdist#1386); requirements.txt pins a pytest under which it holds."""
 
-import json
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from _subprocess import ENV, ROOT, run_group
+from _subprocess import ENV, ROOT, run_group, run_json_script
 
 RECORD = """
 import os
@@ -110,9 +109,5 @@ def test_the_controller_never_loads_tensorflow_and_each_worker_freezes_its_impor
     """pytest-xdist's controller loads tests/conftest.py but runs no test: TensorFlow there
     only delayed the workers' start by its import (4-5 s); each worker still freezes its
     import-time objects once (common.freeze_imports)."""
-    script = CONFIGURE.format(tests=str(ROOT / "tests"), root=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = run_json_script(CONFIGURE.format(tests=str(ROOT / "tests"), root=str(ROOT)), 120)
     assert found == {"tensorflow": False, "keras": False, "frozen": 0, "worker_frozen": 1}
