@@ -40,17 +40,17 @@ def _hands_out_tests_only(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """In each process that runs tests: TensorFlow's and Keras's import-time objects out of the
-    collector's sight, as the commands do; done here, so that a command the tests call in this
-    process does not freeze the tests' objects. The controller never loads TensorFlow: it did
-    for this module, 4-5 s before any worker started (docs/development.md)."""
+    """In each process that runs tests: TensorFlow and Keras imported as the commands import
+    them (`common.importing`: without the cyclic collector, then their objects frozen out of its
+    sight); done here, so that a command the tests call in this process does not freeze the
+    tests' objects. The controller never loads TensorFlow: it did for this module, 4-5 s
+    before any worker started (docs/development.md)."""
     if _hands_out_tests_only(config):
         return
-    import keras  # noqa: F401  (TensorFlow with it)
-
     from m2cnn_tf import common
 
-    common.freeze_imports()
+    with common.importing():
+        import keras  # noqa: F401  (TensorFlow with it)
 
 
 def _seed() -> None:

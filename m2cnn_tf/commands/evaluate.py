@@ -108,9 +108,8 @@ def _check_usage(rest: list[str]) -> tuple[list[str], OperatingRule | None]:
 
 def _evaluate() -> dict:
     """Evaluate the stage, print its tables, return its report."""
-    from m2cnn_tf import evaluation, reports
-
-    common.freeze_imports()
+    with common.importing():
+        from m2cnn_tf import evaluation, reports
     report = evaluation.run_evaluation(
         FLAGS["model-dir"].value,
         FLAGS.stage,

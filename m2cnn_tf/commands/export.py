@@ -27,7 +27,7 @@ import sys
 
 from absl import flags
 
-from m2cnn_tf import checkpoints, cli, export  # TF-free: usage errors come before TF loads
+from m2cnn_tf import checkpoints, cli, common, export  # TF-free: usage errors come before TF loads
 from m2cnn_tf.commands import model_flags
 from m2cnn_tf.errors import UsageError
 from m2cnn_tf.quantization import KEEP_FLOAT_CHOICES
@@ -73,6 +73,8 @@ def _body(rest: list[str]) -> int | None:
         if FLAGS[name].value is None:
             raise UsageError("is required", setting=name.replace("-", "_"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with common.importing():
+        import keras  # noqa: F401  (TensorFlow with it: what every export loads first)
     paths = export.export_stages(
         FLAGS["model-dir"].value,
         FLAGS.stage,

@@ -89,13 +89,13 @@ def _body(rest: list[str]) -> int:
         raise UsageError("no images given: pass image files or folders")
     cutpoints = model_flags.cutpoints(FLAGS)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from m2cnn_tf import backends
+    with common.importing():
+        from m2cnn_tf import backends
 
-    model_dir, stage = FLAGS["model-dir"].value, FLAGS.stage
-    backend = backends.load_backend(
-        FLAGS.backend, model_dir=model_dir, stage=stage, **model_flags.backend_options(FLAGS)
-    )
-    common.freeze_imports()
+        model_dir, stage = FLAGS["model-dir"].value, FLAGS.stage
+        backend = backends.load_backend(
+            FLAGS.backend, model_dir=model_dir, stage=stage, **model_flags.backend_options(FLAGS)
+        )
     return _grade(backend, rest, cutpoints)
 
 

@@ -141,25 +141,25 @@ def _body(rest: list[str]) -> int:
         print(f"plan written to {path}")
         return cli.EXIT_OK
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    gpus = _devices()  # imports TensorFlow, but starts nothing yet
-    if missing:
-        raise UsageError(
-            f"no records {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else "")
-            + "; convert those sizes with data_prep",
-            setting="data",
-        )  # fmt: skip
-    if protocol.TRAIN_SETTINGS["deterministic"].value:
-        common.prepare_determinism()  # before TensorFlow starts its first op
-    from m2cnn_tf.reproduce import report, runs
+    with common.importing():
+        gpus = _devices()  # imports TensorFlow, but starts nothing yet
+        if missing:
+            raise UsageError(
+                f"no records {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if missing[1:] else "")
+                + "; convert those sizes with data_prep",
+                setting="data",
+            )
+        if protocol.TRAIN_SETTINGS["deterministic"].value:
+            common.prepare_determinism()  # before TensorFlow starts its first op
+        from m2cnn_tf import evaluation, training  # noqa: F401  (what the runs load)
+        from m2cnn_tf.reproduce import report, runs
 
     settings = runs.runtime_settings(len(gpus))
     extra = ", ".join(f"{k} {v}" for k, v in settings.items()) or "none"
     where = f"{len(gpus)} GPU(s)" if gpus else "CPU only (--allow-cpu)"
     print(f"reproduce.py: {where}; settings for this machine: {extra}", flush=True)
     planning.save_plan(plan)
-    from m2cnn_tf import evaluation, training  # noqa: F401  (what the runs load)
-
-    common.freeze_imports()
     done = runs.carry_out(plan, gpus=len(gpus))
     paths = report.build(plan)
     print(

@@ -258,12 +258,12 @@ def _serve(sock: socket.socket, token: str | None, cutpoints: list[float] | None
             setting="max_inflight_mb",
         )
     max_batch = FLAGS["max-batch"].value
-    grader = Grader.load(
-        FLAGS["model-dir"].value, FLAGS.stage, backend=FLAGS.backend, data_dir=FLAGS.data,
-        cutpoints=cutpoints, max_batch=max_batch, max_decode_bytes=slot,
-        **model_flags.backend_options(FLAGS),
-    )  # fmt: skip
-    common.freeze_imports()  # the model and the imports live as long as the server
+    with common.importing():  # the model and the imports live as long as the server
+        grader = Grader.load(
+            FLAGS["model-dir"].value, FLAGS.stage, backend=FLAGS.backend, data_dir=FLAGS.data,
+            cutpoints=cutpoints, max_batch=max_batch, max_decode_bytes=slot,
+            **model_flags.backend_options(FLAGS),
+        )  # fmt: skip
     print(f"{PROG}: preprocessing parameters from {grader.params_source}", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     settings = ServeSettings(

@@ -46,10 +46,9 @@ def _body(rest: list[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if settings.runtime.deterministic:
         common.prepare_determinism()
-    from m2cnn_tf import distribution, training
-    from m2cnn_tf.callbacks import metric_label
-
-    common.freeze_imports()
+    with common.importing():
+        from m2cnn_tf import distribution, training
+        from m2cnn_tf.callbacks import metric_label
 
     runtime = settings.runtime
     for line in distribution.describe_devices(runtime.strategy, runtime.mixed_precision):

@@ -33,6 +33,7 @@ from m2cnn_tf.errors import Interrupted, M2cnnError, RunFailed
 from m2cnn_tf.reports import REPORT
 from m2cnn_tf.reproduce import protocol
 from m2cnn_tf.reproduce.plan import Plan, PlannedEvaluation, PlannedRun, with_settings
+from m2cnn_tf.sessions import fresh_session
 
 STATE = "reproduce.json"  # in each run's model directory
 CKPTS = ("best", "last")
@@ -43,15 +44,12 @@ Log = Callable[[str], None]
 
 def _in(name: str, call: Callable[[], Any]) -> Any:
     """`call()`, its library errors raised again with the run's name in front, then a fresh
-    Keras session for the next run."""
+    session for the next run (`sessions.fresh_session`: nothing of this one is kept)."""
     try:
-        return call()
+        with fresh_session():
+            return call()
     except M2cnnError as err:
         raise type(err)(f"{name}: {err}", setting=err.setting) from None
-    finally:
-        import keras
-
-        keras.backend.clear_session()  # the next run builds its own graph; it runs gc.collect()
 
 
 def load_state(run: PlannedRun) -> dict[str, Any]:
