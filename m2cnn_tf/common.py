@@ -59,17 +59,17 @@ def importing() -> Iterator[None]:
 def freeze_imports() -> None:
     """Take the objects alive now out of the cyclic collector's sight, once per process.
 
-    Called at the end of `importing`, once a command's modules are imported and before it
-    builds anything: TensorFlow's and Keras's ~400,000 import-time objects live as long as the
-    process, yet every full collection scans them (Keras's `clear_session` runs one), and so
-    does the last one at exit. Measured here (2 cores): `import keras` then exit took 1.3 s
-    less, and reproduce.py's 29 `clear_session` calls 12 s instead of 21. What the command
-    makes later is still collected. Nothing is collected first: after `importing`, the
-    imports had left 4,129 unreachable objects among 666,839, which stay; collecting them took
-    0.35 s per process (Python's documentation gives the same recipe, the collector off early
-    and `gc.freeze()` later, for a process about to fork). Once per process (nothing frozen
-    yet), so that a command called from other code (the tests, a notebook) freezes that code's
-    objects at most once."""
+    Called at the end of `importing`, once a command has imported its modules (predict.py and
+    serve.py: and loaded their model): TensorFlow's and Keras's ~400,000 import-time objects
+    live as long as the process, yet every full collection scans them (Keras's `clear_session`
+    runs one), and so does the last one at exit. Measured here (2 cores): `import keras` then
+    exit took 1.3 s less, and reproduce.py's 29 `clear_session` calls 12 s instead of 21. What
+    the command makes later is still collected. Nothing is collected first: the imports leave
+    4,129 unreachable objects among 666,839, and building the paper preset's model 4,511 more;
+    they stay, where collecting them took 0.35 s per process (Python's documentation gives the
+    same recipe, the collector off early and `gc.freeze()` later, for a process about to
+    fork). Once per process (nothing frozen yet), so that a command called from other code
+    (the tests, a notebook) freezes that code's objects at most once."""
     if gc.get_freeze_count():
         return
     gc.freeze()
