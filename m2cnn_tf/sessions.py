@@ -8,12 +8,13 @@ closure holds tensors of the traced graph. Every Keras train step traces one (th
 sums gradients over replicas through `ReplicaContext.all_reduce`, which has a custom gradient),
 so each finished run's whole train graph stays alive, and with it the buffers of its weights
 and optimizer slots (tensorflow/tensorflow#97697 and #80895, open). Measured here (2 cores,
-2026-12-07): a 10M-parameter Keras model fitted five times in one process, with
-`clear_session` after each fit, grew the process by 125 MB per fit; with the registrations
-dropped, by none. On a GPU, a reproduction of the paper preset would hold every finished run's
-weights and Adam slots until it runs out of memory. In the tests' miniature reproduction, the
-graphs kept alive also made each `clear_session` collection scan them: from 37,577 objects
-alive after the first run to 382,959 after the last.
+2026-12-07, benchmarks/process_costs.py): a 10M-parameter Keras model fitted five times in
+one process, with `clear_session` after each fit, grew the process by 128 MB per fit (its
+weights and Adam's slots: 120 MB); with the registrations dropped, by none. On a GPU, a
+reproduction of the paper preset would hold every finished run's weights and Adam slots until
+it runs out of memory. In the tests' miniature reproduction, the graphs kept alive also made
+each `clear_session` collection scan them: from 37,577 objects alive after the first run to
+382,959 after the last.
 
 `fresh_session` drops the registrations made inside its block, once the block is over, and
 then clears the Keras session, whose collection frees those graphs. A gradient registered
