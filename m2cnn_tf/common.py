@@ -42,10 +42,8 @@ def importing() -> Iterator[None]:
 
     Importing TensorFlow and Keras creates ~400,000 objects; as they pile up, the collector's
     thresholds trigger full collections that scan them all, again and again, and find almost
-    nothing to free. Measured here (2 cores, 2026-12-07): `from m2cnn_tf import training,
-    evaluation` took 3.0-3.3 CPU-s, of which six full collections took 0.85-0.96 s, and
-    2.2-2.4 CPU-s with the collector off. The collector is back on when the block ends, however
-    it ends."""
+    nothing to free: without them the import takes 0.77x the CPU (benchmarks/README.md,
+    "Process costs"). The collector is back on when the block ends, however it ends."""
     enabled = gc.isenabled()
     gc.disable()
     try:

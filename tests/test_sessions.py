@@ -6,22 +6,16 @@ import weakref
 import keras
 import numpy as np
 import tensorflow as tf
+from _nets import small_net
 
 from m2cnn_tf.sessions import fresh_session
 from m2cnn_tf.train_step import TwoRateTrainer, make_optimizer
 
 
 def _fit_once() -> weakref.ref:
-    """One epoch of the two-rate train step on a small M²CNN-shaped net; a weak reference to
+    """One epoch of the two-rate train step on `small_net`; a weak reference to
     the resource handle of its first kernel, which holds the kernel's buffer."""
-    x = inputs = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(x)
-    x = keras.layers.BatchNormalization(scale=False, name="conv_bn")(x)
-    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("relu")(x))
-    net = keras.Model(
-        inputs, {"logits": keras.layers.Dense(5, name="logits")(x),
-                 "score": keras.layers.Dense(1, name="score")(x)},
-    )  # fmt: skip
+    net = small_net()
     trainer = TwoRateTrainer(net, ["conv", "conv_bn"], weight_decay=0.01)
     trainer.compile_two_rates(
         make_optimizer("adam", 1e-4), make_optimizer("adam", 1e-3),

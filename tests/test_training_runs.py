@@ -205,22 +205,13 @@ def test_killed_and_interrupted_runs_resume_to_the_weights_of_an_uninterrupted_o
 
 MIRRORED_SCRIPT = textwrap.dedent(
     """
-    import json, keras, numpy as np, tensorflow as tf
+    import json, sys, keras, numpy as np, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
     from m2cnn_tf.train_step import TwoRateTrainer, make_optimizer
-
-    def small_net():
-        # The trainer takes any functional model with M²CNN's outputs; a small, well-conditioned
-        # one keeps the comparison about gradient aggregation, not float noise of a random IRv2.
-        x = inputs = keras.Input((16, 16, 3))
-        x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(x)
-        x = keras.layers.BatchNormalization(scale=False, name="conv_bn")(x)
-        x = keras.layers.Activation("relu")(x)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        return keras.Model(inputs, {"logits": keras.layers.Dense(5, name="logits")(x),
-                                    "score": keras.layers.Dense(1, name="score")(x)})
+    sys.path.insert(0, "tests")  # run from the repository root
+    from _nets import small_net
 
     rng = np.random.default_rng(0)
     half = rng.uniform(-1, 1, (4, 16, 16, 3)).astype("float32")
